@@ -1,0 +1,547 @@
+"""The trainer's one typed configuration tree.
+
+Every knob that changes a run is a field here, and therefore lands in the `start` event and in
+every ablate result row. Presets live in `trainer/presets.py`; overrides are dotted keys:
+
+    from trainer.config import load_config
+    cfg = load_config("tiny", overrides={"optim.muon.lr": 0.03})
+
+    python -m trainer.train --preset small --set optim.muon.lr=0.03 --set schedule.ws_schedule=[3,5,7]
+
+Families used by the per-family multipliers: NorMuon matrices `attn`, `mlp_up`, `mlp_down`,
+`attn_gate`, `smear_gate`; Adam tensors `embed`, `value_embed`, `scalars`, `head`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal, Mapping
+
+MUON_FAMILIES = ("attn", "mlp_up", "mlp_down", "attn_gate", "smear_gate")
+ADAM_FAMILIES = ("embed", "value_embed", "scalars", "head")
+FAMILIES = MUON_FAMILIES + ADAM_FAMILIES
+
+
+class ConfigError(ValueError):
+    """Bad configuration input: the message names the key, the value and what is allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int = 50257  # tokens in the tokenizer; BOS is vocab_size - 1 for GPT-2
+    vocab_pad_multiple: int = 128  # embed / value-embed / lm_head rows padded up to a multiple
+    num_layers: int = 12  # blocks; layer 0 is an empty block in both records
+    model_dim: int = 768  # residual width
+    num_heads: int = 6  # attention heads
+    head_dim: int = 128  # per-head width; num_heads * head_dim must equal model_dim
+    mlp_ratio: int = 4  # MLP hidden = mlp_ratio * model_dim, activation relu(x)^2
+    no_attn_layers: tuple[int, ...] = (0, 7)  # layers whose block has no attention
+    no_mlp_layers: tuple[int, ...] = (0,)  # layers whose block has no MLP
+    long_window_layers: tuple[int, ...] = (4, 11)  # layers using the long window; others short
+    # Value-embedding table per layer, -1 = none. 12 layers: [-,1,2,-,-,-,-,-,-,0,1,2].
+    ve_layout: tuple[int, ...] = (-1, 1, 2, -1, -1, -1, -1, -1, -1, 0, 1, 2)
+    num_value_embeds: int = 3  # value-embedding tables
+    # "tall": qkvo (4d, d), c_fc/c_proj (4d, d) as in 12-11; "wide": (d, 4d) as in 10-27.
+    weight_layout: Literal["tall", "wide"] = "tall"
+    sa_lambdas_init: tuple[float, float] = (0.5, 1.0)  # per-attention-layer (λ0, λ1) init
+    # True (12-11): λ0 scales the QKV weight, λ1 scales W_O, ve added unscaled.
+    # False (10-27): v = λ0·v + λ1·ve (λ0·v on layers without ve), W_O unscaled.
+    premul_o: bool = True
+    block_lambdas_init: tuple[float, float] = (1.1, 0.0)  # x ← λa·x + λb·x0 before each block
+    # "single" (12-11): output of skip_from added to input of skip_to, gated σ(skip_w[1]).
+    # "unet" (10-27): layers 1..n/2-1 pushed, popped LIFO into the next layers, gated σ(skip_w[i]).
+    skip_mode: Literal["single", "unet", "none"] = "single"
+    skip_from: int = 4  # single-skip source layer
+    skip_to: int = 7  # single-skip destination layer
+    skip_init: float = -1.5  # logit init of the skip gates (σ ≈ 0.18)
+    backout_layer: int = 8  # x ← x − λ_back·x_backout after the last block; -1 disables
+    backout_init: float = 0.5  # λ_back init
+    smear_gate: bool = True  # mix previous token's embedding in through a learned gate
+    attn_gate: bool = True  # per-head output gate σ(W·x[:gate_channels])
+    gate_channels: int = 12  # input channels read by the smear and attention gates
+    rope_freqs: int = 32  # rotating frequencies; head_dim//2 - rope_freqs dims carry no position
+    rope_min_freq: float = 1.0 / 1024  # frequencies run from 1 down to this (rad/token)
+    attn_scale_init: float = 0.1  # softmax scale before any YaRN window extension
+    yarn_alpha: float = 1.0  # YaRN ramp lower bound (in wavelengths per window)
+    yarn_beta: float = 32.0  # YaRN ramp upper bound
+    logit_softcap: float = 30.0  # logits ← cap·σ(z/softcap_div)
+    softcap_div: float = 7.5
+    fp8_head: bool = True  # FP8 lm_head in training via torch._scaled_mm; bf16 where unsupported
+    attn_backend: Literal["flex", "sdpa"] = "flex"  # flex_attention (window + doc mask) or masked SDPA
+    init_scale: float = 0.5  # QKV / c_fc uniform bound = √3·init_scale·dim^-½
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.vocab_pad_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_ratio * self.model_dim
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio",
+                     "vocab_pad_multiple", "num_value_embeds", "gate_channels"):
+            if getattr(self, name) < 1:
+                _fail(f"model.{name}", getattr(self, name), "must be ≥ 1")
+        if self.num_heads * self.head_dim != self.model_dim:
+            _fail("model.num_heads", self.num_heads,
+                  f"num_heads·head_dim ({self.num_heads}·{self.head_dim}) must equal model_dim "
+                  f"({self.model_dim}); change head_dim or num_heads")
+        if self.head_dim % 4:
+            _fail("model.head_dim", self.head_dim, "must be a multiple of 4 (RoPE halves)")
+        if not 0 <= self.rope_freqs <= self.head_dim // 2:
+            _fail("model.rope_freqs", self.rope_freqs, f"must be in [0, head_dim/2 = {self.head_dim // 2}]")
+        L = self.num_layers
+        for name in ("no_attn_layers", "no_mlp_layers", "long_window_layers"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < L]
+            if bad:
+                _fail(f"model.{name}", getattr(self, name), f"layer indices must be in [0, {L})")
+        if len(self.ve_layout) != L:
+            _fail("model.ve_layout", self.ve_layout, f"needs one entry per layer ({L}), -1 for none")
+        bad = [v for v in self.ve_layout if not -1 <= v < self.num_value_embeds]
+        if bad:
+            _fail("model.ve_layout", self.ve_layout,
+                  f"entries must be -1 or a table index < num_value_embeds ({self.num_value_embeds})")
+        if self.skip_mode == "single":
+            if not 0 <= self.skip_from < self.skip_to < L:
+                _fail("model.skip_from", (self.skip_from, self.skip_to),
+                      f"need 0 ≤ skip_from < skip_to < num_layers ({L})")
+        if not -1 <= self.backout_layer < L:
+            _fail("model.backout_layer", self.backout_layer, f"must be -1 (off) or in [0, {L})")
+        if self.gate_channels > self.model_dim:
+            _fail("model.gate_channels", self.gate_channels, "must be ≤ model_dim")
+        if self.logit_softcap <= 0 or self.softcap_div <= 0:
+            _fail("model.logit_softcap", self.logit_softcap, "cap and divisor must be > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class FamilyMults:
+    """A multiplier per parameter family (lr_mul or wd_mul)."""
+
+    attn: float = 1.0  # qkvo weights (NorMuon)
+    mlp_up: float = 1.0  # c_fc (NorMuon)
+    mlp_down: float = 2.0  # c_proj (NorMuon); 12-11 sets 2 ("corrective factor for transpose")
+    attn_gate: float = 1.0  # per-layer attention gates (NorMuon)
+    smear_gate: float = 1.0  # smear gate (NorMuon)
+    embed: float = 75.0  # token embedding (Adam)
+    value_embed: float = 75.0  # value-embedding tables (Adam)
+    scalars: float = 5.0  # the packed scalars vector (Adam)
+    head: float = 1.0  # lm_head (Adam)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                _fail(f.name, getattr(self, f.name), "multipliers must be ≥ 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VarianceNormConfig:
+    """NorMuon's second-moment (variance) normalization, on or off per family."""
+
+    attn: bool = True
+    mlp: bool = True  # mlp_up and mlp_down
+    gates: bool = True  # attn_gate and smear_gate
+
+
+@dataclass(frozen=True, kw_only=True)
+class MuonConfig:
+    lr: float = 0.023  # base LR of the hidden matrices and gates
+    momentum_min: float = 0.85  # momentum at step 0 and at the end of training
+    momentum_max: float = 0.95  # momentum after warmup
+    momentum_warmup_steps: int = 300  # linear min → max over these steps
+    momentum_cooldown_steps: int = 50  # linear max → min over the last steps
+    beta2: float = 0.95  # EMA of the row/column mean-square of the orthogonalized update
+    weight_decay: float = 1.2  # decay coefficient
+    cautious_wd: bool = True  # decay only where sign(update) == sign(param) (12-11)
+    wd_lr_scaled: bool = True  # decay = wd·lr·lr_eff (12-11); False: p·(1 − wd·wd_mul) (10-27)
+    variance_norm: VarianceNormConfig = field(default_factory=VarianceNormConfig)
+    # "neuron" (12-11): per-row for gates and rows ≥ cols, else per-column.
+    # "shape" (10-27): per-row iff stored rows ≥ cols, gates included.
+    orientation: Literal["neuron", "shape"] = "neuron"
+    norm_fp32: bool = True  # mean-square in fp32 (12-11) or bf16 (10-27)
+    tall_lr_rule: bool = True  # lr_eff = lr·max(1, rows/cols)^½ from the stored shape
+    polar_iters: int = 5  # Polar Express iterations (1..5 of the fixed coefficient list)
+    polar_backend: Literal["auto", "triton", "torch"] = "auto"  # Triton symmetric kernels on GPU
+    custom_groups_8: bool = True  # the record's [1, 10, 16, 16] grouping when world_size == 8
+
+    def __post_init__(self) -> None:
+        if self.lr < 0:
+            _fail("optim.muon.lr", self.lr, "must be ≥ 0")
+        for n in ("momentum_min", "momentum_max", "beta2"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                _fail(f"optim.muon.{n}", getattr(self, n), "must be in [0, 1)")
+        if not 1 <= self.polar_iters <= 5:
+            _fail("optim.muon.polar_iters", self.polar_iters, "must be in 1..5")
+        if self.momentum_warmup_steps < 0 or self.momentum_cooldown_steps < 0:
+            _fail("optim.muon.momentum_warmup_steps", self.momentum_warmup_steps, "must be ≥ 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdamConfig:
+    lr: float = 0.008  # base LR; per-family lr_mul multiplies it
+    betas: tuple[float, float] = (0.65, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    every_other_step: bool = True  # step Adam only on odd steps with two steps' gradients
+
+    def __post_init__(self) -> None:
+        if self.lr < 0:
+            _fail("optim.adam.lr", self.lr, "must be ≥ 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("optim.adam.betas", self.betas, "each beta must be in [0, 1)")
+        if self.eps <= 0:
+            _fail("optim.adam.eps", self.eps, "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    adam: AdamConfig = field(default_factory=AdamConfig)
+    lr_mul: FamilyMults = field(default_factory=FamilyMults)
+    wd_mul: FamilyMults = field(
+        default_factory=lambda: FamilyMults(mlp_down=1.0, embed=1.0, value_embed=1.0, scalars=1.0))
+    grad_reduction: Literal["mean", "sum"] = "mean"  # micro-batch losses averaged (12-11) or summed
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    num_scheduled_iterations: int = 2120  # length of the LR / window / batch schedules
+    num_extension_iterations: int = 40  # extra steps at the final LR, window and batch
+    cooldown_frac: float = 0.55  # fraction of scheduled steps in linear LR decay
+    lr_final: float = 0.1  # LR multiplier at the end of cooldown
+    lr_max_stages: tuple[float, ...] = (1.0, 1.51, 1.93)  # peak multiplier per stage
+    lr_max_thresholds: tuple[float, ...] = (0.33, 0.66)  # x = step/N above which the next stage
+    # 12-11: flat lr_final for step > N. 10-27: x clamped at 0.9999 (≈ 0.1002 in extension).
+    lr_flat_extension: bool = True
+    block_size: int = 128  # window unit in tokens
+    ws_schedule: tuple[int, ...] = (3, 7, 11)  # long window (blocks) per equal part of the schedule
+    ws_final: int = 13  # long window during extension steps
+    ws_validate: int = 20  # long window at the final validation (no extra YaRN step)
+    # Global tokens per optimizer step per equal part of the schedule; int(len·step/N) picks it.
+    train_bs_schedule: tuple[int, ...] = (131072, 262144, 393216)
+    train_bs_extension: int = 393216  # global tokens per step during extension
+
+    @property
+    def num_iterations(self) -> int:
+        return self.num_scheduled_iterations + self.num_extension_iterations
+
+    def __post_init__(self) -> None:
+        if self.num_scheduled_iterations < 1:
+            _fail("schedule.num_scheduled_iterations", self.num_scheduled_iterations, "must be ≥ 1")
+        if self.num_extension_iterations < 0:
+            _fail("schedule.num_extension_iterations", self.num_extension_iterations, "must be ≥ 0")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            _fail("schedule.cooldown_frac", self.cooldown_frac, "must be in [0, 1]")
+        if len(self.lr_max_stages) != len(self.lr_max_thresholds) + 1:
+            _fail("schedule.lr_max_stages", self.lr_max_stages,
+                  f"needs exactly one more entry than lr_max_thresholds ({len(self.lr_max_thresholds)})")
+        if list(self.lr_max_thresholds) != sorted(self.lr_max_thresholds):
+            _fail("schedule.lr_max_thresholds", self.lr_max_thresholds, "must be increasing")
+        if not self.ws_schedule or any(w < 1 for w in self.ws_schedule):
+            _fail("schedule.ws_schedule", self.ws_schedule, "a non-empty list of window sizes ≥ 1 (in blocks)")
+        if min(self.ws_final, self.ws_validate, self.block_size) < 1:
+            _fail("schedule.ws_final", self.ws_final, "windows and block_size must be ≥ 1")
+        if not self.train_bs_schedule or min(self.train_bs_schedule) < 1 or self.train_bs_extension < 1:
+            _fail("schedule.train_bs_schedule", self.train_bs_schedule, "a non-empty list of token counts ≥ 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Data, evaluation, runtime
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    """Learnable synthetic shards (Zipf unigram + Markov bigram structure, BOS-separated docs)."""
+
+    train_tokens: int = 200_000_000
+    val_tokens: int = 10_485_760
+    seed: int = 1234  # data seed, independent of the run seed
+    mean_doc_len: int = 600  # mean document length in tokens (geometric-ish distribution)
+    zipf_a: float = 1.1  # Zipf exponent of the unigram distribution
+    shard_tokens: int = 100_000_000  # tokens per train shard (upstream shards hold 100M)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    data_dir: str = "data/synth-speedrun"  # directory holding the shards (relative → cwd)
+    train_pattern: str = "fineweb_train_*.bin"
+    val_pattern: str = "fineweb_val_*.bin"
+    synthetic: bool = True  # generate `synth` shards into data_dir when none exist
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    bos_id: int = 50256  # documents start with this token
+    train_max_seq_len: int = 2048  # documents cut at this many tokens
+    align_bos: bool = True  # training sequences start at a BOS token
+
+    def __post_init__(self) -> None:
+        if self.train_max_seq_len < 2:
+            _fail("data.train_max_seq_len", self.train_max_seq_len, "must be ≥ 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    val_tokens: int = 10_485_760  # fixed validation set size
+    val_batch_size: int = 2_097_152  # global tokens per validation step
+    val_loss_every: int = 250  # also at step 0 and the last step; 0 = only at the end
+
+    def __post_init__(self) -> None:
+        if self.val_batch_size < 1 or self.val_tokens < self.val_batch_size:
+            _fail("eval.val_tokens", self.val_tokens, f"must be ≥ val_batch_size ({self.val_batch_size})")
+        if self.val_loss_every < 0:
+            _fail("eval.val_loss_every", self.val_loss_every, "must be ≥ 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebugConfig:
+    fail_at_step: int = -1  # raise a RuntimeError at this step (testing retries); -1 = never
+    exit_code: int = 1  # exit status used by fail_at_step
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda if available
+    compile: bool = True  # torch.compile the model (GPU only; ignored on CPU)
+    warmup: bool = True  # compile every (window, batch) stage before the timer starts
+    warmup_steps_per_stage: int = 10  # steps per stage in the warmup
+    reference_world_size: int = 8  # grad accumulation = reference_world_size / world_size
+    log_every: int = 1  # `step` events every k steps
+    inductor_cache_dir: str = ""  # TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR root; "" = torch default
+
+    def __post_init__(self) -> None:
+        if self.reference_world_size not in (1, 2, 4, 8):
+            _fail("runtime.reference_world_size", self.reference_world_size, "must be 1, 2, 4 or 8")
+        if self.log_every < 1:
+            _fail("runtime.log_every", self.log_every, "must be ≥ 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    preset: str = "speedrun"  # the preset this config started from (informational)
+    seed: int = 0  # run seed: init and data order
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.bos_id >= self.model.vocab_size:
+            _fail("data.bos_id", self.data.bos_id, f"must be < model.vocab_size ({self.model.vocab_size})")
+        if self.data.synthetic and self.data.synth.train_tokens < max(self.schedule.train_bs_schedule):
+            _fail("data.synth.train_tokens", self.data.synth.train_tokens,
+                  "must hold at least one global batch")
+
+
+# --------------------------------------------------------------------------------------------
+# Dict conversion, dotted overrides, hashing
+# --------------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists), JSON-serialisable."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Stable 12-hex hash of the resolved config (seed and preset label excluded)."""
+    d = to_dict(cfg)
+    d.pop("seed", None)
+    d.pop("preset", None)
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the tree, e.g. 'optim.muon.lr'."""
+    keys: list[str] = []
+    hints = _hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if isinstance(t, type) and is_dataclass(t):
+            keys.extend(valid_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _near(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=4, cutoff=0.5)
+    if not close:
+        last = key.rsplit(".", 1)[-1]
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] == last][:4]
+        close = close or difflib.get_close_matches(last, [c.rsplit(".", 1)[-1] for c in candidates], n=4)
+    return ", ".join(close) if close else "(none close; see `python -m trainer.train --list-keys`)"
+
+
+def _coerce(key: str, value: Any, t: Any) -> Any:
+    """Check / convert one leaf value to annotated type t; ConfigError naming key on mismatch."""
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(key, value, "expected true or false")
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(key, value, "expected an integer")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "expected a number")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            _fail(key, value, "expected a string")
+        return value
+    if origin is Literal:
+        if value not in args:
+            _fail(key, value, f"expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            _fail(key, value, "expected a list, e.g. [3, 7, 11]")
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, "expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            _fail(key, value, f"expected a list of exactly {len(args)} values")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    raise TypeError(f"unsupported config type {t!r} for {key}")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Raise one ConfigError listing every unknown key (with close matches) or bad type."""
+    apply_overrides(TrainConfig(), overrides)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Return cfg with dotted (or nested-dict) overrides applied; validated.
+
+    Unknown keys and type errors are collected into a single ConfigError."""
+    flat = _flatten(overrides)
+    keys = valid_keys()
+    problems: list[str] = []
+    by_section: dict[tuple[str, ...], dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key not in keys:
+            problems.append(f"unknown config key {key!r}; did you mean: {_near(key, keys)}")
+            continue
+        path = tuple(key.split("."))
+        by_section.setdefault(path[:-1], {})[path[-1]] = value
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+    def rebuild(obj: Any, path: tuple[str, ...]) -> Any:
+        hints = _hints(type(obj))
+        changes: dict[str, Any] = {}
+        for f in fields(obj):
+            sub = path + (f.name,)
+            cur = getattr(obj, f.name)
+            if is_dataclass(cur):
+                if any(p[: len(sub)] == sub for p in by_section):
+                    changes[f.name] = rebuild(cur, sub)
+            elif path in by_section and f.name in by_section[path]:
+                key = ".".join(sub)
+                try:
+                    changes[f.name] = _coerce(key, by_section[path][f.name], hints[f.name])
+                except ConfigError as e:
+                    problems.append(str(e))
+        if problems:
+            return obj
+        return dataclasses.replace(obj, **changes) if changes else obj
+
+    try:
+        out = rebuild(cfg, ())
+    except ConfigError as e:  # a __post_init__ check on the combined values
+        raise ConfigError(str(e)) from None
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
+
+
+def from_dict(d: Mapping[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a nested dict such as the `start` event's config."""
+    return apply_overrides(TrainConfig(), d)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse CLI `key=value` strings; values are YAML (numbers, true/false, [3, 7, 11], strings)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is invalid: expected key=value, e.g. optim.muon.lr=0.03")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+    return out
+
+
+def load_config(preset: str = "speedrun", overrides: Mapping[str, Any] | None = None,
+                config_file: str | None = None, seed: int | None = None) -> TrainConfig:
+    """Preset → optional YAML file of overrides → dotted overrides → seed."""
+    from trainer.presets import get_preset
+
+    cfg = get_preset(preset)
+    if config_file:
+        import yaml
+
+        try:
+            with open(config_file) as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"--config {config_file!r} cannot be read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {config_file!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {config_file!r} must hold a mapping of config keys")
+        cfg = apply_overrides(cfg, data)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    return cfg
