@@ -60,8 +60,10 @@ def _small() -> TrainConfig:
         "eval.val_tokens": 1_048_576,
         "eval.val_batch_size": 262_144,
         "eval.val_loss_every": 100,
+        "optim.muon.momentum_warmup_steps": 90,  # 300/2160 of the schedule, as in the record
+        "optim.muon.momentum_cooldown_steps": 15,
         "runtime.warmup_steps_per_stage": 4,
-        "data.data_dir": "data/synth-speedrun",
+        "data.data_dir": "data/synth-small",
         "data.synth.train_tokens": 100_000_000,
         "data.synth.val_tokens": 1_048_576,
     })
