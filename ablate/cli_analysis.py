@@ -1,0 +1,109 @@
+"""CLI commands for analysis: `ablate table`, `ablate report`, `ablate import-logs`.
+
+    ablate table EXPERIMENT [--format rich|md|csv|json] [--store URI] [--baseline ARM] [--target LOSS]
+    ablate report EXPERIMENT [--store URI] [--baseline ARM] [--target LOSS]
+    ablate import-logs PATH... --experiment NAME --arm NAME [--store URI]
+
+`register(app)` adds them to the main typer app (ablate/cli.py). Exit codes: 0 success,
+1 runtime failure (including any log file that could not be imported), 2 bad input.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ablate.errors import AblateError
+
+StoreOpt = Annotated[str, typer.Option("--store", help="store path or URI (s3://bucket/prefix, ...)")]
+BaselineOpt = Annotated[Optional[str], typer.Option("--baseline", help="baseline arm (default: the spec's)")]
+TargetOpt = Annotated[Optional[float], typer.Option("--target", help="target loss (default: the spec's target_loss)")]
+
+
+def _fail(e: Exception) -> typer.Exit:
+    typer.echo(f"error: {e}", err=True)
+    return typer.Exit(code=getattr(e, "exit_code", 2 if isinstance(e, ValueError) else 1))
+
+
+def _store(uri: str):
+    from ablate.store import Store
+
+    return Store(uri)
+
+
+def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (store folder)")],
+              fmt: Annotated[str, typer.Option("--format", "-f", help="rich, md, csv or json")] = "rich",
+              store: StoreOpt = "results", baseline: BaselineOpt = None, target: TargetOpt = None) -> None:
+    """Print the results table in the speedrun record layout."""
+    from ablate import tables
+
+    if fmt not in tables.FORMATS:
+        typer.echo(f"error: --format {fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md", err=True)
+        raise typer.Exit(code=2)
+    try:
+        out = tables.render_table(_store(store), experiment, fmt, baseline, target)
+    except (AblateError, ValueError) as e:
+        raise _fail(e) from None
+    if fmt == "rich":
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:      # CI logs, pipes: wide enough that the table is not truncated
+            console = Console(width=max(console.width, 200))
+        console.print(out)
+    else:
+        sys.stdout.write(out)
+
+
+def report_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (store folder)")],
+               store: StoreOpt = "results", baseline: BaselineOpt = None, target: TargetOpt = None) -> None:
+    """Write report.md and PNG figures into the experiment's folder."""
+    from ablate.report import write_report
+
+    try:
+        written = write_report(_store(store), experiment, baseline, target)
+    except (AblateError, ValueError) as e:
+        raise _fail(e) from None
+    for name, path in written.items():
+        typer.echo(f"wrote {path}")
+
+
+def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files or folders of *.txt/*.log")],
+                    experiment: Annotated[str, typer.Option("--experiment", help="experiment to import into")],
+                    arm: Annotated[str, typer.Option("--arm", help="arm the runs belong to")],
+                    store: StoreOpt = "results") -> None:
+    """Import speedrun-style text logs as runs (source=import)."""
+    from ablate.importlogs import import_logs
+    from ablate.spec import ARM_RE, NAME_RE
+
+    if not NAME_RE.match(experiment):
+        typer.echo(f"error: --experiment {experiment!r} must match [a-z0-9][a-z0-9_.-]* (it names the store "
+                   "folder); fix: e.g. --experiment upstream-1211", err=True)
+        raise typer.Exit(code=2)
+    if not ARM_RE.match(arm):
+        typer.echo(f"error: --arm {arm!r} must match [A-Za-z0-9][A-Za-z0-9_.+-]*; fix: e.g. --arm record", err=True)
+        raise typer.Exit(code=2)
+    try:
+        results = import_logs(_store(store), list(paths), experiment, arm)
+    except AblateError as e:
+        raise _fail(e) from None
+    if not results:
+        typer.echo("error: no log files found in the given paths (folders contribute *.txt and *.log)", err=True)
+        raise typer.Exit(code=1)
+    for r in results:
+        line = f"{r.path}: {r.note}" + (f" [{r.run_id}, seed {r.seed}]" if r.seed is not None else "")
+        typer.echo(("error: " if r.error else "") + line, err=r.error)
+    bad = sum(r.error for r in results)
+    typer.echo(f"{len(results) - bad} of {len(results)} files imported or already present into "
+               f"{experiment!r} (arm {arm!r}); {bad} failed")
+    if bad:
+        raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `table`, `report` and `import-logs` to the ablate CLI app."""
+    app.command("table")(table_cmd)
+    app.command("report")(report_cmd)
+    app.command("import-logs")(import_logs_cmd)

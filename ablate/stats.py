@@ -1,0 +1,308 @@
+"""Per-arm statistics for the results table: summaries, Welch/paired comparisons, Hedges g,
+the speedrun target rule, multiple-comparison corrections and runs-needed estimates.
+
+    python -m pytest tests/ablate/test_stats.py -q
+
+Pure functions of numbers (numpy arrays) plus `pair_runs`, which reads the runs frame's
+`order`/`round`/`seed`/`node_id` columns to form blocks. Every formula is written out in
+docs/statistics.md; tests compare each one with scipy/statsmodels on fixed data.
+Conventions: Δ = mean(arm) − mean(baseline); "less" means the arm is lower (better) than the
+baseline; CIs are two-sided at `confidence` unless the alternative is one-sided.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import special, stats
+
+ALTERNATIVES = ("two-sided", "less", "greater")
+CORRECTIONS = ("holm", "bh", "none")
+TARGET_ALPHA = 0.01          # the speedrun's record rule: p < 0.01 that mean loss < target
+MIN_PAIRS = 3                # blocked analysis needs at least this many complete pairs ...
+MIN_PAIR_COVERAGE = 2 / 3    # ... covering at least this share of the smaller arm's ok runs
+MAX_RUNS_NEEDED = 10_000     # runs_needed gives up (None) beyond this
+
+
+def _arr(x) -> np.ndarray:
+    a = np.asarray(x, dtype=float).ravel()
+    return a[np.isfinite(a)]
+
+
+def check_alternative(alternative: str) -> str:
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative={alternative!r} is not allowed; use one of {', '.join(ALTERNATIVES)}")
+    return alternative
+
+
+def check_correction(correction: str) -> str:
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction={correction!r} is not allowed; use one of {', '.join(CORRECTIONS)}")
+    return correction
+
+
+# ---------------------------------------------------------------- one arm
+
+@dataclass(frozen=True)
+class Summary:
+    """n, mean, sample std (ddof 1), standard error and t-based CI of the mean."""
+
+    n: int
+    mean: float
+    std: float
+    se: float
+    ci_low: float
+    ci_high: float
+
+
+def summarize(x, confidence: float = 0.95) -> Summary:
+    """Summary of the finite values of x; std/se/CI are NaN below two values."""
+    a = _arr(x)
+    n = len(a)
+    if n == 0:
+        return Summary(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+    mean = float(a.mean())
+    if n == 1:
+        return Summary(1, mean, math.nan, math.nan, math.nan, math.nan)
+    std = float(a.std(ddof=1))
+    se = std / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    return Summary(n, mean, std, se, mean - half, mean + half)
+
+
+# ---------------------------------------------------------------- arm vs baseline
+
+@dataclass(frozen=True)
+class Comparison:
+    """Arm − baseline: Δ, its CI (one-sided bounds are ±inf), p, Hedges g, test used."""
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    p: float
+    g: float
+    df: float
+    stat: float
+    method: str          # "welch" | "paired"
+    n_pairs: int = 0
+
+
+_NAN_CMP = dict(delta=math.nan, ci_low=math.nan, ci_high=math.nan, p=math.nan, g=math.nan,
+                df=math.nan, stat=math.nan)
+
+
+def _ci(delta: float, se: float, df: float, alternative: str, confidence: float) -> tuple[float, float]:
+    if alternative == "two-sided":
+        h = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+        return delta - h, delta + h
+    h = float(stats.t.ppf(confidence, df)) * se
+    return (-math.inf, delta + h) if alternative == "less" else (delta - h, math.inf)
+
+
+def _p_from_t(t: float, df: float, alternative: str) -> float:
+    if alternative == "two-sided":
+        return float(2 * stats.t.sf(abs(t), df))
+    if alternative == "less":
+        return float(stats.t.cdf(t, df))
+    return float(stats.t.sf(t, df))
+
+
+def hedges_g(arm, base) -> float:
+    """(mean_arm − mean_base) / pooled sd, times the exact small-sample factor J(df).
+
+    J(df) = Γ(df/2) / (sqrt(df/2) Γ((df−1)/2)), df = n_arm + n_base − 2.
+    """
+    a, b = _arr(arm), _arr(base)
+    na, nb = len(a), len(b)
+    df = na + nb - 2
+    if na < 1 or nb < 1 or df < 2:
+        return math.nan
+    pooled = math.sqrt(((na - 1) * a.var(ddof=1 if na > 1 else 0) + (nb - 1) * b.var(ddof=1 if nb > 1 else 0)) / df)
+    if pooled == 0:
+        return math.nan
+    j = math.exp(special.gammaln(df / 2) - special.gammaln((df - 1) / 2)) / math.sqrt(df / 2)
+    return float(j * (a.mean() - b.mean()) / pooled)
+
+
+def welch(arm, base, alternative: str = "two-sided", confidence: float = 0.95) -> Comparison:
+    """Welch's unequal-variance t-test of arm vs base with the Welch–Satterthwaite df."""
+    check_alternative(alternative)
+    a, b = _arr(arm), _arr(base)
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        d = float(a.mean() - b.mean()) if na and nb else math.nan
+        return Comparison(**{**_NAN_CMP, "delta": d}, method="welch")
+    va, vb = a.var(ddof=1) / na, b.var(ddof=1) / nb
+    delta = float(a.mean() - b.mean())
+    se = math.sqrt(va + vb)
+    g = hedges_g(a, b)
+    if se == 0:
+        return Comparison(delta, delta, delta, 1.0 if delta == 0 else 0.0, g, math.nan, math.nan, "welch")
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    t = delta / se
+    lo, hi = _ci(delta, se, df, alternative, confidence)
+    return Comparison(delta, lo, hi, _p_from_t(t, df, alternative), g, float(df), float(t), "welch")
+
+
+def paired(arm, base, alternative: str = "two-sided", confidence: float = 0.95) -> Comparison:
+    """Paired t-test on aligned pairs (arm[i], base[i]); g is the two-sample Hedges g."""
+    check_alternative(alternative)
+    a = np.asarray(arm, dtype=float).ravel()
+    b = np.asarray(base, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired: arm has {a.size} values and base {b.size}; pairs must align")
+    keep = np.isfinite(a) & np.isfinite(b)
+    d = a[keep] - b[keep]
+    n = len(d)
+    g = hedges_g(a[keep], b[keep])
+    if n < 2:
+        return Comparison(**{**_NAN_CMP, "delta": float(d.mean()) if n else math.nan}, method="paired", n_pairs=n)
+    delta = float(d.mean())
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    if se == 0:
+        return Comparison(delta, delta, delta, 1.0 if delta == 0 else 0.0, g, n - 1, math.nan, "paired", n)
+    t = delta / se
+    lo, hi = _ci(delta, se, n - 1, alternative, confidence)
+    return Comparison(delta, lo, hi, _p_from_t(t, n - 1, alternative), g, float(n - 1), float(t), "paired", n)
+
+
+def target_pvalue(losses, target: float) -> float:
+    """The speedrun rule, exactly: ttest_1samp(losses, target, alternative="less").pvalue."""
+    a = _arr(losses)
+    if len(a) < 2:
+        return math.nan
+    return float(stats.ttest_1samp(a, target, alternative="less").pvalue)
+
+
+# ---------------------------------------------------------------- several arms
+
+def adjust_pvalues(pvalues, method: str = "holm") -> np.ndarray:
+    """Holm step-down (FWER) or Benjamini–Hochberg step-up (FDR); NaNs pass through untouched."""
+    check_correction(method)
+    p = np.asarray(pvalues, dtype=float)
+    out = p.copy()
+    ok = np.isfinite(p)
+    m = int(ok.sum())
+    if method == "none" or m == 0:
+        return out
+    q = p[ok]
+    order = np.argsort(q, kind="mergesort")
+    ranked = q[order]
+    if method == "holm":
+        adj = np.maximum.accumulate((m - np.arange(m)) * ranked)
+    else:
+        adj = np.minimum.accumulate((m / np.arange(m, 0, -1) * ranked[::-1]))[::-1]
+    res = np.empty(m)
+    res[order] = np.minimum(adj, 1.0)
+    out[ok] = res
+    return out
+
+
+# ---------------------------------------------------------------- runs needed
+
+def _power_two_sample(n: int, delta: float, var_a: float, var_b: float, alpha: float, alternative: str) -> float:
+    se = math.sqrt((var_a + var_b) / n)
+    df = (n - 1) * (var_a + var_b) ** 2 / (var_a ** 2 + var_b ** 2)
+    return _power_t(delta / se, df, alpha, alternative)
+
+
+def _power_t(nc: float, df: float, alpha: float, alternative: str) -> float:
+    if alternative == "two-sided":
+        c = stats.t.isf(alpha / 2, df)
+        return float(stats.nct.sf(c, df, nc) + stats.nct.cdf(-c, df, nc))
+    c = stats.t.isf(alpha, df)
+    if alternative == "less":
+        nc = -nc
+    return float(stats.nct.sf(c, df, nc))
+
+
+def _smallest_n(power_at, power: float, n_normal: float) -> int | None:
+    """Smallest n ≥ 2 with power_at(n) ≥ power, searched upwards from just below the normal
+    approximation (the noncentral t is only evaluated near the answer, where it is accurate)."""
+    if not math.isfinite(n_normal) or n_normal > MAX_RUNS_NEEDED:
+        return None
+    n = max(2, int(math.floor(n_normal)) - 2)
+    while n > 2 and power_at(n - 1) >= power:
+        n -= 1
+    while power_at(n) < power:
+        n += 1
+        if n > MAX_RUNS_NEEDED:
+            return None
+    return n
+
+
+def _normal_n(delta: float, var_sum: float, alpha: float, power: float, alternative: str) -> float:
+    z_a = stats.norm.isf(alpha / 2 if alternative == "two-sided" else alpha)
+    return (z_a + stats.norm.ppf(power)) ** 2 * var_sum / delta ** 2
+
+
+def runs_needed(delta: float, sd_arm: float, sd_base: float, alpha: float, power: float = 0.8,
+                alternative: str = "two-sided") -> int | None:
+    """Runs per arm (equal n) for Welch's test to detect `delta` with `power` at level `alpha`.
+
+    Smallest n with P(reject | Δ) ≥ power under the noncentral t: noncentrality
+    Δ / sqrt((s_a² + s_b²)/n), Welch df (n−1)(s_a² + s_b²)² / (s_a⁴ + s_b⁴). Close to the
+    normal formula n ≈ (z_{1−α/2} + z_{power})² (s_a² + s_b²) / Δ². None when it would exceed
+    MAX_RUNS_NEEDED, when Δ is 0/NaN, or when Δ points away from a one-sided alternative.
+    """
+    check_alternative(alternative)
+    va, vb = sd_arm ** 2, sd_base ** 2
+    if not all(map(math.isfinite, (delta, va, vb))) or delta == 0 or va + vb == 0:
+        return None
+    if (alternative == "less" and delta > 0) or (alternative == "greater" and delta < 0):
+        return None
+    return _smallest_n(lambda n: _power_two_sample(n, delta, va, vb, alpha, alternative), power,
+                       _normal_n(delta, va + vb, alpha, power, alternative))
+
+
+def runs_needed_paired(delta: float, sd_diff: float, alpha: float, power: float = 0.8,
+                       alternative: str = "two-sided") -> int | None:
+    """Pairs needed for the paired t-test: noncentrality Δ sqrt(n) / s_d with n − 1 df."""
+    check_alternative(alternative)
+    if not (math.isfinite(delta) and math.isfinite(sd_diff)) or delta == 0 or sd_diff == 0:
+        return None
+    if (alternative == "less" and delta > 0) or (alternative == "greater" and delta < 0):
+        return None
+    return _smallest_n(lambda n: _power_t(delta * math.sqrt(n) / sd_diff, n - 1, alpha, alternative), power,
+                       _normal_n(delta, sd_diff ** 2, alpha, power, alternative))
+
+
+# ---------------------------------------------------------------- blocked analysis
+
+def _block_keys(df: pd.DataFrame) -> pd.DataFrame:
+    node = df["node_id"] if "node_id" in df else pd.Series(None, index=df.index, dtype=object)
+    if "hostname" in df:
+        node = node.where(node.notna(), df["hostname"])
+    out = pd.DataFrame({"node": node, "round": df.get("round"), "seed": df.get("seed"),
+                        "order": df.get("order", pd.Series(range(len(df)), index=df.index))},
+                       index=df.index)
+    return out
+
+
+def pair_runs(arm_runs: pd.DataFrame, base_runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """Index pairs (arm row, baseline row) for the blocked analysis, or None if it does not apply.
+
+    A pair is one ok run of each arm with the same (node, round, seed), node being `node_id`
+    (falling back to `hostname`): the two ran interleaved on the same machine with the same
+    seed. Where a key holds several runs of an arm the earliest launched (`order`) is used.
+    The analysis applies when there are at least MIN_PAIRS pairs covering at least
+    MIN_PAIR_COVERAGE of the smaller arm's ok runs.
+    """
+    if arm_runs.empty or base_runs.empty:
+        return None
+    ka, kb = _block_keys(arm_runs), _block_keys(base_runs)
+    cols = ["node", "round", "seed"]
+    ka = ka.dropna(subset=cols).sort_values("order", kind="mergesort")
+    kb = kb.dropna(subset=cols).sort_values("order", kind="mergesort")
+    ka = ka[~ka.duplicated(cols)]
+    kb = kb[~kb.duplicated(cols)]
+    ka = ka.rename_axis("row").reset_index()
+    kb = kb.rename_axis("row").reset_index()
+    merged = ka.merge(kb, on=cols, suffixes=("_a", "_b"))
+    n_pairs = len(merged)
+    if n_pairs < MIN_PAIRS or n_pairs < MIN_PAIR_COVERAGE * min(len(arm_runs), len(base_runs)):
+        return None
+    merged = merged.sort_values(["round", "seed", "node"], kind="mergesort")
+    return merged["row_a"].to_numpy(), merged["row_b"].to_numpy()

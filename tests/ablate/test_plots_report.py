@@ -1,0 +1,148 @@
+"""Figures (values behind them, PNG output) and report.md, from frames and through a Store.
+
+    python -m pytest tests/ablate/test_plots_report.py -q
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import PathCollection
+from scipy import stats as sps
+
+from ablate import plots, report, tables
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VAL_STEPS = [0, 500, 1000, 1500, 2000]
+
+
+def frames():
+    """3 arms × 4 seeds; fast/s3 failed; seed 2 of lr-0.03 stalls at step 1201; s3 runs on torch 2.11."""
+    runs, curves, steps, order = [], [], [], 0
+    finals = {"baseline": 3.2790, "lr-0.03": 3.2770, "fast": 3.2795}
+    times = {"baseline": 131.2, "lr-0.03": 131.1, "fast": 130.6}
+    for seed in range(4):
+        for arm in finals:
+            rid = f"{arm}-s{seed}-h-a0"
+            failed = arm == "fast" and seed == 3
+            loss = finals[arm] + 0.0004 * (seed - 1.5)
+            t_ms = (times[arm] + 0.02 * seed) * 1000
+            runs.append(dict(experiment="e", arm=arm, seed=seed, run_id=rid, status="failed" if failed else "ok",
+                             error="exit 1: CUDA error" if failed else None,
+                             final_val_loss=None if failed else loss, train_time_ms=t_ms, round=seed,
+                             order=order, node_id="n1", hostname=None, source="ablate", steps=2000,
+                             gpu_model="NVIDIA H100 80GB HBM3", gpu_count=8,
+                             torch_version="2.11.0" if seed == 3 else "2.10.0"))
+            order += 1
+            for st in VAL_STEPS:
+                curves.append(dict(run_id=rid, experiment="e", arm=arm, seed=seed, step=st,
+                                   val_loss=loss + 7.5 * np.exp(-st / 300), train_time_ms=t_ms * st / 2000))
+            for st in range(1, 2001, 100):
+                ms = 60.0 + 0.1 * seed + (500 if st == 1 else 0) + (120 if (arm == "lr-0.03" and seed == 2
+                                                                            and st == 1201) else 0)
+                steps.append(dict(run_id=rid, experiment="e", arm=arm, seed=seed, step=st, step_ms=ms,
+                                  train_time_ms=ms * st))
+    return pd.DataFrame(runs), pd.DataFrame(curves), pd.DataFrame(steps)
+
+
+def test_curve_bands_mean_and_t_interval():
+    runs, curves, _ = frames()
+    ok = curves[curves["run_id"].isin(set(runs.loc[runs["status"] == "ok", "run_id"]))]
+    b = plots.curve_bands(ok).set_index(["arm", "step"])
+    vals = ok[(ok["arm"] == "baseline") & (ok["step"] == 2000)]["val_loss"].to_numpy()
+    row = b.loc[("baseline", 2000)]
+    assert row["n"] == 4 and row["mean"] == pytest.approx(vals.mean())
+    lo, hi = sps.t.interval(0.95, 3, loc=vals.mean(), scale=sps.sem(vals))
+    assert row["half"] == pytest.approx((hi - lo) / 2)
+    assert b.loc[("fast", 2000), "n"] == 3                     # the failed run is not in the band
+    assert row["time_s"] == pytest.approx(np.mean([131.2 + 0.02 * s for s in range(4)]))
+
+
+@pytest.mark.parametrize("x", ["step", "time"])
+def test_curves_figure_draws_each_ok_arm(x):
+    runs, curves, _ = frames()
+    fig = plots.curves_figure(curves, runs, x, baseline="baseline")
+    full, zoom = fig.axes
+    assert [t.get_text() for t in full.get_legend().get_texts()] == ["baseline (n=4)", "lr-0.03 (n=4)", "fast (n=3)"]
+    assert len(full.lines) == 3 and len(zoom.lines) == 3
+    xs = full.lines[0].get_xdata()
+    expected = VAL_STEPS if x == "step" else [131.23 * s / 2000 for s in VAL_STEPS]
+    assert list(xs) == pytest.approx(expected)
+    assert plots.to_png(fig).startswith(PNG_MAGIC)
+
+
+def test_curves_figure_rejects_bad_axis():
+    runs, curves, _ = frames()
+    with pytest.raises(ValueError, match="'step' or 'time'"):
+        plots.curves_figure(curves, runs, "tokens")
+
+
+def test_finals_figure_points_and_means():
+    runs, _, _ = frames()
+    fig = plots.finals_figure(runs, target=3.28, baseline="baseline")
+    ax_loss, ax_time = fig.axes
+    n_points = sum(len(c.get_offsets()) for c in ax_loss.collections if isinstance(c, PathCollection))
+    assert n_points == 11                                     # 12 runs, one failed
+    assert [t.get_text() for t in ax_loss.get_xticklabels()] == ["baseline", "lr-0.03", "fast"]
+    assert any(abs(line.get_ydata()[0] - 3.28) < 1e-12 for line in ax_loss.lines)   # target line
+    assert plots.to_png(fig).startswith(PNG_MAGIC)
+
+
+def test_stalls_found_and_step_one_ignored():
+    _, _, steps = frames()
+    st = plots.stalls(steps)
+    assert list(zip(st["run_id"], st["step"])) == [("lr-0.03-s2-h-a0", 1201)]
+    png = plots.to_png(plots.step_times_figure(steps, frames()[0]))
+    assert png.startswith(PNG_MAGIC)
+
+
+def test_report_files_content():
+    runs, curves, steps = frames()
+    settings = tables.Settings(target=3.28)
+    table = tables.table_from_runs(runs, "baseline", 3.28)
+    files = report.report_files("e", table, settings, runs, curves, steps,
+                                {"description": "Muon lr sweep", "trainer": {"preset": "speedrun"}})
+    assert set(files) == {"report.md", *report.FIGURES}
+    assert all(files[name].startswith(PNG_MAGIC) for name in report.FIGURES)
+    md = files["report.md"].decode()
+    assert md.startswith("# Experiment `e`") and "Muon lr sweep" in md
+    assert tables.to_markdown(table, settings).strip() in md
+    for name in report.FIGURES:
+        assert f"]({name})" in md
+    assert "`fast-s3-h-a0` (failed): exit 1: CUDA error" in md
+    assert "| `lr-0.03-s2-h-a0` | 1201 |" in md
+    assert "mix 2 torch versions" in md
+
+
+def test_write_report_through_store_and_cli(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from ablate.cli_analysis import register
+    from ablate.store import Store
+
+    store = Store(str(tmp_path / "res"))
+    runs, curves, steps = frames()
+    now = datetime(2026, 11, 22, tzinfo=timezone.utc)
+    for r in runs.to_dict("records"):
+        r = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        row = dict(schema_version=1, attempt=0, search_trial=None, config_hash="h", config_json="{}",
+                   overrides_json="{}", tokens=None, peak_mem_mib=None, warmup_s=None, compile_s=None,
+                   world_size=8, node_ip=None, gpu_uuids="", python_version=None, triton_version=None,
+                   cuda_version=None, driver=None, git_commit=None, ablate_version="0.1.0", started_at=now,
+                   ended_at=now, launch_s=None, wall_s=140.0, **r)
+        store.write_run(row, curves[curves["run_id"] == r["run_id"]].to_dict("records"),
+                        steps[steps["run_id"] == r["run_id"]].to_dict("records"))
+    written = report.write_report(store, "e")
+    assert set(written) == {"report.md", *report.FIGURES}
+    assert store.read_bytes("e", "curves_time.png").startswith(PNG_MAGIC)
+    assert b"## Results" in store.read_bytes("e", "report.md")
+
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["report", "e", "--store", store.uri, "--target", "3.28"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("wrote ") == 5
+    assert b"p(<target)" in store.read_bytes("e", "report.md") and b"3.28" in store.read_bytes("e", "report.md")
