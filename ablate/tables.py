@@ -351,6 +351,8 @@ def analyse(store: Any, experiment: str, baseline: str | None = None,
             target: float | None = None) -> tuple[pd.DataFrame, Settings]:
     """Read runs and spec.yaml from the store and analyse them."""
     runs = store.runs(experiment)
+    if "source" in runs.columns:  # search suggestions are listed by search_table, not compared here
+        runs = runs[runs["source"] != "search"]
     if runs.empty:
         known = ", ".join(store.experiments()) or "none"
         raise AnalysisError(f"experiment {experiment!r} has no runs in this store (experiments: {known}); "
@@ -366,6 +368,10 @@ def render_table(store: Any, experiment: str, fmt: str = "rich", baseline: str |
     """The experiment's table: a rich Table for fmt="rich", a str for "md", "csv" and "json"."""
     if fmt not in FORMATS:
         raise AnalysisError(f"format={fmt!r} is not one of {', '.join(FORMATS)}; fix: --format md")
+    from ablate.search_report import is_search_experiment, search_table
+
+    if is_search_experiment(store, experiment):
+        return search_table(store, experiment, fmt, baseline, target)
     df, settings = analyse(store, experiment, baseline, target)
     return format_table(df, settings, fmt, experiment)
 

@@ -21,7 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def shapes(dim: int) -> dict[str, tuple[int, ...]]:
-    return {"attn 2x4 blocks": (8, dim, dim), "mlp 2 tall": (2, 4 * dim, dim), "attn gates": (10, 6, 12)}
+    return {
+        "attn 2x4 blocks": (8, dim, dim),  # one rank's chunk on 8 GPUs
+        "mlp 2 tall": (2, 4 * dim, dim),
+        "attn gates": (10, 6, 12),
+        "attn 10x4 blocks (1 GPU)": (40, dim, dim),  # the whole attention group on one rank
+        "mlp 22 tall (1 GPU)": (22, 4 * dim, dim),  # all c_fc + c_proj on one rank
+    }
 
 
 def time_ms(fn, iters: int, warmup: int) -> float:
