@@ -77,6 +77,7 @@ def _tiny() -> TrainConfig:
             head_dim=32, no_attn_layers=(0, 3), no_mlp_layers=(0,), long_window_layers=(2, 5),
             ve_layout=(-1, 1, -1, -1, 0, 1), num_value_embeds=2, skip_from=2, skip_to=3,
             backout_layer=4, gate_channels=8, rope_freqs=8, fp8_head=False,
+            attn_backend="sdpa",  # FlexAttention has no CPU backward
         ),
         optim=OptimConfig(muon=MuonConfig(momentum_warmup_steps=20, momentum_cooldown_steps=8),
                           adam=AdamConfig()),

@@ -1,0 +1,268 @@
+"""Model: shapes, parameter families, layouts, masks, attention backends, YaRN.
+
+    python -m pytest tests/trainer/test_model.py -q
+"""
+import math
+
+import pytest
+import torch
+
+from trainer.attention import (Rotary, apply_rotary, attend, block_classes, build_mask, dense_mask,
+                               reference_attention)
+from trainer.config import ADAM_FAMILIES, MUON_FAMILIES, apply_overrides, load_config
+from trainer.model import GPT, fp8_supported
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+TINY = load_config("tiny").model
+WIDE_UNET = apply_overrides(load_config("tiny"), {
+    "model.weight_layout": "wide", "model.skip_mode": "unet", "model.premul_o": False,
+    "model.sa_lambdas_init": [0.5, 0.5], "model.block_lambdas_init": [1.0, 0.0]}).model
+
+
+def _batch(T=300, vocab=512, bos=511, seed=0, p_bos=0.02):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab - 1, (T + 1,), generator=g)
+    x[torch.rand(T + 1, generator=g) < p_bos] = bos
+    x[0] = bos
+    inputs, targets = x[:-1], x[1:]
+    return inputs, targets, torch.cumsum(inputs == bos, 0).to(torch.int32)
+
+
+def _randomize(model, seed=0):
+    """Give the zero-initialised weights (O, c_proj, gates, head, λs) random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("mcfg", [TINY, WIDE_UNET], ids=["tiny", "wide-unet"])
+def test_forward_backward_shapes(mcfg):
+    torch.manual_seed(0)
+    m = GPT(mcfg)
+    inputs, targets, docs = _batch()
+    loss = m(inputs, targets, docs, 64, 32)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    # zero lm_head → uniform logits: sum of CE ≈ T·ln(padded vocab) (bf16 logits, so only roughly)
+    assert loss.item() == pytest.approx(300 * math.log(mcfg.padded_vocab), rel=3e-2)
+    loss.backward()
+    for fam, p in m.param_families():
+        if fam == "value_embed" and p is not m.value_embeds[0].weight and p is not m.value_embeds[1].weight:
+            continue
+        assert p.grad is not None and p.grad.shape == p.shape, fam
+    m.eval()
+    with torch.no_grad():
+        ev = m(inputs, targets, docs, 64, 32)
+    assert ev.item() == pytest.approx(math.log(mcfg.padded_vocab), rel=1e-4)  # mean over fp32 logits
+
+
+def test_param_families_cover_everything_once():
+    m = GPT(TINY, world_size=2)
+    fams = m.param_families()
+    ids = [id(p) for _, p in fams]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    assert {f for f, _ in fams} <= set(MUON_FAMILIES) | set(ADAM_FAMILIES)
+    counts = {f: sum(1 for g, _ in fams if g == f) for f in MUON_FAMILIES + ADAM_FAMILIES}
+    # tiny: 6 layers, no attention in 0 and 3, no MLP in 0
+    assert counts == {"attn": 4, "mlp_up": 5, "mlp_down": 5, "attn_gate": 4, "smear_gate": 1,
+                      "embed": 1, "value_embed": 2, "scalars": 1, "head": 1}
+    for f, p in fams:
+        if f in ADAM_FAMILIES:
+            assert p.shape[0] % 2 == 0  # DistAdam shards rows over 2 ranks
+
+
+def test_speedrun_structure_and_dtypes():
+    cfg = apply_overrides(load_config("speedrun"), {"model.model_dim": 128, "model.num_heads": 1,
+                                                    "model.vocab_size": 1000, "data.bos_id": 999}).model
+    for ws, n_scalars in ((1, 62), (8, 64)):
+        m = GPT(cfg, world_size=ws)
+        assert m.scalars.numel() == n_scalars  # 12 skip + 24 + 24 + smear + backout + pad
+    fams = m.param_families()
+    muon = [f for f, _ in fams if f in MUON_FAMILIES]
+    assert len(muon) == 43 and len(fams) - len(muon) == 6
+    assert sum(f == "attn" for f in muon) == 10 and sum(f == "mlp_up" for f in muon) == 11
+    assert m.embed.weight.shape == (1024, 128)  # padded to a multiple of 128
+    d = dict((id(p), f) for f, p in fams)
+    for f, p in fams:
+        want = torch.float32 if f in ("attn", "mlp_up", "mlp_down", "scalars") else torch.bfloat16
+        assert p.dtype == want, f
+    blk = m.blocks[1]
+    assert blk.attn.qkvo_w.shape == (512, 128) and blk.mlp.c_fc.shape == (512, 128)
+    w = blk.attn.qkvo_w.view(4, 128, 128)
+    bound = 3 ** 0.5 * 0.5 * 128 ** -0.5
+    assert w[:3].abs().max() <= bound and w[:3].abs().max() > 0.9 * bound and w[3].abs().max() == 0
+    assert blk.mlp.c_proj.abs().max() == 0 and m.lm_head.abs().max() == 0
+    assert m.blocks[0].empty and m.blocks[7].attn is None and m.blocks[7].mlp is not None
+    assert torch.allclose(m.scalars[12:36].view(12, 2), torch.tensor([1.1, 0.0]).expand(12, 2))
+    assert torch.allclose(m.scalars[36:60].view(12, 2), torch.tensor([0.5, 1.0]).expand(12, 2))
+    assert (m.scalars[:12] == -1.5).all() and m.scalars[60] == 0 and m.scalars[61] == 0.5
+    assert len(d) == len(fams)
+
+
+def test_tall_and_wide_layouts_compute_the_same_function():
+    torch.manual_seed(0)
+    tall = _randomize(GPT(TINY))
+    wide_cfg = apply_overrides(load_config("tiny"), {"model.weight_layout": "wide"}).model
+    wide = GPT(wide_cfg)
+    sd = tall.state_dict()
+    for k, v in list(sd.items()):
+        if k.endswith("qkvo_w"):
+            sd[k] = v.reshape(v.shape[1], v.shape[0])  # same memory: (4, d, d) blocks unchanged
+        elif k.endswith("c_fc") or k.endswith("c_proj"):
+            sd[k] = v.t().contiguous()
+    wide.load_state_dict(sd)
+    assert wide.blocks[1].attn.qkvo_w.shape == (64, 256)
+    inputs, targets, docs = _batch()
+    assert tall(inputs, targets, docs, 64, 32).item() == wide(inputs, targets, docs, 64, 32).item()
+
+
+def test_premul_o_semantics():
+    torch.manual_seed(0)
+    a = _randomize(GPT(TINY))
+    b_cfg = apply_overrides(load_config("tiny"), {"model.premul_o": False}).model
+    b = GPT(b_cfg)
+    b.load_state_dict(a.state_dict())
+    L = TINY.num_layers
+    inputs, targets, docs = _batch()
+    with torch.no_grad():
+        a.scalars[3 * L:5 * L] = 1.0  # λ0 = λ1 = 1: both forms are v = W_v x + ve, W_O unscaled
+        b.scalars.copy_(a.scalars)
+    la, lb = a(inputs, targets, docs, 64, 32).item(), b(inputs, targets, docs, 64, 32).item()
+    assert la == pytest.approx(lb, rel=1e-3)
+    with torch.no_grad():
+        a.scalars[3 * L:5 * L] = torch.tensor([0.5, 0.25]).repeat(L)
+        b.scalars.copy_(a.scalars)
+    assert abs(a(inputs, targets, docs, 64, 32).item() - b(inputs, targets, docs, 64, 32).item()) > 1.0
+
+
+# -- masks and attention ---------------------------------------------------------------------
+@pytest.mark.parametrize("window", [0, 5, 100, 127, 128, 300, 1000])
+def test_block_classes_match_dense_mask(window):
+    g = torch.Generator().manual_seed(window)
+    T, B = 1024, 128
+    docs = torch.cumsum((torch.rand(T, generator=g) < 0.004).int(), 0).int()
+    dense = dense_mask(docs, window).view(T // B, B, T // B, B).transpose(1, 2)
+    any_, full = block_classes(docs, window, B)
+    assert torch.equal(any_, dense.any(-1).any(-1))
+    assert torch.equal(full, dense.all(-1).all(-1))
+
+
+def test_dense_mask_rules():
+    docs = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    m = dense_mask(docs, 2)
+    assert m[2, 0] and not m[3, 2]  # other document
+    assert not m[0, 1]  # causal
+    assert m[6, 4] and not m[6, 3]  # window: q − k ≤ 2 (and 3 is the same doc but too far)
+
+
+@pytest.mark.parametrize("T,window", [(256, 40), (300, 100), (1000, 250), (130, 500)])
+def test_backends_agree_with_reference(T, window):
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(T, 2, 32, generator=g) for _ in range(3))
+    docs = torch.cumsum((torch.rand(T, generator=g) < 0.01).int(), 0).int()
+    ref = reference_attention(q, k, v, docs, window, 0.12)
+    for backend in ("sdpa", "flex"):
+        y = attend(q, k, v, build_mask(docs, window, backend), backend, 0.12)
+        torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_model_flex_and_sdpa_agree_on_cpu():
+    torch.manual_seed(0)
+    sd = _randomize(GPT(TINY)).state_dict()
+    flex_cfg = apply_overrides(load_config("tiny"), {"model.attn_backend": "flex"}).model
+    losses = []
+    for mcfg in (TINY, flex_cfg):
+        m = GPT(mcfg)
+        m.load_state_dict(sd)
+        m.eval()
+        with torch.no_grad():
+            losses.append(m(*_batch(T=500), 96, 48).item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)
+    assert losses[0] > math.log(512) * 0.5  # a real, non-trivial loss
+
+
+def test_document_masking_isolates_documents():
+    """Changing document 0 must not change attention outputs inside document 1."""
+    g = torch.Generator().manual_seed(1)
+    T = 200
+    q, k, v = (torch.randn(T, 2, 16, generator=g) for _ in range(3))
+    docs = torch.zeros(T, dtype=torch.int32)
+    docs[120:] = 1
+    y1 = attend(q, k, v, build_mask(docs, 500, "sdpa"), "sdpa", 0.2)
+    k2, v2 = k.clone(), v.clone()
+    k2[:120] += 1.0
+    v2[:120] -= 1.0
+    y2 = attend(q, k2, v2, build_mask(docs, 500, "sdpa"), "sdpa", 0.2)
+    torch.testing.assert_close(y1[120:], y2[120:])
+    assert not torch.allclose(y1[:120], y2[:120])
+
+
+# -- rotary / YaRN ---------------------------------------------------------------------------
+def test_yarn_attn_scale_sequence_and_reset():
+    r = Rotary(head_dim=128, rope_freqs=32, min_freq=1 / 1024, attn_scale=0.1, alpha=1.0, beta=32.0)
+    base = r.omega.clone()
+    assert base[0] == 1.0 and base[31] == pytest.approx(1 / 1024) and (base[32:] == 0).all()
+    scales = [r.attn_scale]
+    for old, new in ((3, 7), (7, 11), (11, 13)):
+        r.extend(old * 128, new * 128)
+        scales.append(r.attn_scale)
+    assert scales == pytest.approx([0.1, 0.1170, 0.1275, 0.1318], abs=1e-4)
+    assert r.omega[0] == base[0]  # high frequencies (many rotations per window) kept
+    assert r.omega[31] < base[31] / 4  # lowest frequency interpolated by ≈ 3/13
+    assert (r.omega[32:] == 0).all()
+    r.reset()
+    assert r.attn_scale == 0.1 and torch.equal(r.omega, base)
+
+
+def test_rotary_is_relative():
+    r = Rotary(head_dim=32, rope_freqs=8, min_freq=1 / 1024, attn_scale=0.1, alpha=1.0, beta=32.0)
+    cos, sin = r.cos_sin(64, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 32, generator=g), torch.randn(1, 1, 32, generator=g)
+    Q, K = apply_rotary(q.expand(64, 1, 32), cos, sin), apply_rotary(k.expand(64, 1, 32), cos, sin)
+    s1 = (Q[10] * K[3]).sum()
+    s2 = (Q[50] * K[43]).sum()
+    assert s1.item() == pytest.approx(s2.item(), rel=1e-4)
+    torch.testing.assert_close(apply_rotary(q, cos[:1], sin[:1]), q)  # position 0: identity
+
+
+# -- FP8 head ----------------------------------------------------------------------------------
+def test_fp8_only_on_capable_gpus():
+    assert not fp8_supported(torch.device("cpu"))  # the trainer falls back to bf16 on CPU
+
+
+def _fp8_vs_bf16(dev):
+    cfg = apply_overrides(load_config("tiny"), {"model.fp8_head": True}).model
+    torch.manual_seed(0)
+    m = _randomize(GPT(cfg)).to(dev)
+    inputs, targets, docs = (t.to(dev) for t in _batch(T=512))
+    ref = m(inputs, targets, docs, 64, 32)
+    ref.backward()
+    g_ref = m.lm_head.grad.float().clone()
+    m.zero_grad(set_to_none=True)
+    m.fp8 = True
+    out = m(inputs, targets, docs, 64, 32)
+    out.backward()
+    assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+    for g in (m.lm_head.grad, m.blocks[1].attn.qkvo_w.grad):
+        assert torch.isfinite(g).all()
+    cos = torch.nn.functional.cosine_similarity(m.lm_head.grad.float().flatten(), g_ref.flatten(), dim=0)
+    assert cos > 0.98
+
+
+def test_fp8_head_math_on_cpu():
+    """torch._scaled_mm also runs on CPU in recent PyTorch: check the FP8 head's forward/backward."""
+    if not hasattr(torch, "_scaled_mm"):
+        pytest.skip("no torch._scaled_mm")
+    _fp8_vs_bf16(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_head_close_to_bf16_on_gpu():
+    dev = torch.device("cuda")
+    if not fp8_supported(dev):
+        pytest.skip("GPU lacks FP8 _scaled_mm (needs compute capability ≥ 8.9)")
+    _fp8_vs_bf16(dev)

@@ -1,0 +1,431 @@
+"""Train one run: `main(cfg) -> end event`, and the command line around it.
+
+    torchrun --standalone --nproc_per_node=8 -m trainer.train --preset speedrun
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m trainer.train --preset tiny
+    python -m trainer.train --preset tiny --set optim.muon.lr=0.03 --seed 3
+    python -m trainer.train --list-keys | --print-config
+
+stdout carries only JSON-lines events from rank 0 (trainer/events.py, docs/trainer.md); logs go
+to stderr. Exit codes: 0 ok, 2 bad input (config, world size, data, missing CUDA) with a one-line
+message on stderr, debug.exit_code for an injected failure, 1 otherwise; an `error` event is
+printed first. Importing this module has no side effects (Ray and tests call `main`).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer.config import MUON_FAMILIES, ConfigError, TrainConfig, config_hash, load_config, parse_set, to_dict
+from trainer.data import DataError, TrainLoader, ensure_data, val_batches
+from trainer.events import Emitter
+from trainer.schedule import batch_tokens, lr_multiplier, muon_momentum, stages, total_tokens, window_blocks
+
+
+class InputError(ValueError):
+    """Bad input detected by the trainer (world size, device): exit status 2."""
+
+
+class InjectedFailure(RuntimeError):
+    """debug.fail_at_step fired; `exit_code` is debug.exit_code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+INPUT_ERRORS = (ConfigError, DataError, InputError)
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+def launcher_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) without it."""
+    def env_int(name: str, default: int) -> int:
+        raw = os.environ.get(name, str(default))
+        try:
+            return int(raw)
+        except ValueError:
+            raise InputError(f"environment {name}={raw!r} is not an integer (set by torchrun)") from None
+
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    want = cfg.runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise InputError("runtime.device='cuda' but CUDA is not available (torch "
+                         f"{torch.__version__}); use --set runtime.device=cpu or run on a GPU node")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise InputError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
+                         "visible; start at most that many processes per node")
+    return torch.device("cuda", local_rank)
+
+
+def check_run(cfg: TrainConfig, world_size: int, device: torch.device) -> int:
+    """Validate what depends on the world size and device; return grad_accum."""
+    ref = cfg.runtime.reference_world_size
+    if world_size < 1 or ref % world_size:
+        raise InputError(f"world size {world_size} does not divide runtime.reference_world_size={ref}; run "
+                         f"on a divisor of {ref} ranks or change runtime.reference_world_size")
+    s = cfg.schedule
+    for bs in (*s.train_bs_schedule, s.train_bs_extension):
+        if bs % ref:
+            raise ConfigError(f"schedule.train_bs_schedule/train_bs_extension={bs} is invalid: global batch "
+                              f"tokens must be divisible by runtime.reference_world_size={ref}")
+    e = cfg.eval
+    if e.val_batch_size % ref or e.val_tokens % e.val_batch_size:
+        raise ConfigError(f"eval.val_batch_size={e.val_batch_size} / eval.val_tokens={e.val_tokens} are invalid: "
+                          f"val_batch_size must be divisible by runtime.reference_world_size={ref} and "
+                          "val_tokens by val_batch_size")
+    if cfg.model.attn_backend == "flex" and device.type == "cpu":
+        raise ConfigError("model.attn_backend='flex' is invalid on CPU: PyTorch has no CPU backward for "
+                          "FlexAttention; use --set model.attn_backend=sdpa (or run on a GPU)")
+    if cfg.model.padded_vocab % world_size:
+        raise ConfigError(f"model.vocab_pad_multiple={cfg.model.vocab_pad_multiple} is invalid for world size "
+                          f"{world_size}: the padded vocabulary must be divisible by it (DistAdam shards rows)")
+    return ref // world_size
+
+
+def init_distributed(world_size: int, rank: int, device: torch.device) -> bool:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU); True if this call created it."""
+    import torch.distributed as dist
+
+    if world_size == 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        dist.init_process_group(backend=backend, device_id=device)
+    else:
+        dist.init_process_group(backend=backend)
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise InputError(f"process group is rank {dist.get_rank()}/{dist.get_world_size()} but the environment "
+                         f"says {rank}/{world_size}")
+    return True
+
+
+def synth_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    sy = cfg.data.synth
+    return dict(train_tokens=sy.train_tokens, val_tokens=sy.val_tokens, vocab=cfg.model.vocab_size,
+                bos_id=cfg.data.bos_id, seed=sy.seed, mean_doc_len=sy.mean_doc_len, zipf_a=sy.zipf_a,
+                shard_tokens=sy.shard_tokens)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mem_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ts = [torch.from_numpy(a) for a in (batch.inputs, batch.targets, batch.docs)]
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in ts)  # type: ignore[return-value]
+    return tuple(ts)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    grad_accum: int
+    model: torch.nn.Module  # the GPT (state dict, rotary, families)
+    fwd: Any  # model or its compiled wrapper
+    muon: Any
+    adam: Any
+    muon_params: list
+    all_params: list
+    val: list
+    long: int = 0  # long window (blocks) the rotary is currently extended to
+
+    def set_window(self, long: int) -> None:
+        if long != self.long:
+            bsz = self.cfg.schedule.block_size
+            self.model.rotary.extend(self.long * bsz, long * bsz)
+            self.long = long
+
+    def train_step(self, loader: TrainLoader, sched_step: int, parity: int,
+                   window: tuple[int, int] | None = None, bs: int | None = None) -> None:
+        """Forward/backward over grad_accum micro-batches, then the optimizer steps of `parity`."""
+        cfg, s = self.cfg, self.cfg.schedule
+        long, short = window or window_blocks(s, sched_step)
+        self.set_window(long)
+        T = (bs or batch_tokens(s, sched_step)) // cfg.runtime.reference_world_size
+        mean = cfg.optim.grad_reduction == "mean"
+        for _ in range(self.grad_accum):
+            x, y, d = _to_device(loader.next_batch(T), self.device)
+            loss = self.fwd(x, y, d, long * s.block_size, short * s.block_size)
+            (loss / self.grad_accum if mean else loss).backward()
+        lr = lr_multiplier(s, sched_step)
+        self.muon.step(lr, muon_momentum(cfg.optim.muon, s, sched_step))
+        if cfg.optim.adam.every_other_step and parity % 2 == 0:
+            for p in self.muon_params:  # Adam keeps accumulating over the pair of steps
+                p.grad = None
+        else:
+            self.adam.step(lr)
+            for p in self.all_params:
+                p.grad = None
+
+    @torch.no_grad()
+    def evaluate(self, long: int, short: int, limit: int | None = None) -> float:
+        bsz = self.cfg.schedule.block_size
+        self.model.eval()
+        try:
+            total = torch.zeros((), device=self.device, dtype=torch.float32)
+            batches = self.val[:limit] if limit else self.val
+            for x, y, d in batches:
+                total += self.fwd(x, y, d, long * bsz, short * bsz).float()
+            total /= len(batches)
+            if self.world_size > 1 and limit is None:
+                import torch.distributed as dist
+
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                total /= self.world_size
+            return float(total.item())
+        finally:
+            self.model.train()
+
+
+def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, grad_accum: int,
+           val_files: list) -> _Run:
+    from trainer.adam import DistAdam
+    from trainer.model import GPT, fp8_supported
+    from trainer.normuon import NorMuon
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model, world_size=world_size).to(device)
+    model.fp8 = bool(cfg.model.fp8_head and fp8_supported(device))
+    fwd = model
+    if device.type == "cuda" and cfg.runtime.compile:
+        import torch._dynamo as dynamo
+
+        if hasattr(dynamo.config, "recompile_limit"):
+            dynamo.config.recompile_limit = 64
+        else:
+            dynamo.config.cache_size_limit = 64
+        fwd = torch.compile(model, dynamic=False, fullgraph=True)
+    fams = model.param_families()
+    muon_params = [(f, p) for f, p in fams if f in MUON_FAMILIES]
+    adam_params = [(f, p) for f, p in fams if f not in MUON_FAMILIES]
+    muon = NorMuon(muon_params, cfg, rank, world_size)
+    adam = DistAdam(adam_params, cfg, rank, world_size)
+    ref = cfg.runtime.reference_world_size
+    val = [_to_device(b, device) for b in val_batches(
+        val_files, val_tokens=cfg.eval.val_tokens, tokens_per_forward=cfg.eval.val_batch_size // ref,
+        rank=rank, world_size=world_size, bos_id=cfg.data.bos_id)]
+    return _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, grad_accum=grad_accum, model=model,
+                fwd=fwd, muon=muon, adam=adam, muon_params=[p for _, p in muon_params],
+                all_params=[p for _, p in fams], val=val, long=window_blocks(cfg.schedule, 0)[0])
+
+
+def _loader(cfg: TrainConfig, files: list, rank: int, world_size: int) -> TrainLoader:
+    return TrainLoader(files, bos_id=cfg.data.bos_id, max_seq_len=cfg.data.train_max_seq_len, rank=rank,
+                       world_size=world_size, seed=cfg.seed, align_bos=cfg.data.align_bos)
+
+
+def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
+    """Run every (window, batch) stage, then restore the initial state. Returns (warmup_s, compile_s)."""
+    cfg, s = run.cfg, run.cfg.schedule
+    t0 = time.perf_counter()
+    model_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    muon_state, adam_state = run.muon.state_dict(), run.adam.state_dict()
+    loader = _loader(cfg, train_files, run.rank, run.world_size)
+    compile_s, n = 0.0, 0
+    try:
+        for long, bs in stages(s):
+            first = next(i for i in range(s.num_iterations) if window_blocks(s, i)[0] == long
+                         and batch_tokens(s, i) == bs)
+            for _ in range(cfg.runtime.warmup_steps_per_stage):
+                run.train_step(loader, first, n, window=(long, long // 2), bs=bs)
+                if n == 0:
+                    _sync(run.device)
+                    compile_s = time.perf_counter() - t0
+                n += 1
+            run.evaluate(long, long // 2, limit=1)
+        run.evaluate(s.ws_validate, window_blocks(s, s.num_iterations)[1], limit=1)
+    finally:
+        loader.close()
+    with torch.no_grad():
+        run.model.load_state_dict(model_state)
+    run.muon.load_state_dict(muon_state)
+    run.adam.load_state_dict(adam_state)
+    run.muon.reset()
+    run.adam.reset()
+    run.model.rotary.reset()
+    run.long = window_blocks(s, 0)[0]
+    for p in run.all_params:
+        p.grad = None
+    del model_state, muon_state, adam_state
+    gc.collect()
+    _sync(run.device)
+    return time.perf_counter() - t0, compile_s
+
+
+def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: torch.device,
+           grad_accum: int) -> dict:
+    d = cfg.data
+    train_files, val_files = ensure_data(d.data_dir, train_pattern=d.train_pattern, val_pattern=d.val_pattern,
+                                         synthetic=d.synthetic, synth=synth_kwargs(cfg))
+    run = _build(cfg, device, rank, world_size, grad_accum, val_files)
+    warmup_s = compile_s = 0.0
+    if cfg.runtime.warmup and cfg.runtime.warmup_steps_per_stage > 0:
+        warmup_s, compile_s = _warmup(run, train_files)
+    ev.emit("warmup", warmup_s=warmup_s, compile_s=compile_s)
+
+    s = cfg.schedule
+    N = s.num_iterations
+    loader = _loader(cfg, train_files, rank, world_size)
+    train_ms, final_val = 0.0, float("nan")
+    try:
+        _sync(device)
+        t0 = mark = time.perf_counter()
+        since = 0
+        for step in range(N + 1):
+            last = step == N
+            if step == cfg.debug.fail_at_step:
+                raise InjectedFailure(f"debug.fail_at_step={step} reached (injected failure)", cfg.debug.exit_code)
+            long, short = window_blocks(s, step)
+            run.set_window(long)
+            if last or (cfg.eval.val_loss_every > 0 and step % cfg.eval.val_loss_every == 0):
+                _sync(device)
+                train_ms += 1000 * (time.perf_counter() - t0)
+                final_val = run.evaluate(s.ws_validate if last else long, short)
+                ev.emit("val", step=step, val_loss=final_val, train_time_ms=train_ms)
+                _sync(device)
+                t0 = mark = time.perf_counter()
+                since = 0
+            if last:
+                break
+            run.train_step(loader, step, step)
+            since += 1
+            if (step + 1) % cfg.runtime.log_every == 0:
+                _sync(device)
+                now = time.perf_counter()
+                ev.emit("step", step=step + 1, train_time_ms=train_ms + 1000 * (now - t0),
+                        step_ms=1000 * (now - mark) / since)
+                mark, since = now, 0
+    finally:
+        loader.close()
+    return ev.emit("end", final_val_loss=final_val, train_time_ms=train_ms, steps=N, tokens=total_tokens(s),
+                   peak_mem_mib=_peak_mem_mib(device), warmup_s=warmup_s, compile_s=compile_s)
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Run the training described by cfg in this process (one rank); return the `end` event.
+
+    Under torchrun every rank calls this; rank 0 prints the events. Raises ConfigError /
+    DataError / InputError for bad input and InjectedFailure for debug.fail_at_step, after
+    printing an `error` event."""
+    rank, world_size, local_rank = 0, 1, 0
+    ev = Emitter(enabled=os.environ.get("RANK", "0") == "0")
+    created = False
+    try:
+        rank, world_size, local_rank = launcher_world()
+        ev.enabled = rank == 0
+        device = resolve_device(cfg, local_rank)
+        grad_accum = check_run(cfg, world_size, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            if cfg.runtime.inductor_cache_dir:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cfg.runtime.inductor_cache_dir, "inductor")
+                os.environ["TRITON_CACHE_DIR"] = os.path.join(cfg.runtime.inductor_cache_dir, "triton")
+        created = init_distributed(world_size, rank, device)
+        from trainer.env import provenance
+
+        ev.emit("start", config=to_dict(cfg), config_hash=config_hash(cfg), seed=cfg.seed, world_size=world_size,
+                grad_accum=grad_accum, env=provenance())
+        return _train(cfg, ev, rank, world_size, device, grad_accum)
+    except BaseException as e:
+        ev.emit("error", type=type(e).__name__, message=_one_line(e))
+        raise
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors: error event + one line, exit 2
+        if os.environ.get("RANK", "0") == "0":
+            Emitter().emit("error", type="UsageError", message=message)
+            print(f"error: {message} (see python -m trainer.train --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = _Parser(prog="python -m trainer.train", description="Train one run; JSON-lines events on stdout.")
+    ap.add_argument("--preset", default="speedrun", help="speedrun | speedrun-1027 | small | tiny")
+    ap.add_argument("--config", help="YAML file of (nested or dotted) overrides, applied before --set")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeat)")
+    ap.add_argument("--seed", type=int, help="run seed (init and data order)")
+    ap.add_argument("--list-keys", action="store_true", help="print every dotted config key and exit")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    args = ap.parse_args(argv)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if args.list_keys:
+        from trainer.config import valid_keys
+
+        print("\n".join(valid_keys()))
+        return 0
+    try:
+        cfg = load_config(args.preset, parse_set(args.set), args.config, args.seed)
+    except ConfigError as e:
+        if rank0:
+            Emitter().emit("error", type="ConfigError", message=_one_line(e))
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
+    try:
+        main(cfg)
+    except INPUT_ERRORS as e:
+        if rank0:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except InjectedFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["main", "cli", "InputError", "InjectedFailure", "INPUT_ERRORS", "check_run", "synth_kwargs"]
+
+if __name__ == "__main__":
+    sys.exit(cli())
