@@ -46,6 +46,9 @@ class Rotary(nn.Module):
         self.register_buffer("omega", base.clone(), persistent=False)
         self.attn_scale_init = float(attn_scale)
         self.attn_scale = float(attn_scale)
+        # The same value as a 0-d buffer: the compiled model reads this one, so a YaRN step changes
+        # data, not a guarded Python constant (no recompile per window).
+        self.register_buffer("attn_scale_t", torch.tensor(float(attn_scale)), persistent=False)
         self.alpha, self.beta = float(alpha), float(beta)
 
     @torch.no_grad()
@@ -57,11 +60,13 @@ class Rotary(nn.Module):
         s = old_window / new_window
         self.omega.copy_((self.omega.double() * (s + w * (1 - s))).float())
         self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1.0
+        self.attn_scale_t.fill_(self.attn_scale)
 
     @torch.no_grad()
     def reset(self) -> None:
         self.omega.copy_(self.omega_base)
         self.attn_scale = self.attn_scale_init
+        self.attn_scale_t.fill_(self.attn_scale)
 
     def cos_sin(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(cos, sin) of shape (T, 1, head_dim/2), fp32, for positions 0..T-1 of the flat sequence."""
@@ -108,7 +113,7 @@ def _ordered(mask: Tensor) -> tuple[Tensor, Tensor]:
     return num[None, None].contiguous(), idx[None, None].contiguous()
 
 
-def flex_block_mask(docs: Tensor, window: int, block: int = MASK_BLOCK):
+def flex_block_mask(docs: Tensor, window: int | Tensor, block: int = MASK_BLOCK):
     """FlexAttention BlockMask for the document + causal + window rule; len(docs) % block == 0."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -150,8 +155,10 @@ def band_mask(docs: Tensor, window: int, chunk: int) -> Tensor:
     return (band[None] & (dq[:, :, None] == dk[:, None, :]))[:, None]
 
 
-def build_mask(docs: Tensor, window: int, backend: str):
+def build_mask(docs: Tensor, window: int | Tensor, backend: str):
     """The mask of one window for one forward pass (built once, shared by the layers).
+
+    For "flex" the window may be a 0-d tensor, so that one compiled graph serves every window.
 
     "flex": a BlockMask (docs padded to a multiple of MASK_BLOCK with a fresh document id, so
     padded queries see only padded keys). "sdpa": (band_mask, window, chunk) for the banded path,
@@ -168,7 +175,9 @@ def build_mask(docs: Tensor, window: int, backend: str):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, backend: str, scale: float) -> Tensor:
-    """Masked attention of (T, H, D) q, k, v with a mask from build_mask; returns (T, H, D)."""
+    """Masked attention of (T, H, D) q, k, v with a mask from build_mask; returns (T, H, D).
+
+    The model pre-multiplies q by its (tensor) softmax scale and passes scale=1.0."""
     T, H, D = q.shape
     if backend == "sdpa":
         m, window, chunk = mask

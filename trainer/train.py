@@ -13,6 +13,7 @@ printed first. Importing this module has no side effects (Ray and tests call `ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -160,6 +161,18 @@ class _Run:
     all_params: list
     val: list
     long: int = 0  # long window (blocks) the rotary is currently extended to
+    _win_cache: dict = dataclasses.field(default_factory=dict)
+
+    def win(self, blocks: int):
+        """Window in tokens as the model wants it: a cached 0-d device tensor for flex (one compiled
+        graph for every window), a Python int for sdpa (its banded mask needs static sizes)."""
+        tokens = blocks * self.cfg.schedule.block_size
+        if self.cfg.model.attn_backend != "flex":
+            return tokens
+        t = self._win_cache.get(tokens)
+        if t is None:
+            t = self._win_cache[tokens] = torch.tensor(tokens, dtype=torch.int32, device=self.device)
+        return t
 
     def set_window(self, long: int) -> None:
         if long != self.long:
@@ -177,7 +190,7 @@ class _Run:
         mean = cfg.optim.grad_reduction == "mean"
         for _ in range(self.grad_accum):
             x, y, d = _to_device(loader.next_batch(T), self.device)
-            loss = self.fwd(x, y, d, long * s.block_size, short * s.block_size)
+            loss = self.fwd(x, y, d, self.win(long), self.win(short))
             (loss / self.grad_accum if mean else loss).backward()
         lr = lr_multiplier(s, sched_step)
         self.muon.step(lr, muon_momentum(cfg.optim.muon, s, sched_step))
@@ -191,13 +204,12 @@ class _Run:
 
     @torch.no_grad()
     def evaluate(self, long: int, short: int, limit: int | None = None) -> float:
-        bsz = self.cfg.schedule.block_size
         self.model.eval()
         try:
             total = torch.zeros((), device=self.device, dtype=torch.float32)
             batches = self.val[:limit] if limit else self.val
             for x, y, d in batches:
-                total += self.fwd(x, y, d, long * bsz, short * bsz).float()
+                total += self.fwd(x, y, d, self.win(long), self.win(short)).float()
             total /= len(batches)
             if self.world_size > 1 and limit is None:
                 import torch.distributed as dist
@@ -258,6 +270,7 @@ def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
         for long, bs in stages(s):
             first = next(i for i in range(s.num_iterations) if window_blocks(s, i)[0] == long
                          and batch_tokens(s, i) == bs)
+            t_stage = time.perf_counter()
             for _ in range(cfg.runtime.warmup_steps_per_stage):
                 run.train_step(loader, first, n, window=(long, long // 2), bs=bs)
                 if n == 0:
@@ -265,6 +278,10 @@ def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
                     compile_s = time.perf_counter() - t0
                 n += 1
             run.evaluate(long, long // 2, limit=1)
+            if run.rank == 0:  # progress for humans on stderr; stdout stays JSON lines only
+                _sync(run.device)
+                print(f"[trainer] warmup stage window={long} batch={bs}: {time.perf_counter() - t_stage:.1f} s "
+                      f"(total {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         run.evaluate(s.ws_validate, window_blocks(s, s.num_iterations)[1], limit=1)
     finally:
         loader.close()
