@@ -1,0 +1,113 @@
+"""The run matrix: which (arm, seed) runs an experiment needs, in which order, and what is left.
+
+    python -m ablate run experiments/smoke.yaml --dry-run     # prints this matrix and the plan
+
+Order is seed-major with arms interleaved (seed 0: baseline, a, b; seed 1: baseline, a, b; ...),
+so on a busy cluster baseline and variants alternate on the same nodes over time and node
+drift hits every arm alike. A run's identity is (arm, seed, config_hash): running a spec again
+skips identities that already have an `ok` row, retries failed ones while attempts remain, and
+runs an arm again when its overrides (hence its hash) changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+from ablate.spec import Spec
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One (arm, seed) run to obtain. `overrides` are the flat dotted trainer overrides."""
+
+    arm: str
+    seed: int
+    overrides: dict[str, Any] = field(hash=False, compare=False)
+    config_hash: str = ""
+    round: int = 0  # seed round (sequential seeds), 0-based
+    source: str = "ablate"  # "ablate" | "search" | "import"
+    search_trial: int | None = None
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.arm, self.seed, self.config_hash)
+
+    def run_id(self, attempt: int) -> str:
+        return f"{self.arm}-s{self.seed}-{self.config_hash}-a{attempt}"
+
+
+def make_request(spec: Spec, arm: str, seed: int, *, overrides: dict[str, Any] | None = None, round: int = 0,
+                 source: str = "ablate", search_trial: int | None = None) -> RunRequest:
+    """A request for `arm` (its spec overrides unless `overrides` is given, e.g. by a search).
+    CPU specs (gpus_per_run: 0) always get runtime.device: cpu."""
+    ov = spec.overrides(arm) if overrides is None else dict(overrides)
+    if spec.resources.gpus_per_run == 0:
+        ov.setdefault("runtime.device", "cpu")
+    return RunRequest(arm=arm, seed=seed, overrides=ov, config_hash=spec.config_hash(arm, ov), round=round,
+                      source=source, search_trial=search_trial)
+
+
+def expand(spec: Spec, seeds: Iterable[int] | None = None, arms: Iterable[str] | None = None,
+           round: int = 0) -> list[RunRequest]:
+    """Seed-major, arms interleaved in spec order. Defaults: every arm, the spec's seeds (or
+    the first `min` seeds of a sequential spec)."""
+    if seeds is None:
+        seeds = list(range(spec.seeds.min)) if spec.sequential else spec.seeds  # type: ignore[union-attr]
+    arm_list = list(spec.arms) if arms is None else [a for a in spec.arms if a in set(arms)]
+    base = {a: make_request(spec, a, 0, round=round) for a in arm_list}
+    return [replace(base[a], seed=s) for s in seeds for a in arm_list]
+
+
+def seed_round(spec: Spec, seed_index: int) -> int:
+    """Round of the seed at this index: 0 for the first `min` seeds of a sequential spec, then 1, 2, ..."""
+    if not spec.sequential:
+        return 0
+    return max(0, seed_index - spec.seeds.min + 1)  # type: ignore[union-attr]
+
+
+@dataclass
+class PlannedRun:
+    request: RunRequest
+    state: str  # "done" (ok row exists), "exhausted" (no attempts left), "todo"
+    attempt: int  # attempt number the next launch gets (1-based)
+    attempts_left: int
+    done_run_id: str | None = None
+
+
+def plan(requests: list[RunRequest], runs_df, retries: int) -> list[PlannedRun]:
+    """What to do with each request given the store's runs (pandas DataFrame, may be empty).
+
+    Attempts are counted per identity across invocations: at most 1 + retries failed attempts;
+    cancelled attempts (driver interrupted) do not count against the budget."""
+    by_key: dict[tuple, list[dict]] = {}
+    if runs_df is not None and len(runs_df):
+        cols = ["arm", "seed", "config_hash", "status", "attempt", "run_id"]
+        for rec in runs_df[cols].to_dict("records"):
+            by_key.setdefault((rec["arm"], int(rec["seed"]), rec["config_hash"]), []).append(rec)
+    out = []
+    for req in requests:
+        prior = by_key.get(req.key, [])
+        ok = [r for r in prior if r["status"] == "ok"]
+        failed = sum(r["status"] == "failed" for r in prior)
+        attempt = max((int(r["attempt"]) for r in prior), default=0) + 1
+        left = retries + 1 - failed
+        if ok:
+            out.append(PlannedRun(req, "done", attempt, left, done_run_id=ok[0]["run_id"]))
+        elif left <= 0:
+            out.append(PlannedRun(req, "exhausted", attempt, 0))
+        else:
+            out.append(PlannedRun(req, "todo", attempt, left))
+    return out
+
+
+def resource_plan(spec: Spec) -> dict[str, Any]:
+    """Per-run resources as the orchestrator will request them."""
+    r = spec.resources
+    return {
+        "ranks_per_run": r.ranks,
+        "device": "cuda" if r.gpus_per_run else "cpu",
+        "bundle": r.bundle(),
+        "omp_num_threads": max(1, r.cpus // r.ranks),
+        "timeout_s": r.timeout_s,
+        "max_runs": len(spec.arms) * len(spec.max_seeds),
+    }

@@ -1,0 +1,516 @@
+"""Experiment specs: YAML → one validated, frozen pydantic model; every problem reported at once.
+
+    python -m ablate validate experiments/*.yaml
+
+    from ablate.spec import load_spec
+    spec = load_spec("experiments/smoke.yaml")
+    spec.overrides("lr-0.05")        # flat dotted overrides the trainer gets for that arm
+    spec.config_hash("lr-0.05")      # identity of the arm's resolved config (resume key)
+
+The format is documented in docs/spec.md. Nothing here starts Ray or imports torch; the trainer's
+config tree (`trainer.config`) checks every override against the chosen preset.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
+
+from ablate.errors import SpecError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+ARM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+GPU_CHOICES = (0, 1, 2, 4, 8)
+RANK_CHOICES = (1, 2, 4, 8)
+# Keys an arm may not set: the seed comes from `seeds:`, the preset from `trainer.preset`.
+RESERVED_KEYS = {"seed": "seeds:", "preset": "trainer.preset"}
+
+# Example values used in "fix:" hints, by dotted field path.
+EXAMPLES = {
+    "name": "name: muon-lr",
+    "description": "description: Muon lr 0.023 vs 0.03",
+    "trainer": "trainer: {preset: small, set: {schedule.cooldown_frac: 0.55}}",
+    "trainer.preset": "trainer: {preset: tiny}",
+    "trainer.set": "trainer: {preset: tiny, set: {optim.muon.lr: 0.03}}",
+    "arms": "arms: {baseline: {}, lr-0.03: {optim.muon.lr: 0.03}}",
+    "baseline": "baseline: baseline",
+    "seeds": "seeds: 8  (or [0, 1, 2], or {min: 3, max: 16, alpha: 0.01})",
+    "seeds.min": "seeds: {min: 3, max: 16, alpha: 0.01}",
+    "seeds.max": "seeds: {min: 3, max: 16, alpha: 0.01}",
+    "seeds.alpha": "seeds: {min: 3, max: 16, alpha: 0.01}",
+    "resources": "resources: {gpus_per_run: 1}",
+    "resources.gpus_per_run": "resources: {gpus_per_run: 1}  (one of 0, 1, 2, 4, 8)",
+    "resources.cpu_ranks_per_run": "resources: {gpus_per_run: 0, cpu_ranks_per_run: 2}",
+    "resources.cpus_per_run": "resources: {gpus_per_run: 1, cpus_per_run: 4}",
+    "resources.timeout_s": "resources: {gpus_per_run: 1, timeout_s: 1800}",
+    "target_loss": "target_loss: 3.28",
+    "retries": "retries: 2",
+    "analysis": "analysis: {alternative: two-sided, correction: holm, alpha: 0.05}",
+    "analysis.alternative": "analysis: {alternative: less}  (two-sided, less or greater)",
+    "analysis.correction": "analysis: {correction: holm}  (holm, bh or none)",
+    "analysis.alpha": "analysis: {alpha: 0.05}",
+    "data_root": "data_root: /mnt/data  (relative paths are taken from the project root)",
+    "search": "search: {...}  (see docs/spec.md)",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TrainerSpec(_Model):
+    preset: str  # a name from trainer/presets.py
+    set: dict[str, Any] = {}  # overrides for every arm, dotted or nested
+
+    @field_validator("set", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class SequentialSeeds(_Model):
+    """Sequential seeds: `min` seeds per arm first, then one more at a time up to `max` for the
+    arms `ablate.sequential.arms_to_continue` keeps (at level `alpha`)."""
+
+    min: int
+    max: int
+    alpha: float = 0.05
+
+    @field_validator("min", "max")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be ≥ 1")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+
+class Resources(_Model):
+    gpus_per_run: int = 1  # GPUs per run = torchrun ranks; 0 runs ranks on CPU (gloo)
+    cpu_ranks_per_run: int | None = None  # ranks of a CPU run (gpus_per_run: 0); default 1
+    cpus_per_run: int | None = None  # Ray CPUs reserved per run; default max(1, ranks)
+    timeout_s: float | None = None  # kill a run that takes longer (wall clock); none by default
+
+    @field_validator("gpus_per_run")
+    @classmethod
+    def _gpus(cls, v: int) -> int:
+        if v not in GPU_CHOICES:
+            raise ValueError("must be one of 0, 1, 2, 4, 8 (one torchrun rank per GPU; 0 = CPU ranks)")
+        return v
+
+    @field_validator("cpu_ranks_per_run")
+    @classmethod
+    def _ranks(cls, v: int | None) -> int | None:
+        if v is not None and v not in RANK_CHOICES:
+            raise ValueError("must be one of 1, 2, 4, 8")
+        return v
+
+    @field_validator("cpus_per_run")
+    @classmethod
+    def _cpus(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be ≥ 1")
+        return v
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError("must be > 0 seconds")
+        return v
+
+    @model_validator(mode="after")
+    def _cpu_ranks_need_cpu_run(self) -> "Resources":
+        if self.cpu_ranks_per_run is not None and self.gpus_per_run != 0:
+            raise ValueError(f"cpu_ranks_per_run={self.cpu_ranks_per_run} only applies to CPU runs; set "
+                             "gpus_per_run: 0 or drop cpu_ranks_per_run")
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """torchrun --nproc_per_node."""
+        return self.gpus_per_run or (self.cpu_ranks_per_run or 1)
+
+    @property
+    def cpus(self) -> int:
+        return self.cpus_per_run or max(1, self.ranks)
+
+    def bundle(self) -> dict[str, float]:
+        """The one Ray resource bundle of a run (all GPUs in one bundle, see ray-notes)."""
+        return {"CPU": float(self.cpus), "GPU": float(self.gpus_per_run)}
+
+
+class Analysis(_Model):
+    alternative: Literal["two-sided", "less", "greater"] = "two-sided"
+    correction: Literal["holm", "bh", "none"] = "holm"
+    alpha: float = 0.05
+
+    @field_validator("alpha")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+
+class Spec(_Model):
+    name: str
+    description: str = ""
+    trainer: TrainerSpec
+    arms: dict[str, dict[str, Any]]
+    baseline: str = "baseline"
+    seeds: list[int] | SequentialSeeds
+    resources: Resources = Resources()
+    target_loss: float | None = None
+    retries: int = 0
+    analysis: Analysis = Analysis()
+    data_root: str | None = None
+    search: dict[str, Any] | None = None  # owned by the search (Optuna) work; passed through
+
+    _source: str = PrivateAttr(default="<string>")
+    _text: str = PrivateAttr(default="")
+
+    # ---- field checks (messages become "field=value: message; fix: example") -------------
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must match [a-z0-9][a-z0-9_.-]* (it names the store folder)")
+        return v
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arms(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, Mapping) and not v):
+            raise ValueError("no arms: an experiment needs at least one arm")
+        if not isinstance(v, Mapping):
+            raise ValueError("must be a mapping of arm name → overrides")
+        out: dict[str, Any] = {}
+        for name, ov in v.items():
+            if not isinstance(name, str) or not ARM_RE.match(name):
+                raise ValueError(f"arm name {name!r} must be a string matching [A-Za-z0-9][A-Za-z0-9_.+-]* "
+                                 "(it becomes part of run ids and file names); quote numbers")
+            if ov is None:
+                ov = {}
+            if not isinstance(ov, Mapping):
+                raise ValueError(f"arm {name!r} must map to overrides, e.g. `{name}: {{optim.muon.lr: 0.03}}`, "
+                                 f"got {ov!r}")
+            out[name] = dict(ov)
+        return out
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("expected a number of seeds, a list of seeds or {min, max, alpha}")
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("need at least 1 seed")
+            return list(range(v))
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("empty seed list: need at least 1 seed")
+            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
+                raise ValueError("seeds in a list must be integers ≥ 0")
+            if len(set(v)) != len(v):
+                raise ValueError("seeds in a list must be unique")
+            return v
+        if isinstance(v, Mapping):
+            try:
+                seq = SequentialSeeds.model_validate(dict(v))
+            except ValidationError as e:
+                raise ValueError("; ".join(_pydantic_lines(e, "seeds"))) from None
+            if seq.min > seq.max:
+                raise ValueError(f"min ({seq.min}) must be ≤ max ({seq.max})")
+            return seq
+        raise ValueError("expected a number of seeds, a list of seeds or {min, max, alpha}")
+
+    @field_validator("retries")
+    @classmethod
+    def _retries(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be ≥ 0")
+        return v
+
+    @field_validator("target_loss")
+    @classmethod
+    def _target(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a positive number")
+        return v
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def text(self) -> str:
+        """The YAML text the spec was loaded from (copied into the store)."""
+        return self._text
+
+    @property
+    def arm_names(self) -> list[str]:
+        return list(self.arms)
+
+    @property
+    def sequential(self) -> bool:
+        return isinstance(self.seeds, SequentialSeeds)
+
+    @property
+    def max_seeds(self) -> list[int]:
+        """Every seed the experiment may run (0..max-1 for sequential seeds)."""
+        return list(range(self.seeds.max)) if isinstance(self.seeds, SequentialSeeds) else list(self.seeds)
+
+    def overrides(self, arm: str) -> dict[str, Any]:
+        """Flat dotted overrides of an arm: trainer.set, then the arm, then the device for CPU runs."""
+        if arm not in self.arms:
+            raise SpecError(f"arm={arm!r} is not in the spec; arms are: {', '.join(self.arms)}")
+        out = {**flatten(self.trainer.set), **flatten(self.arms[arm])}
+        if self.resources.gpus_per_run == 0:
+            out["runtime.device"] = "cpu"
+        return out
+
+    def resolve(self, arm: str, overrides: Mapping[str, Any] | None = None):
+        """The arm's TrainConfig (seed excluded); `overrides` replaces the arm's own."""
+        from trainer.config import apply_overrides
+        from trainer.presets import get_preset
+
+        ov = self.overrides(arm) if overrides is None else dict(overrides)
+        return apply_overrides(get_preset(self.trainer.preset), ov)
+
+    def config_hash(self, arm: str, overrides: Mapping[str, Any] | None = None) -> str:
+        """trainer.config.config_hash of the arm's config, with data.data_dir as the spec wrote it
+        (not yet made absolute), so moving the checkout keeps results resumable."""
+        from trainer.config import config_hash
+
+        return config_hash(self.resolve(arm, overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if not any(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: let the base class report it
+                    continue
+                if first is not None:
+                    raise SpecError(
+                        f"duplicate key {key!r} on line {line} (first on line {first}): YAML would keep "
+                        "only the last one and silently drop an arm or a setting; fix: rename or remove one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read, parse and validate a spec file; SpecError (exit code 2) on any problem."""
+    src = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(f"spec file {src!r} cannot be read: {e.strerror or e}; fix: check the path "
+                        "(relative paths are taken from the current directory)") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"spec file {src!r} is not UTF-8 text; fix: save it as UTF-8 YAML") from None
+    return parse_spec_text(text, source=src)
+
+
+def parse_spec_text(text: str, source: str = "<string>") -> Spec:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except SpecError as e:
+        raise SpecError(e.problems, source) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"not valid YAML{where}: {problem}; fix: check indentation and quoting there",
+                        source) from None
+    spec = parse_spec(data, source)
+    spec._text = text
+    return spec
+
+
+def parse_spec(data: Any, source: str = "<dict>") -> Spec:
+    """Validate a spec mapping; collects every problem into one SpecError."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"the spec must be a YAML mapping (name:, trainer:, arms:, seeds:, ...), got "
+                        f"{type(data).__name__}; fix: start from experiments/smoke.yaml", source)
+    problems, known = _unknown_keys(data, Spec, "")
+    try:  # the rest is checked without the unknown keys, so every problem is reported at once
+        spec = Spec.model_validate(known)
+    except ValidationError as e:
+        raise SpecError(problems + _pydantic_lines(e, ""), source) from None
+    problems += _semantic_problems(spec)
+    if problems:
+        raise SpecError(problems, source)
+    spec._source = source
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+    return []
+
+
+def _unknown_keys(data: Mapping[str, Any], model: type[BaseModel], prefix: str) -> tuple[list[str], dict]:
+    """Unknown keys at any level of the spec's own structure (with close matches), and the data
+    without them."""
+    problems: list[str] = []
+    known: dict[str, Any] = {}
+    fields = model.model_fields
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            where = f"in {prefix[:-1]}" if prefix else "at the top level"
+            problems.append(f"unknown key {path!r} {where}; {hint}valid keys: {', '.join(fields)}")
+            continue
+        sub = _models_in(fields[key].annotation)
+        if sub and isinstance(value, Mapping):
+            more, value = _unknown_keys(value, sub[0], f"{path}.")
+            problems += more
+        known[key] = value
+    return problems, known
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("list[int]", "SequentialSeeds", "function-before[_seeds(), union[list[int],SequentialSeeds]]"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _pydantic_lines(err: ValidationError, prefix: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = _loc(e["loc"])
+        path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        fix = EXAMPLES.get(path) or EXAMPLES.get(path.split(".")[0], "")
+        fix = f"; fix: {fix}" if fix else ""
+        if e["type"] == "missing":
+            lines.append(f"{path}: missing (required){fix}")
+            continue
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        lines.append(f"{path}={e['input']!r}: {msg}{fix}")
+    return lines
+
+
+def _semantic_problems(spec: Spec) -> list[str]:
+    """Cross-field checks and the trainer's own check of every override."""
+    from trainer.config import ConfigError, apply_overrides
+    from trainer.presets import get_preset
+
+    problems: list[str] = []
+    if spec.baseline not in spec.arms:
+        problems.append(f"baseline={spec.baseline!r} is not an arm (arms: {', '.join(spec.arms)}); fix: add "
+                        f"`{spec.baseline}: {{}}` under arms, or set `baseline:` to one of the arms")
+    r = spec.resources
+    try:
+        base = apply_overrides(get_preset(spec.trainer.preset), {})
+    except ConfigError as e:
+        return problems + [f"trainer.preset: {e}; fix: {EXAMPLES['trainer.preset']}"]
+    for where, ov in [("trainer.set", spec.trainer.set)] + [(f"arms.{a}", o) for a, o in spec.arms.items()]:
+        for key in flatten(ov):
+            if key in RESERVED_KEYS:
+                problems.append(f"{where}: {key!r} cannot be overridden here; fix: use `{RESERVED_KEYS[key]}`")
+    if problems:
+        return problems
+    try:
+        base = apply_overrides(base, flatten(spec.trainer.set))
+    except ConfigError as e:
+        return [f"trainer.set: {line}" for line in str(e).splitlines()]
+    ranks = r.ranks
+    indivisible: dict[int, list[str]] = {}  # reference_world_size → arms
+    for arm in spec.arms:
+        try:
+            cfg = apply_overrides(base, spec.overrides(arm))
+        except ConfigError as e:
+            problems += [f"arms.{arm}: {line}" for line in str(e).splitlines()]
+            continue
+        if cfg.runtime.reference_world_size % ranks:
+            indivisible.setdefault(cfg.runtime.reference_world_size, []).append(arm)
+        if r.gpus_per_run == 0 and flatten(spec.arms[arm]).get("runtime.device") == "cuda":
+            problems.append(f"arms.{arm}: runtime.device='cuda' with resources.gpus_per_run=0; fix: give the run "
+                            "GPUs or drop the device override")
+    for ref, arms in indivisible.items():
+        field = "resources.gpus_per_run" if r.gpus_per_run else "resources.cpu_ranks_per_run"
+        ok = [d for d in RANK_CHOICES if ref % d == 0]
+        problems.append(f"{field}={ranks}: {ranks} ranks do not divide runtime.reference_world_size={ref} "
+                        f"(arms: {', '.join(arms)}; grad accumulation = reference/ranks); fix: use one of "
+                        f"{', '.join(map(str, ok))}, or set runtime.reference_world_size: {ranks} in trainer.set")
+    return problems
+
+
+def check_cluster(spec: Spec, nodes: list[dict[str, Any]]) -> None:
+    """SpecError when no alive node of the cluster (`ray.nodes()`) can ever hold one run."""
+    need = spec.resources.bundle()
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
+    for n in alive:
+        have = n.get("Resources", {})
+        if all(have.get(k, 0.0) >= v for k, v in need.items() if v > 0):
+            return
+    seen = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {int(n.get('Resources', {}).get('CPU', 0))} CPU, "
+                     f"{int(n.get('Resources', {}).get('GPU', 0))} GPU" for n in alive) or "no alive nodes"
+    r = spec.resources
+    if need["GPU"] > max((n.get("Resources", {}).get("GPU", 0.0) for n in alive), default=0.0):
+        field, val = "resources.gpus_per_run", r.gpus_per_run
+    else:
+        field, val = ("resources.cpus_per_run", r.cpus) if r.cpus_per_run else ("resources.cpu_ranks_per_run", r.ranks)
+    raise SpecError(f"{field}={val}: no node of the connected Ray cluster can hold one run "
+                    f"({int(need['CPU'])} CPU + {int(need['GPU'])} GPU on one node); the cluster has {seen}. "
+                    "Runs would stay PENDING forever; fix: lower the request or connect to a larger cluster "
+                    "(--address)", spec.source)
+
+
+def data_root_path(data_root: str | None, project_root: Path) -> Path:
+    """Where a relative data.data_dir is rooted: `data_root` (relative → under the project root)."""
+    if not data_root:
+        return project_root
+    p = Path(data_root).expanduser()
+    return p if p.is_absolute() else project_root / p
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested override mapping → flat dotted keys ({'optim': {'muon': {'lr': 1}}} → {'optim.muon.lr': 1})."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

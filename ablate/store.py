@@ -1,0 +1,328 @@
+"""Parquet result store: one folder per experiment, one file per run attempt, atomic writes.
+
+    from ablate.store import Store
+    store = Store("results")              # or "s3://bucket/prefix", "memory://x", any fsspec URI
+    store.runs("smoke")                   # pandas DataFrame, one row per run attempt
+
+Layout (schema version 1, documented in docs/store.md):
+
+    <root>/<experiment>/spec.yaml
+    <root>/<experiment>/runs/<run_id>.parquet     one row
+    <root>/<experiment>/curves/<run_id>.parquet   val loss per evaluated step
+    <root>/<experiment>/steps/<run_id>.parquet    step time per logged step
+    <root>/<experiment>/inflight/<run_id>.json    a run the driver has launched and not yet written
+
+A run is visible once its `runs` file exists: it is written last, so readers never see a run
+whose curve is missing. Local writes go to a hidden temporary file that is renamed into place;
+object stores get one PUT of the finished object. Either way a killed writer leaves no torn file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ablate.errors import StoreError
+
+SCHEMA_VERSION = 1
+DATASETS = ("runs", "curves", "steps")
+_TS = pa.timestamp("us", tz="UTC")
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = True) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+RUNS_SCHEMA = pa.schema([
+    _f("schema_version", pa.int32(), False),
+    _f("experiment", pa.string(), False),
+    _f("arm", pa.string(), False),
+    _f("seed", pa.int64(), False),
+    _f("run_id", pa.string(), False),
+    _f("attempt", pa.int32(), False),
+    _f("round", pa.int32(), False),
+    _f("order", pa.int64(), False),
+    _f("source", pa.string(), False),
+    _f("search_trial", pa.int64()),
+    _f("config_hash", pa.string(), False),
+    _f("config_json", pa.string(), False),
+    _f("overrides_json", pa.string(), False),
+    _f("status", pa.string(), False),
+    _f("error", pa.string()),
+    _f("final_val_loss", pa.float64()),
+    _f("train_time_ms", pa.float64()),
+    _f("steps", pa.int64()),
+    _f("tokens", pa.int64()),
+    _f("peak_mem_mib", pa.float64()),
+    _f("warmup_s", pa.float64()),
+    _f("compile_s", pa.float64()),
+    _f("world_size", pa.int32(), False),
+    _f("node_id", pa.string()),
+    _f("node_ip", pa.string()),
+    _f("hostname", pa.string()),
+    _f("gpu_model", pa.string()),
+    _f("gpu_count", pa.int32(), False),
+    _f("gpu_uuids", pa.string(), False),
+    _f("python_version", pa.string()),
+    _f("torch_version", pa.string()),
+    _f("triton_version", pa.string()),
+    _f("cuda_version", pa.string()),
+    _f("driver", pa.string()),
+    _f("git_commit", pa.string()),
+    _f("ablate_version", pa.string(), False),
+    _f("started_at", _TS, False),
+    _f("ended_at", _TS, False),
+    _f("launch_s", pa.float64()),
+    _f("wall_s", pa.float64(), False),
+])
+_KEYS = [_f("run_id", pa.string(), False), _f("experiment", pa.string(), False),
+         _f("arm", pa.string(), False), _f("seed", pa.int64(), False)]
+CURVES_SCHEMA = pa.schema(_KEYS + [_f("step", pa.int64(), False), _f("val_loss", pa.float64()),
+                                   _f("train_time_ms", pa.float64())])
+STEPS_SCHEMA = pa.schema(_KEYS + [_f("step", pa.int64(), False), _f("step_ms", pa.float64()),
+                                  _f("train_time_ms", pa.float64())])
+SCHEMAS = {"runs": RUNS_SCHEMA, "curves": CURVES_SCHEMA, "steps": STEPS_SCHEMA}
+RUN_STATUSES = ("ok", "failed", "cancelled")
+
+
+def _with_meta(schema: pa.Schema, dataset: str) -> pa.Schema:
+    return schema.with_metadata({"ablate.dataset": dataset, "ablate.schema_version": str(SCHEMA_VERSION)})
+
+
+def _timestamp(v: Any) -> datetime:
+    if isinstance(v, datetime):
+        return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+    if isinstance(v, (int, float)):
+        return datetime.fromtimestamp(float(v), tz=timezone.utc)
+    return datetime.fromisoformat(str(v))
+
+
+class Store:
+    """Parquet store under a local path or any pyarrow/fsspec URI (see module docstring)."""
+
+    def __init__(self, uri: str = "results") -> None:
+        self.uri = str(uri)
+        self.fs, self.root, self.local = _filesystem(self.uri)
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    # ---- paths -----------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts]) if self.root else "/".join(parts)
+
+    def display_path(self, experiment: str, relpath: str = "") -> str:
+        """Where a file lives, as a user would type it (local path or URI)."""
+        base = self.uri.split("?", 1)[0].rstrip("/") if "://" in self.uri else self.root
+        return "/".join(p for p in (base, experiment, relpath) if p)
+
+    # ---- writing ---------------------------------------------------------------------------
+    def _put(self, path: str, data: bytes) -> None:
+        """Atomic write: temp file + rename locally; a single PUT of the finished object elsewhere."""
+        parent = path.rsplit("/", 1)[0]
+        try:
+            self.fs.create_dir(parent, recursive=True)
+            if self.local:
+                tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+                try:
+                    with self.fs.open_output_stream(tmp) as out:
+                        out.write(data)
+                    self.fs.move(tmp, path)
+                except BaseException:
+                    _quiet_delete(self.fs, tmp)
+                    raise
+            else:
+                with self.fs.open_output_stream(path) as out:
+                    out.write(data)
+        except OSError as e:
+            raise StoreError(f"cannot write {path!r} in store {self.uri!r}: {e}; fix: check the store URI "
+                             "and its permissions/credentials (--store)") from None
+
+    def _table_bytes(self, table: pa.Table) -> bytes:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return buf.getvalue()
+
+    def write_run(self, run: dict, curve: list[dict], steps: list[dict]) -> None:
+        """Write one run attempt: curves and steps first, the `runs` row last (the commit point)."""
+        row = {**run, "schema_version": SCHEMA_VERSION}
+        missing = [f.name for f in RUNS_SCHEMA if not f.nullable and row.get(f.name) is None]
+        if missing:
+            raise StoreError(f"run row {row.get('run_id')!r} lacks required columns: {', '.join(missing)}")
+        unknown = sorted(set(row) - set(RUNS_SCHEMA.names))
+        if unknown:
+            raise StoreError(f"run row {row.get('run_id')!r} has columns not in schema v{SCHEMA_VERSION}: "
+                             f"{', '.join(unknown)}; fix: drop them or add them to the schema (docs/store.md)")
+        if row["status"] not in RUN_STATUSES:
+            raise StoreError(f"status={row['status']!r} is invalid: one of {', '.join(RUN_STATUSES)}")
+        for k in ("started_at", "ended_at"):
+            row[k] = _timestamp(row[k])
+        exp, run_id = row["experiment"], row["run_id"]
+        keys = {k: row[k] for k in ("run_id", "experiment", "arm", "seed")}
+        for dataset, items, cols in (("curves", curve, ("step", "val_loss", "train_time_ms")),
+                                     ("steps", steps, ("step", "step_ms", "train_time_ms"))):
+            rows = [{**keys, **{c: it.get(c) for c in cols}} for it in items]
+            table = pa.Table.from_pylist(rows, schema=_with_meta(SCHEMAS[dataset], dataset))
+            self._put(self._path(exp, dataset, f"{run_id}.parquet"), self._table_bytes(table))
+        table = pa.Table.from_pylist([{f.name: row.get(f.name) for f in RUNS_SCHEMA}],
+                                     schema=_with_meta(RUNS_SCHEMA, "runs"))
+        self._put(self._path(exp, "runs", f"{run_id}.parquet"), self._table_bytes(table))
+        self.clear_inflight(exp, run_id)
+
+    def write_bytes(self, experiment: str, relpath: str, data: bytes) -> str:
+        """Write a report file (or the spec copy) under the experiment; returns its path/URI."""
+        self._put(self._path(experiment, relpath), data)
+        return self.display_path(experiment, relpath)
+
+    def read_bytes(self, experiment: str, relpath: str) -> bytes | None:
+        path = self._path(experiment, relpath)
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if _exists(self.fs, path) is False:
+                return None
+            raise StoreError(f"cannot read {path!r} in store {self.uri!r}: {e}") from None
+
+    # ---- in-flight markers (for `ablate status`) -------------------------------------------
+    def mark_inflight(self, experiment: str, run_id: str, info: dict) -> None:
+        self._put(self._path(experiment, "inflight", f"{run_id}.json"), json.dumps(info).encode())
+
+    def clear_inflight(self, experiment: str, run_id: str | None = None) -> None:
+        """Remove one marker, or every marker of the experiment (run_id None)."""
+        names = [f"{run_id}.json"] if run_id else [p.rsplit("/", 1)[1] for p in
+                                                   self._list(experiment, "inflight", ".json")]
+        for name in names:
+            _quiet_delete(self.fs, self._path(experiment, "inflight", name))
+
+    def inflight(self, experiment: str) -> list[dict]:
+        out = []
+        for path in self._list(experiment, "inflight", ".json"):
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    out.append(json.loads(f.read()))
+            except (OSError, ValueError):
+                continue
+        return out
+
+    # ---- reading ---------------------------------------------------------------------------
+    def _list(self, experiment: str, dataset: str, suffix: str = ".parquet") -> list[str]:
+        sel = pafs.FileSelector(self._path(experiment, dataset), allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except OSError as e:
+            raise StoreError(f"cannot list {sel.base_dir!r} in store {self.uri!r}: {e}") from None
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                      and i.base_name.endswith(suffix) and not i.base_name.startswith((".", "_")))
+
+    def _read(self, experiment: str, dataset: str) -> pa.Table:
+        schema = SCHEMAS[dataset]
+        tables = []
+        for path in self._list(experiment, dataset):
+            try:
+                t = pq.read_table(path, filesystem=self.fs)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise StoreError(f"cannot read {path!r}: {e}; fix: move the damaged file aside") from None
+            tables.append(_conform(t, schema, path))
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def runs(self, experiment: str):
+        """One row per run attempt, in launch order (`order`, then `attempt`)."""
+        df = self._read(experiment, "runs").to_pandas()
+        return df.sort_values(["order", "attempt", "run_id"], kind="stable").reset_index(drop=True)
+
+    def _per_step(self, experiment: str, dataset: str):
+        df = self._read(experiment, dataset).to_pandas()
+        if len(df):
+            visible = set(self._read(experiment, "runs").column("run_id").to_pylist())
+            df = df[df["run_id"].isin(visible)]
+        return df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
+
+    def curves(self, experiment: str):
+        """Val loss per evaluated step of every written run."""
+        return self._per_step(experiment, "curves")
+
+    def steps(self, experiment: str):
+        """Step time per logged step of every written run."""
+        return self._per_step(experiment, "steps")
+
+    def experiments(self) -> list[str]:
+        sel = pafs.FileSelector(self.root or "/", allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except OSError as e:
+            raise StoreError(f"cannot list store {self.uri!r}: {e}") from None
+        out = []
+        for i in infos:
+            if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_")):
+                sub = self.fs.get_file_info([self._path(i.base_name, "runs"), self._path(i.base_name, "spec.yaml")])
+                if any(s.type != pafs.FileType.NotFound for s in sub):
+                    out.append(i.base_name)
+        return sorted(out)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
+    """Cast a file's table to the current schema: missing nullable columns become null."""
+    meta = table.schema.metadata or {}
+    version = int(meta.get(b"ablate.schema_version", b"1"))
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path!r} has schema version {version}, newer than this ablate ({SCHEMA_VERSION}); "
+                         "fix: upgrade ablate")
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type))
+        elif f.nullable:
+            cols.append(pa.nulls(table.num_rows, f.type))
+        else:
+            raise StoreError(f"{path!r} lacks required column {f.name!r} (schema v{version}); fix: move the "
+                             "file aside or migrate it (docs/store.md)")
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, root path inside it, is_local) for a path or URI."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), True
+    arrow_uri = uri
+    if uri.startswith("s3://") and "allow_delayed_open" not in uri:
+        # one PutObject of the finished object at close (small files), not a multipart upload
+        arrow_uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
+    try:
+        fs, root = pafs.FileSystem.from_uri(arrow_uri)
+        return fs, root.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError):
+        pass
+    try:
+        import fsspec
+
+        ffs, root = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError, OSError) as e:
+        raise StoreError(f"store URI {uri!r} is not usable: {e}; fix: use a local path, s3://bucket/prefix, or "
+                         "another fsspec URI whose package is installed") from None
+    local = "file" in (ffs.protocol if isinstance(ffs.protocol, tuple) else (ffs.protocol,))
+    return pafs.PyFileSystem(pafs.FSSpecHandler(ffs)), root.rstrip("/"), local
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool | None:
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError:
+        return None
+
+
+def _quiet_delete(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except OSError:
+        pass

@@ -1,0 +1,91 @@
+"""A stand-in for `trainer.train` that prints contract events without torch (fast launch tests).
+
+    python tests/ablate/fake_trainer.py --preset tiny --config ov.yaml --seed 0 [--steps 5]
+        [--sleep 0.01] [--spawn-orphan] [--noise] [--hang]
+
+Loss falls with the step and depends on `optim.muon.lr` and the seed, so arms differ.
+`debug.fail_at_step` (in the --config file) makes it print an `error` event and exit
+`debug.exit_code` (default 1), like the real trainer. `--spawn-orphan` starts a grandchild in a
+new session that sleeps (what torchrun's ranks look like) and prints its pid on stderr as
+`ORPHAN <pid>`, so tests can check the guard kills it. `--hang` sleeps forever after `start`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def emit(event: str, **kw) -> None:
+    print(json.dumps({"event": event, "t": time.time(), **kw}), flush=True)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--config")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--spawn-orphan", action="store_true")
+    ap.add_argument("--noise", action="store_true")
+    ap.add_argument("--hang", action="store_true")
+    a = ap.parse_args()
+    cfg = {}
+    if a.config:
+        import yaml
+
+        with open(a.config) as f:
+            cfg = flat(yaml.safe_load(f) or {})
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(a.sleep * a.steps)
+        return 0
+    lr = float(cfg.get("optim.muon.lr", 0.023))
+    fail_at = int(cfg.get("debug.fail_at_step", -1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    emit("start", config={"preset": a.preset, "seed": a.seed, **cfg}, config_hash="fakefakefake", seed=a.seed,
+         world_size=world, grad_accum=max(1, 2 // world),
+         env={"python": sys.version.split()[0], "torch": None, "triton": None, "cuda": None, "gpu_name": None,
+              "gpu_count": 0, "gpu_uuids": [], "driver": None, "hostname": os.uname().nodename,
+              "git_commit": None, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    if a.spawn_orphan:
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        print(f"ORPHAN {p.pid}", file=sys.stderr, flush=True)
+    if a.noise:
+        print("this line is not JSON", flush=True)
+    if a.hang:
+        time.sleep(600)
+    emit("warmup", warmup_s=0.0, compile_s=0.0)
+    base = 5.0 + 0.01 * a.seed - 10.0 * (lr - 0.023)
+    t = 0.0
+    for step in range(a.steps + 1):
+        if step == fail_at:
+            print(f"RuntimeError: debug.fail_at_step={step}", file=sys.stderr, flush=True)
+            emit("error", type="RuntimeError", message=f"debug.fail_at_step={step}")
+            return int(cfg.get("debug.exit_code", 1))
+        if step % 2 == 0 or step == a.steps:
+            emit("val", step=step, val_loss=base - 0.1 * step, train_time_ms=t)
+        if step < a.steps:
+            time.sleep(a.sleep)
+            t += 10.0
+            emit("step", step=step + 1, train_time_ms=t, step_ms=10.0)
+    emit("end", final_val_loss=base - 0.1 * a.steps, train_time_ms=t, steps=a.steps, tokens=4096 * a.steps,
+         peak_mem_mib=0.0, warmup_s=0.0, compile_s=0.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

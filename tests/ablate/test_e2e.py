@@ -1,0 +1,306 @@
+"""End to end through real Ray Tune + real torchrun on CPU (2 cores is enough).
+
+    python -m pytest tests/ablate/test_e2e.py -q -m e2e          # ~4 min on 2 cores
+
+In-process tests share one embedded Ray cluster (class-scoped fixture); the smoke, resume and
+`ray job submit` tests start their own, as a user would.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ablate.store import Store
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+
+
+def spec_file(tmp_path: Path, name: str, arms: dict, seeds=1, retries: int = 0, **extra) -> Path:
+    """A spec with smoke.yaml's fast trainer settings."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.update(name=name, arms=arms, seeds=seeds, retries=retries, **extra)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def ablate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # env=os.environ explicitly: pytest's process has COLUMNS=80 at C level (not in os.environ),
+    # which a plain subprocess would inherit and rich would honour
+    return subprocess.run([sys.executable, "-m", "ablate", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def _procs_with(text: str) -> list[int]:
+    """pids whose command line contains text (our runs' temp config files carry their run id)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    out.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One shared embedded cluster for the in-process tests
+# ---------------------------------------------------------------------------------------------
+class TestInProcess:
+    @pytest.fixture(scope="class", autouse=True)
+    def local_ray(self):
+        import ray
+
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        yield
+        ray.shutdown()
+
+    def test_order_resume_and_changed_arm_with_fake_trainer(self, tmp_path: Path) -> None:
+        """Seed-major interleaved launch order, provenance, skip-on-rerun, rerun of a changed arm."""
+        from ablate.orchestrate import LaunchOptions, run_experiment
+        from ablate.spec import load_spec
+
+        fake = LaunchOptions(module="tests.ablate.fake_trainer")
+        arms = {"baseline": {}, "lr": {"optim.muon.lr": 0.05}}
+        path = spec_file(tmp_path, "fake", arms, seeds=2, resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
+        store = Store(str(tmp_path / "store"))
+        results = run_experiment(load_spec(path), store, options=fake)
+        assert [(r.request.arm, r.request.seed, r.status) for r in results] == [
+            ("baseline", 0, "ok"), ("lr", 0, "ok"), ("baseline", 1, "ok"), ("lr", 1, "ok")]
+        runs = store.runs("fake")
+        assert list(zip(runs["order"], runs["arm"], runs["seed"])) == [
+            (0, "baseline", 0), (1, "lr", 0), (2, "baseline", 1), (3, "lr", 1)]
+        # 2 CPUs, 1 per run: seed-1 runs can only start once a seed-0 run has ended (order kept)
+        assert runs["started_at"].iloc[2:].min() >= runs["ended_at"].iloc[:2].min()
+        assert runs["final_val_loss"].iloc[1] < runs["final_val_loss"].iloc[0]  # fake: higher lr → lower loss
+        assert runs["node_id"].notna().all() and runs["node_ip"].notna().all()
+        assert (runs["launch_s"] > 0).all() and (runs["world_size"] == 1).all()
+        curves = store.curves("fake")
+        assert curves.groupby("run_id").size().tolist() == [4, 4, 4, 4]  # val at steps 0, 2, 4, 5
+        assert store.inflight("fake") == []
+        assert store.read_bytes("fake", "spec.yaml") == path.read_bytes()
+
+        again = run_experiment(load_spec(path), store, options=fake)  # resume: nothing to do
+        assert all(r.reused and r.ok for r in again) and len(store.runs("fake")) == 4
+
+        arms["lr"] = {"optim.muon.lr": 0.06}  # changed overrides → new hash → lr runs again
+        path = spec_file(tmp_path, "fake", arms, seeds=2, resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
+        third = run_experiment(load_spec(path), store, options=fake)
+        assert [r.reused for r in third] == [True, False, True, False]
+        runs = store.runs("fake")
+        assert len(runs) == 6 and runs["order"].tolist() == [0, 1, 2, 3, 4, 5]
+        assert runs[runs["arm"] == "lr"]["config_hash"].nunique() == 2
+
+    def test_crashing_trainer_is_recorded_retried_and_experiment_continues(self, tmp_path: Path) -> None:
+        from ablate.cli import app
+
+        path = spec_file(tmp_path, "crash", {"crash": {"debug.fail_at_step": 2}, "baseline": {}}, retries=1)
+        res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
+        assert res.exit_code == 1, res.output
+        assert "1 of 2 runs have no ok result after 1 retries" in res.output
+        assert "baseline" in res.output  # the table is still printed
+        runs = Store(str(tmp_path / "store")).runs("crash")
+        assert list(zip(runs["arm"], runs["attempt"], runs["status"])) == [
+            ("crash", 1, "failed"), ("baseline", 1, "ok"), ("crash", 2, "failed")]
+        crash = runs[runs["arm"] == "crash"]
+        assert crash["error"].str.contains("debug.fail_at_step").all()
+        assert crash["run_id"].str.endswith(("-a1", "-a2")).all()
+        assert runs["final_val_loss"].iloc[1] > 0
+        # running it again does not retry past the budget (2 failed attempts = 1 + retries)
+        res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
+        assert res.exit_code == 1 and len(Store(str(tmp_path / "store")).runs("crash")) == 3
+
+    def test_resource_request_no_node_can_hold_fails_fast(self, tmp_path: Path) -> None:
+        from ablate.cli import app
+
+        path = spec_file(tmp_path, "toobig", {"baseline": {}}, resources={"gpus_per_run": 2})
+        t0 = time.time()
+        res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
+        assert res.exit_code == 2, res.output
+        assert "resources.gpus_per_run=2: no node of the connected Ray cluster can hold one run" in res.output
+        assert "0 GPU" in res.output and time.time() - t0 < 30
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI as users run it (own embedded cluster per command)
+# ---------------------------------------------------------------------------------------------
+def test_smoke_experiment(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    res = ablate("run", str(SMOKE.relative_to(ROOT)), "--store", str(store_dir))
+    assert res.returncode == 0, res.stdout + res.stderr
+    store = Store(str(store_dir))
+    runs = store.runs("smoke")
+    assert len(runs) == 4 and (runs["status"] == "ok").all()
+    assert sorted(zip(runs["arm"], runs["seed"])) == [("baseline", 0), ("baseline", 1),
+                                                      ("muon-lr-0.05", 0), ("muon-lr-0.05", 1)]
+    assert (runs["final_val_loss"] < 6.0).all() and (runs["steps"] == 12).all()
+    assert runs["config_json"].str.contains(str(ROOT / "data")).all()  # data_dir made absolute
+    curves = store.curves("smoke")
+    assert set(curves["run_id"]) == set(runs["run_id"])
+    assert curves.groupby("run_id")["step"].apply(list).map(lambda s: s[0] == 0 and s[-1] == 12).all()
+    assert len(store.steps("smoke")) == 4 * 12
+    assert "baseline" in res.stdout and "muon-lr-0.05" in res.stdout  # the table
+    assert "4/4 runs, 0 failed" in res.stderr  # the progress (plain lines off a terminal)
+    from ablate.cli import app
+
+    status = CliRunner().invoke(app, ["status", "smoke", "--store", str(store_dir)])
+    assert status.exit_code == 0
+    assert re.search(r"total\W+4\W+0\W+0\W+0\W+0\W", status.output), status.output  # ok, failed, ..., missing
+
+
+def test_resume_after_driver_is_killed(tmp_path: Path) -> None:
+    from ablate.spec import load_spec
+
+    path = spec_file(tmp_path, "resume", {"baseline": {}, "muon-lr-0.05": {"optim.muon.lr": 0.05}})
+    hashes = {arm: load_spec(path).config_hash(arm) for arm in ("baseline", "muon-lr-0.05")}
+    store_dir = tmp_path / "store"
+    runs_dir = store_dir / "resume" / "runs"
+    driver = subprocess.Popen([sys.executable, "-m", "ablate", "run", str(path), "--store", str(store_dir)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (runs_dir.exists() and any(runs_dir.glob("*.parquet"))):
+            assert driver.poll() is None and time.time() < deadline, "driver ended before the first run landed"
+            time.sleep(0.2)
+        deadline = time.time() + 30  # kill while the second run's trainer is up
+        while not _procs_with(f"-{hashes['muon-lr-0.05']}-a1-") and time.time() < deadline:
+            time.sleep(0.2)
+        assert _procs_with(f"-{hashes['muon-lr-0.05']}-a1-"), "second run never started"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, no cleanup
+        driver.wait()
+    first = Store(str(store_dir)).runs("resume")
+    assert len(first) == 1 and first["status"].iloc[0] == "ok"
+    assert first["arm"].iloc[0] == "baseline"
+    # no trainer of this experiment survives its killed driver (run ids are in the config file names)
+    deadline = time.time() + 30
+    while any(_procs_with(f"-{h}-a") for h in hashes.values()):
+        assert time.time() < deadline, "orphaned trainer processes"
+        time.sleep(0.5)
+
+    res = ablate("run", str(path), "--store", str(store_dir))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 runs already in the store, skipped" in res.stderr
+    runs = Store(str(store_dir)).runs("resume")
+    assert len(runs) == 2 and (runs["status"] == "ok").all()
+    assert runs.groupby(["arm", "seed"]).size().tolist() == [1, 1]  # no duplicate ok rows
+    assert runs["run_id"].iloc[0] == first["run_id"].iloc[0]  # the finished run was not redone
+    assert Store(str(store_dir)).inflight("resume") == []
+
+
+def test_sigterm_cancels_the_run_in_flight(tmp_path: Path) -> None:
+    """SIGTERM to the driver: Tune stops, the in-flight run is killed and recorded `cancelled`, exit 130."""
+    from ablate.spec import load_spec
+
+    path = spec_file(tmp_path, "sigterm", {"baseline": {}}, seeds=2)
+    in_flight = f"-{load_spec(path).config_hash('baseline')}-a1-"
+    store_dir = tmp_path / "store"
+    driver = subprocess.Popen([sys.executable, "-m", "ablate", "run", str(path), "--store", str(store_dir)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        deadline = time.time() + 120
+        while not _procs_with(in_flight):  # a trainer is up
+            assert driver.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, err
+    assert "recorded as cancelled" in err
+    runs = Store(str(store_dir)).runs("sigterm")
+    assert "cancelled" in set(runs["status"]) and runs["error"].str.contains("interrupted").any()
+    deadline = time.time() + 20
+    while _procs_with(in_flight):
+        assert time.time() < deadline, "orphaned trainer processes"
+        time.sleep(0.2)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_ray_job_submit_against_a_started_cluster(tmp_path: Path) -> None:
+    """`ray start --head` + `ray job submit --working-dir . -- python -m ablate run ...`.
+
+    The head runs with --block in a session of its own and is stopped by signalling that session
+    (what `ray stop` does, without touching any other Ray on the machine); --temp-dir keeps its
+    `ray_current_cluster` file away from /tmp/ray, so no later `ray.init()` attaches to it."""
+    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, nm, om = _free_ports(9)
+    temp = tempfile.mkdtemp(prefix="ablate-ray-")  # short: Ray's socket paths live under it
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--include-dashboard=true", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+         f"--metrics-export-port={metrics}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # answering (401 without the auth token): up
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "ray head did not come up"
+                time.sleep(0.5)
+        spec = spec_file(tmp_path, "jobcheck", {"baseline": {}})
+        store_dir = tmp_path / "store"  # absolute: the job runs in an uploaded copy of the working dir
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # clients of a `ray start` cluster (token auth)
+        env.pop("RAY_ADDRESS", None)
+        job = subprocess.run(["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir=.", "--",
+                              "python", "-m", "ablate", "run", str(spec), "--store", str(store_dir)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        runs = Store(str(store_dir)).runs("jobcheck")
+        assert len(runs) == 1 and runs["status"].iloc[0] == "ok"
+        assert "/_ray_pkg_" in runs["config_json"].iloc[0] or "runtime_resources" in runs["config_json"].iloc[0]
+        # the same cluster through --address from a driver outside it: one new arm runs, the old is kept
+        spec = spec_file(tmp_path, "jobcheck", {"baseline": {}, "lr": {"optim.muon.lr": 0.05}})
+        direct = subprocess.run([sys.executable, "-m", "ablate", "run", str(spec), "--address", f"127.0.0.1:{gcs}",
+                                 "--store", str(store_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=240)
+        assert direct.returncode == 0, direct.stdout[-3000:] + direct.stderr[-3000:]
+        runs = Store(str(store_dir)).runs("jobcheck")
+        assert list(zip(runs["arm"], runs["status"])) == [("baseline", "ok"), ("lr", "ok")]
+        assert runs["node_id"].nunique() == 1  # both on the one node of that cluster
+    finally:
+        try:
+            head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started
+            head.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
