@@ -366,11 +366,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+# Fields that never change what a run computes: left out of the hash so that resume and
+# comparisons hold across nodes with different cache locations.
+HASH_EXCLUDED = ("runtime.inductor_cache_dir", "runtime.log_every")
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    """Stable 12-hex hash of the resolved config (seed and preset label excluded)."""
+    """Stable 12-hex hash of the resolved config (seed, preset label and HASH_EXCLUDED left out)."""
     d = to_dict(cfg)
     d.pop("seed", None)
     d.pop("preset", None)
+    for key in HASH_EXCLUDED:
+        section, leaf = key.split(".")
+        d[section].pop(leaf, None)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
