@@ -238,7 +238,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
         "status": status, "error": None if status == "ok" else (payload.get("error") or "unknown error"),
         "final_val_loss": end.get("final_val_loss"), "train_time_ms": end.get("train_time_ms"),
         "steps": end.get("steps"), "tokens": end.get("tokens"), "peak_mem_mib": end.get("peak_mem_mib"),
-        "warmup_s": end.get("warmup_s"), "compile_s": end.get("compile_s"),
+        "warmup_s": end.get("warmup_s"), "compile_s": end.get("compile_s"), "eval_s": end.get("eval_s"),
         "world_size": start.get("world_size") or r.ranks,
         "node_id": payload.get("node_id"), "node_ip": payload.get("node_ip"),
         "hostname": env.get("hostname") or payload.get("hostname"),

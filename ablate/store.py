@@ -63,6 +63,7 @@ RUNS_SCHEMA = pa.schema([
     _f("peak_mem_mib", pa.float64()),
     _f("warmup_s", pa.float64()),
     _f("compile_s", pa.float64()),
+    _f("eval_s", pa.float64()),  # added in v1 (nullable; older files read as null)
     _f("world_size", pa.int32(), False),
     _f("node_id", pa.string()),
     _f("node_ip", pa.string()),

@@ -315,7 +315,7 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
     s = cfg.schedule
     N = s.num_iterations
     loader = _loader(cfg, train_files, rank, world_size)
-    train_ms, final_val = 0.0, float("nan")
+    train_ms, eval_s, final_val = 0.0, 0.0, float("nan")
     try:
         _sync(device)
         t0 = mark = time.perf_counter()
@@ -329,10 +329,12 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
             if last or (cfg.eval.val_loss_every > 0 and step % cfg.eval.val_loss_every == 0):
                 _sync(device)
                 train_ms += 1000 * (time.perf_counter() - t0)
+                t_eval = time.perf_counter()
                 final_val = run.evaluate(s.ws_validate if last else long, short)
                 ev.emit("val", step=step, val_loss=final_val, train_time_ms=train_ms)
                 _sync(device)
                 t0 = mark = time.perf_counter()
+                eval_s += t0 - t_eval
                 since = 0
             if last:
                 break
@@ -347,7 +349,7 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
     finally:
         loader.close()
     return ev.emit("end", final_val_loss=final_val, train_time_ms=train_ms, steps=N, tokens=total_tokens(s),
-                   peak_mem_mib=_peak_mem_mib(device), warmup_s=warmup_s, compile_s=compile_s)
+                   peak_mem_mib=_peak_mem_mib(device), warmup_s=warmup_s, compile_s=compile_s, eval_s=eval_s)
 
 
 def main(cfg: TrainConfig) -> dict:

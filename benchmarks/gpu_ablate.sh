@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Whole-path GPU check through ablate on one multi-GPU machine (issue "On GPUs"): installs the
+# carried wheel bundle (.devwheels, see ../shared/tools/device-bundle.sh), runs
+# experiments/gpu_proxy.yaml (1 GPU per run) then gpu_proxy_2gpu.yaml (2 GPUs per run) on the
+# embedded local Ray, and writes tables, reports, overhead accounting and the Parquet store to $OUT.
+#   PART=1 bash benchmarks/gpu_ablate.sh   # 1-GPU experiment      PART=2 ...   # 2-GPU experiment
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devwheels/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=200
+STORE=/tmp/store; NGPU=$(nvidia-smi -L | wc -l)
+case "${PART:-1}" in 1) SPEC=experiments/gpu_proxy.yaml; EXP=gpu-proxy; SLOTS=$NGPU ;;
+                     2) SPEC=experiments/gpu_proxy_2gpu.yaml; EXP=gpu-proxy-2gpu; SLOTS=$((NGPU / 2)) ;; esac
+nvidia-smi -L
+T0=$(date +%s.%N)
+timeout ${RUN_TIMEOUT:-480} python3 -m ablate run "$SPEC" --store $STORE > "$OUT/$EXP.run.log" 2>&1; rc=$?
+WALL=$(python3 -c "import time; print(round(time.time() - $T0, 1))")
+echo "ablate run $SPEC: exit $rc, wall $WALL s"; tail -25 "$OUT/$EXP.run.log"
+python3 -m ablate table $EXP --store $STORE --format md > "$OUT/$EXP.table.md" 2>&1
+python3 -m ablate report $EXP --store $STORE 2>&1 | tail -2
+python3 benchmarks/overhead.py $EXP --store $STORE --wall-s $WALL --slots $SLOTS | tee "$OUT/$EXP.overhead.txt"
+python3 - <<PY
+from ablate.store import Store
+r = Store("$STORE").runs("$EXP")
+cols = ["arm", "seed", "status", "final_val_loss", "train_time_ms", "compile_s", "warmup_s", "eval_s", "launch_s", "wall_s", "gpu_model", "gpu_count", "gpu_uuids", "node_ip", "world_size", "peak_mem_mib"]
+print(r.sort_values("started_at")[cols].to_string())
+PY
+tar czf "$OUT/$EXP.store.tgz" -C $STORE $EXP
