@@ -266,3 +266,30 @@ def test_fp8_head_close_to_bf16_on_gpu():
     if not fp8_supported(dev):
         pytest.skip("GPU lacks FP8 _scaled_mm (needs compute capability ≥ 8.9)")
     _fp8_vs_bf16(dev)
+
+
+def test_flex_forward_is_one_graph_for_every_window():
+    """The trainer passes windows (and the YaRN scale) as tensors on the flex path, so a window
+    change reuses the compiled graph; before, each window value cost a cold recompile on GPU."""
+    from torch._dynamo.testing import CompileCounter
+
+    cfg = load_config("tiny", {"model.attn_backend": "flex"})
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    for p in model.parameters():  # non-zero output projections, so the window changes the loss
+        torch.nn.init.normal_(p, std=0.05)
+    T = 512
+    x, y = torch.randint(0, 500, (T,)), torch.randint(0, 500, (T,))
+    docs = torch.cumsum((torch.rand(T) < 0.01).int(), 0)
+    counter = CompileCounter()
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=counter)
+    losses = []
+    with torch.no_grad():
+        for w in (32, 64, 96):
+            got = compiled(x, y, docs, torch.tensor(w), torch.tensor(w // 2))
+            want = model(x, y, docs, w, w // 2)
+            assert torch.allclose(got, want, atol=1e-4), (w, got, want)
+            losses.append(float(got))
+            model.rotary.extend(w, w + 32)
+    assert counter.frame_count == 1
+    assert len(set(losses)) == 3
