@@ -1,6 +1,6 @@
 """The `ablate` command line (typer + rich).
 
-    ablate run experiments/smoke.yaml [--address HOST:PORT] [--store URI] [--dry-run]
+    ablate run experiments/smoke.yaml [--address HOST:PORT] [--store URI] [--autoscale] [--dry-run]
     ablate validate experiments/*.yaml
     ablate status smoke [--store URI]
     python -m ablate ...                  # same thing without the console script
@@ -67,6 +67,9 @@ def run(
                                           "else an embedded local cluster)."),
     store_uri: str = STORE_OPT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the run matrix and resource plan; start nothing."),
+    autoscale: bool = typer.Option(False, "--autoscale", help="The cluster's autoscaler adds nodes (cluster.yaml): "
+                                   "wait for a node that can hold a run instead of failing, and do not cap "
+                                   "concurrency (docs/cluster.md)."),
 ) -> None:
     """Run every (arm, seed) of SPEC on Ray, write results to the store, print the table."""
     try:
@@ -87,8 +90,14 @@ def run(
             _print_plan(spec, store)
         raise typer.Exit(0)
 
-    from ablate.orchestrate import run_experiment  # imports Ray: only when running
+    if autoscale and not (address or os.environ.get("RAY_ADDRESS")):
+        raise _fail(SpecError("--autoscale needs a cluster whose autoscaler can add nodes: pass --address "
+                              "(or run inside `ray job submit`, which sets RAY_ADDRESS); the embedded local "
+                              "cluster never grows, so runs would wait forever"))
+    from ablate.orchestrate import LaunchOptions, run_experiment  # imports Ray: only when running
     from ablate.progress import RunProgress
+
+    options = LaunchOptions(autoscale=autoscale)
 
     results, code = [], 0
     try:
@@ -96,10 +105,10 @@ def run(
             if search:  # Optuna search, then its confirmation (ablate.search)
                 from ablate.search import run_search
 
-                outcome = run_search(spec, store, address, progress=progress)
+                outcome = run_search(spec, store, address, progress=progress, options=options)
                 results = outcome.confirmation  # a failed search seed is a search outcome, not an error
             else:
-                results = run_experiment(spec, store, address, progress=progress)
+                results = run_experiment(spec, store, address, progress=progress, options=options)
     except Interrupted as e:
         err.print(f"[yellow]{e}[/]", soft_wrap=True)
         code = e.exit_code
@@ -147,8 +156,11 @@ def _print_plan(spec: Spec, store) -> None:
     out.print(table)
     rp = resource_plan(spec)
     dev = f"{rp['ranks_per_run']} GPU rank(s)" if rp["device"] == "cuda" else f"{rp['ranks_per_run']} CPU rank(s) (gloo)"
-    out.print(f"per run: {dev}, Ray bundle {{CPU: {rp['bundle']['CPU']:g}, GPU: {rp['bundle']['GPU']:g}}}, "
-              f"OMP_NUM_THREADS={rp['omp_num_threads']}, timeout {rp['timeout_s'] or 'none'}", soft_wrap=True)
+    node = " (+ gpu_node: 1 where the cluster advertises it)" if spec.resources.gpus_per_run == 8 else ""
+    cache = spec.resources.compile_cache_dir or "torch defaults"
+    out.print(f"per run: {dev}, Ray bundle {{CPU: {rp['bundle']['CPU']:g}, GPU: {rp['bundle']['GPU']:g}}}{node}, "
+              f"OMP_NUM_THREADS={rp['omp_num_threads']}, timeout {rp['timeout_s'] or 'none'}, "
+              f"compile cache {cache}", soft_wrap=True)
     out.print(f"runs: {len(reqs)} now, at most {rp['max_runs']} (+ retries); concurrency = whole bundles that "
               f"fit on the cluster's nodes", soft_wrap=True)
     out.print(f"store: {where}", soft_wrap=True)

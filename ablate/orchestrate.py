@@ -40,8 +40,11 @@ from ablate.launch import run_process, torchrun_command
 from ablate.matrix import PlannedRun, RunRequest, expand, plan
 from ablate.progress import NullProgress
 from ablate.provenance import driver_info, project_root
-from ablate.spec import Spec, check_cluster, data_root_path
+from ablate.placement import check_cluster, concurrency_limit, run_bundle
+from ablate.spec import CACHE_KEY, Spec, data_root_path
 from ablate.store import Store
+
+log = logging.getLogger("ablate")
 
 # Ray's own console output: quiet (the driver shows its own progress). Set before Tune starts.
 _RAY_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
@@ -49,11 +52,14 @@ _RAY_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS
 
 @dataclass(frozen=True)
 class LaunchOptions:
-    """How trials start the trainer. Tests swap `module` for tests/ablate/fake_trainer.py."""
+    """How trials are placed and start the trainer. Tests swap `module` for tests/ablate/fake_trainer.py."""
 
     module: str = "trainer.train"
     report_every_s: float = 2.0  # throttle of `step` reports to Tune (val events always go)
     grace_s: float = 10.0  # SIGTERM → SIGKILL delay when a run is stopped
+    # The cluster's autoscaler adds nodes (`ablate run --autoscale`): a run no alive node can hold
+    # is a warning, not an error, and concurrency is not capped (ablate.placement).
+    autoscale: bool = False
 
 
 @dataclass
@@ -156,6 +162,8 @@ def _trial(job: dict, opts: LaunchOptions) -> None:
         payload["node_ip"] = ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001 (provenance only)
         pass
+    # first report: where the run is, so even an attempt lost with its node records that node
+    tune.report({"ablate_node": json.dumps(payload)})
     try:
         res = run_process(cmd, env=env, cwd=str(root), on_event=on_event, timeout_s=job["timeout_s"],
                           grace_s=opts.grace_s, remove_after=[cfg_path])
@@ -200,6 +208,7 @@ class _Attempt:
     order: int
     job: dict = field(default_factory=dict)
     started_at: float | None = None  # when Tune started the trial (driver clock)
+    node: dict = field(default_factory=dict)  # node_id/node_ip/hostname, from the trial's first report
     status: str | None = None  # set when the row is written
     row: dict | None = None
 
@@ -215,8 +224,11 @@ class _Attempt:
 def _job(spec: Spec, a: _Attempt, opts: LaunchOptions) -> dict:
     r, req = spec.resources, a.request
     data_dir = spec.resolve(req.arm, req.overrides).data.data_dir
+    overrides = dict(req.overrides)
+    if r.compile_cache_dir:  # where this node's compile cache lives; not part of the config hash
+        overrides[CACHE_KEY] = r.compile_cache_dir
     return {"run_id": a.run_id, "arm": req.arm, "seed": req.seed, "preset": spec.trainer.preset,
-            "overrides": req.overrides, "data_dir": data_dir, "data_root": spec.data_root,
+            "overrides": overrides, "data_dir": data_dir, "data_root": spec.data_root,
             "ranks": r.ranks, "omp_threads": max(1, r.cpus // r.ranks), "timeout_s": r.timeout_s,
             "module": opts.module}
 
@@ -286,8 +298,11 @@ class _Batch(tune.Callback):
             self.store_errors.append(str(e))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "ablate_payload" not in result:
-            self.progress.update(self._a(trial).run_id, result)
+        a = self._a(trial)
+        if "ablate_node" in result:
+            a.node = json.loads(result["ablate_node"])
+        elif "ablate_payload" not in result:
+            self.progress.update(a.run_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         raw = (trial.last_result or {}).get("ablate_payload")
@@ -295,15 +310,12 @@ class _Batch(tune.Callback):
         self.record(self._a(trial), payload)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        try:
-            err = trial.get_error() or "Ray trial error"
-        except Exception as e:  # noqa: BLE001
-            err = f"Ray trial error ({e})"
-        self.record(self._a(trial), {"ok": False, "error": f"Ray trial failed: {err}"[-4000:]})
+        self.record(self._a(trial), {"ok": False, "error": f"Ray trial failed: {_trial_error(trial)}"[-4000:]})
 
     def record(self, a: _Attempt, payload: dict) -> None:
         if a.status is not None:
             return
+        payload = {**a.node, **payload}  # a trial lost with its node still names the node
         row, curve, steps = build_row(self.spec, a, payload, self.driver)
         try:
             self.store.write_run(row, curve, steps)
@@ -325,6 +337,25 @@ class _Batch(tune.Callback):
         return missing
 
 
+def _trial_error(trial: Any) -> str:
+    """Tune's text of a trial's error (e.g. "The actor died because its node has died ..."). At
+    on_trial_error time it is in the trial's local error file; storage gets it later."""
+    try:
+        path = trial.error_file
+        if path and os.path.exists(path):
+            with open(path, errors="replace") as f:
+                lines = [line for line in f.read().strip().splitlines() if not line.startswith("Failure # ")]
+            # the cause first (the CLI shows the first line): "The actor died because its node has died ..."
+            cause = next((line for line in lines if "died because" in line), None)
+            if cause:
+                lines = [cause.strip()] + [line for line in lines if line is not cause]
+            if lines:
+                return "\n".join(lines)
+        return str(trial.get_error() or "Ray trial error")
+    except Exception as e:  # noqa: BLE001 (the row gets written either way)
+        return f"Ray trial error ({e})"
+
+
 @contextlib.contextmanager
 def _quiet_tune() -> Iterator[None]:
     """Tune logs warnings about resuming with Tuner.restore and missing result files that do not
@@ -344,15 +375,17 @@ def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any
     """Run the attempts as one Tune experiment, in order. Returns True if it was interrupted."""
     for a in attempts:
         a.job = _job(spec, a, opts)
-    r = spec.resources
-    trainable = tune.with_resources(_make_trainable([a.job for a in attempts], opts),
-                                    {"cpu": r.cpus, "gpu": r.gpus_per_run})
+    nodes = ray.nodes()
+    # ONE bundle per run (all its GPUs on one node; + gpu_node for 8-GPU runs): ablate.placement
+    resources = tune.PlacementGroupFactory([run_bundle(spec.resources, nodes)])
+    trainable = tune.with_resources(_make_trainable([a.job for a in attempts], opts), resources)
     batch = _Batch(spec, attempts, store, progress)
     storage = tempfile.mkdtemp(prefix="ablate-tune-")
     tuner = tune.Tuner(
         trainable,
         param_space={"index": tune.grid_search(list(range(len(attempts))))},  # in order: seed-major
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrency(spec, ray.nodes()), reuse_actors=False),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency_limit(spec, nodes, opts.autoscale),
+                                    reuse_actors=False),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0, callbacks=[batch],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -380,7 +413,9 @@ def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: 
     opts = options or LaunchOptions()
     unique = list({req.key: req for req in requests}.values())
     with ray_session(address):
-        check_cluster(spec, ray.nodes())
+        warning = check_cluster(spec, ray.nodes(), autoscale=opts.autoscale)
+        if warning:
+            log.warning("warning: %s", warning)
         runs_df = store.runs(spec.name)
         planned = plan(unique, runs_df, spec.retries)
         next_order = int(runs_df["order"].max()) + 1 if len(runs_df) else 0

@@ -39,7 +39,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ablate.errors import Interrupted, SpecError
 from ablate.matrix import RunRequest, make_request
-from ablate.orchestrate import LaunchOptions, RunResult, max_concurrency, ray_session, run_requests
+from ablate.orchestrate import LaunchOptions, RunResult, ray_session, run_requests
+from ablate.placement import max_concurrency
 from ablate.search_space import SearchConfig, base_values, parse_search
 from ablate.spec import Spec
 from ablate.store import Store
@@ -255,6 +256,8 @@ def run_search(spec: Spec, store: Store, address: str | None = None, *, progress
         import ray
 
         fits = max_concurrency(spec, ray.nodes())
+        if options is not None and options.autoscale and cfg.max_concurrent:
+            fits = max(fits, cfg.max_concurrent)  # the autoscaler adds the nodes (run_requests does not cap)
         cap = min(cfg.max_concurrent or fits, fits)
         width = max(1, cap // cfg.seeds_per_trial)
         try:

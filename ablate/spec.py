@@ -31,6 +31,8 @@ GPU_CHOICES = (0, 1, 2, 4, 8)
 RANK_CHOICES = (1, 2, 4, 8)
 # Keys an arm may not set: the seed comes from `seeds:`, the preset from `trainer.preset`.
 RESERVED_KEYS = {"seed": "seeds:", "preset": "trainer.preset"}
+# The trainer override that resources.compile_cache_dir becomes (left out of the config hash).
+CACHE_KEY = "runtime.inductor_cache_dir"
 
 # Example values used in "fix:" hints, by dotted field path.
 EXAMPLES = {
@@ -50,6 +52,7 @@ EXAMPLES = {
     "resources.cpu_ranks_per_run": "resources: {gpus_per_run: 0, cpu_ranks_per_run: 2}",
     "resources.cpus_per_run": "resources: {gpus_per_run: 1, cpus_per_run: 4}",
     "resources.timeout_s": "resources: {gpus_per_run: 1, timeout_s: 1800}",
+    "resources.compile_cache_dir": "resources: {gpus_per_run: 8, compile_cache_dir: /opt/ablate-cache}",
     "target_loss": "target_loss: 3.28",
     "retries": "retries: 2",
     "analysis": "analysis: {alternative: two-sided, correction: holm, alpha: 0.05}",
@@ -103,6 +106,10 @@ class Resources(_Model):
     cpu_ranks_per_run: int | None = None  # ranks of a CPU run (gpus_per_run: 0); default 1
     cpus_per_run: int | None = None  # Ray CPUs reserved per run; default max(1, ranks)
     timeout_s: float | None = None  # kill a run that takes longer (wall clock); none by default
+    # Node-local compile cache root shared by the runs of a node: passed to every run as the
+    # trainer override runtime.inductor_cache_dir (<dir>/inductor, <dir>/triton; GPU runs). Not part
+    # of the config hash. "" = torch's defaults (/tmp/torchinductor_<user>, ~/.triton: also per node).
+    compile_cache_dir: str = ""
 
     @field_validator("gpus_per_run")
     @classmethod
@@ -132,6 +139,14 @@ class Resources(_Model):
             raise ValueError("must be > 0 seconds")
         return v
 
+    @field_validator("compile_cache_dir")
+    @classmethod
+    def _cache_dir(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            raise ValueError("must be an absolute path that exists (or can be created) on every node, e.g. "
+                             "/opt/ablate-cache; leave it empty for torch's per-node defaults")
+        return v
+
     @model_validator(mode="after")
     def _cpu_ranks_need_cpu_run(self) -> "Resources":
         if self.cpu_ranks_per_run is not None and self.gpus_per_run != 0:
@@ -149,7 +164,8 @@ class Resources(_Model):
         return self.cpus_per_run or max(1, self.ranks)
 
     def bundle(self) -> dict[str, float]:
-        """The one Ray resource bundle of a run (all GPUs in one bundle, see ray-notes)."""
+        """The run's CPUs and GPUs, in one Ray bundle (never split, see ray-notes). On a cluster
+        an 8-GPU run may add `gpu_node: 1`: ablate.placement.run_bundle."""
         return {"CPU": float(self.cpus), "GPU": float(self.gpus_per_run)}
 
 
@@ -448,6 +464,10 @@ def _semantic_problems(spec: Spec) -> list[str]:
         for key in flatten(ov):
             if key in RESERVED_KEYS:
                 problems.append(f"{where}: {key!r} cannot be overridden here; fix: use `{RESERVED_KEYS[key]}`")
+            if key == CACHE_KEY and r.compile_cache_dir:
+                problems.append(f"{where}: {CACHE_KEY!r} and resources.compile_cache_dir="
+                                f"{r.compile_cache_dir!r} both set the compile cache; fix: keep only "
+                                "resources.compile_cache_dir")
     if problems:
         return problems
     try:
@@ -474,27 +494,6 @@ def _semantic_problems(spec: Spec) -> list[str]:
                         f"(arms: {', '.join(arms)}; grad accumulation = reference/ranks); fix: use one of "
                         f"{', '.join(map(str, ok))}, or set runtime.reference_world_size: {ranks} in trainer.set")
     return problems
-
-
-def check_cluster(spec: Spec, nodes: list[dict[str, Any]]) -> None:
-    """SpecError when no alive node of the cluster (`ray.nodes()`) can ever hold one run."""
-    need = spec.resources.bundle()
-    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
-    for n in alive:
-        have = n.get("Resources", {})
-        if all(have.get(k, 0.0) >= v for k, v in need.items() if v > 0):
-            return
-    seen = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {int(n.get('Resources', {}).get('CPU', 0))} CPU, "
-                     f"{int(n.get('Resources', {}).get('GPU', 0))} GPU" for n in alive) or "no alive nodes"
-    r = spec.resources
-    if need["GPU"] > max((n.get("Resources", {}).get("GPU", 0.0) for n in alive), default=0.0):
-        field, val = "resources.gpus_per_run", r.gpus_per_run
-    else:
-        field, val = ("resources.cpus_per_run", r.cpus) if r.cpus_per_run else ("resources.cpu_ranks_per_run", r.ranks)
-    raise SpecError(f"{field}={val}: no node of the connected Ray cluster can hold one run "
-                    f"({int(need['CPU'])} CPU + {int(need['GPU'])} GPU on one node); the cluster has {seen}. "
-                    "Runs would stay PENDING forever; fix: lower the request or connect to a larger cluster "
-                    "(--address)", spec.source)
 
 
 def data_root_path(data_root: str | None, project_root: Path) -> Path:

@@ -2,12 +2,20 @@
 
     python tests/ablate/fake_trainer.py --preset tiny --config ov.yaml --seed 0 [--steps 5]
         [--sleep 0.01] [--spawn-orphan] [--noise] [--hang]
+    FAKE_TRAINER_SLEEP_S=0.4 python tests/ablate/fake_trainer.py ...   # default of --sleep (seconds per step)
 
 Loss falls with the step and depends on `optim.muon.lr` and the seed, so arms differ.
 `debug.fail_at_step` (in the --config file) makes it print an `error` event and exit
 `debug.exit_code` (default 1), like the real trainer. `--spawn-orphan` starts a grandchild in a
 new session that sleeps (what torchrun's ranks look like) and prints its pid on stderr as
 `ORPHAN <pid>`, so tests can check the guard kills it. `--hang` sleeps forever after `start`.
+
+What a trial under Ray gave it is echoed, for the multi-node tests: `start.env` carries
+`cuda_visible_devices`, `ray_raylet_pid` (which Ray node's raylet started the trial's worker) and
+fake GPU UUIDs `fake-GPU-<id>` for each id in CUDA_VISIBLE_DEVICES (so `gpu_uuids`/`gpu_count` of
+the run's row show Ray's assignment); `start.config.fake_observed` repeats them (→ `config_json`).
+The step sleep defaults to $FAKE_TRAINER_SLEEP_S (a test's `ray start` node sets it for its trials,
+whose command line ablate fixes).
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ def main() -> int:
     ap.add_argument("--config")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--sleep", type=float, default=float(os.environ.get("FAKE_TRAINER_SLEEP_S", "0")))
     ap.add_argument("--spawn-orphan", action="store_true")
     ap.add_argument("--noise", action="store_true")
     ap.add_argument("--hang", action="store_true")
@@ -56,11 +64,15 @@ def main() -> int:
     lr = float(cfg.get("optim.muon.lr", 0.023))
     fail_at = int(cfg.get("debug.fail_at_step", -1))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    emit("start", config={"preset": a.preset, "seed": a.seed, **cfg}, config_hash="fakefakefake", seed=a.seed,
-         world_size=world, grad_accum=max(1, 2 // world),
-         env={"python": sys.version.split()[0], "torch": None, "triton": None, "cuda": None, "gpu_name": None,
-              "gpu_count": 0, "gpu_uuids": [], "driver": None, "hostname": os.uname().nodename,
-              "git_commit": None, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [f"fake-GPU-{i.strip()}" for i in (cvd or "").split(",") if i.strip()]
+    observed = {"cuda_visible_devices": cvd, "ray_raylet_pid": os.environ.get("RAY_RAYLET_PID"), "pid": os.getpid()}
+    emit("start", config={"preset": a.preset, "seed": a.seed, **cfg, "fake_observed": observed},
+         config_hash="fakefakefake", seed=a.seed, world_size=world, grad_accum=max(1, 2 // world),
+         env={"python": sys.version.split()[0], "torch": None, "triton": None, "cuda": None,
+              "gpu_name": "fake" if gpus else None, "gpu_count": len(gpus), "gpu_uuids": gpus, "driver": None,
+              "hostname": os.uname().nodename, "git_commit": None, "cuda_visible_devices": cvd,
+              "ray_raylet_pid": observed["ray_raylet_pid"]})
     if a.spawn_orphan:
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
         print(f"ORPHAN {p.pid}", file=sys.stderr, flush=True)

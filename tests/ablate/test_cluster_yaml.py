@@ -148,6 +148,28 @@ def test_project_data_and_cache_on_nodes() -> None:
     assert "/opt/ablate-cache" in " ".join(work) and "inductor" in " ".join(work)
 
 
+def test_compile_cache_dir_is_prepared_on_gpu_nodes() -> None:
+    """The cache root docs/cluster.md tells specs to use (resources.compile_cache_dir) is a valid
+    spec value, and every GPU node's setup creates it with the trainer's two subfolders."""
+    from ablate.spec import parse_spec_text
+
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    documented = set(re.findall(r"compile_cache_dir: (/[\w./-]+)", docs))
+    assert len(documented) == 1, documented
+    cache = documented.pop()
+    spec = parse_spec_text("name: c\ntrainer: {preset: tiny, set: {runtime.reference_world_size: 8}}\n"
+                           f"arms: {{baseline: {{}}}}\nseeds: 1\nresources: {{gpus_per_run: 8, compile_cache_dir: {cache}}}\n")
+    assert spec.resources.compile_cache_dir == cache
+    work = " ".join(_aws()["worker_setup_commands"])
+    m = re.search(r"sudo ln -sfn (\S+) " + re.escape(cache) + r"(?:\s|$)", work)
+    assert m, f"worker setup must link {cache} to the node's NVMe"
+    target = m.group(1)
+    for sub in ("inductor", "triton"):  # trainer: <dir>/inductor, <dir>/triton
+        assert f"{target}/{sub}" in work, f"{target}/{sub} is not created"
+    assert re.search(r"chown -R \$USER [^&]*" + re.escape(target) + r"(\s|&)", work), "runs must write it"
+    assert f"compile_cache_dir: {cache}" in CLUSTER.read_text(), "cluster.yaml's layout comment names it"
+
+
 def test_synthetic_shards_match_the_small_preset() -> None:
     """The trainer rejects synthetic shards whose manifest differs from the run's data.synth."""
     from trainer.config import SynthConfig

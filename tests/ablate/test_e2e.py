@@ -10,13 +10,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ablate.store import Store
+from tests.ablate.raycluster import RayCluster, client_env, procs_with, wait_for_dashboard
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,17 +43,7 @@ def ablate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=dict(os.environ))
 
 
-def _procs_with(text: str) -> list[int]:
-    """pids whose command line contains text (our runs' temp config files carry their run id)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    out.append(int(pid))
-        except (OSError, ValueError):
-            continue
-    return out
+_procs_with = procs_with  # pids whose command line contains text (run ids are in config file names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,47 +220,18 @@ def test_sigterm_cancels_the_run_in_flight(tmp_path: Path) -> None:
         time.sleep(0.2)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_ray_job_submit_against_a_started_cluster(tmp_path: Path) -> None:
     """`ray start --head` + `ray job submit --working-dir . -- python -m ablate run ...`.
 
-    The head runs with --block in a session of its own and is stopped by signalling that session
-    (what `ray stop` does, without touching any other Ray on the machine); --temp-dir keeps its
-    `ray_current_cluster` file away from /tmp/ray, so no later `ray.init()` attaches to it."""
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, nm, om = _free_ports(9)
-    temp = tempfile.mkdtemp(prefix="ablate-ray-")  # short: Ray's socket paths live under it
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-         f"--metrics-export-port={metrics}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # answering (401 without the auth token): up
-                break
-            except OSError:
-                assert head.poll() is None and time.time() < deadline, "ray head did not come up"
-                time.sleep(0.5)
+    The head (tests/ablate/raycluster.py) runs with --block in a session of its own and is stopped
+    by signalling that session, without touching any other Ray on the machine; its private
+    --temp-dir keeps `ray_current_cluster` away from /tmp/ray, so no later `ray.init()` attaches to it."""
+    with RayCluster(num_cpus=2, dashboard=True) as cluster:
+        wait_for_dashboard(cluster)
         spec = spec_file(tmp_path, "jobcheck", {"baseline": {}})
         store_dir = tmp_path / "store"  # absolute: the job runs in an uploaded copy of the working dir
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # clients of a `ray start` cluster (token auth)
-        env.pop("RAY_ADDRESS", None)
-        job = subprocess.run(["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir=.", "--",
+        env = client_env()  # clients of a `ray start` cluster (token auth)
+        job = subprocess.run(["ray", "job", "submit", f"--address={cluster.dashboard_url}", "--working-dir=.", "--",
                               "python", "-m", "ablate", "run", str(spec), "--store", str(store_dir)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
@@ -283,24 +241,10 @@ def test_ray_job_submit_against_a_started_cluster(tmp_path: Path) -> None:
         assert "/_ray_pkg_" in runs["config_json"].iloc[0] or "runtime_resources" in runs["config_json"].iloc[0]
         # the same cluster through --address from a driver outside it: one new arm runs, the old is kept
         spec = spec_file(tmp_path, "jobcheck", {"baseline": {}, "lr": {"optim.muon.lr": 0.05}})
-        direct = subprocess.run([sys.executable, "-m", "ablate", "run", str(spec), "--address", f"127.0.0.1:{gcs}",
+        direct = subprocess.run([sys.executable, "-m", "ablate", "run", str(spec), "--address", cluster.address,
                                  "--store", str(store_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=240)
         assert direct.returncode == 0, direct.stdout[-3000:] + direct.stderr[-3000:]
         runs = Store(str(store_dir)).runs("jobcheck")
         assert list(zip(runs["arm"], runs["status"])) == [("baseline", "ok"), ("lr", "ok")]
         assert runs["node_id"].nunique() == 1  # both on the one node of that cluster
-    finally:
-        try:
-            head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started
-            head.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait()
-        import shutil
-
-        shutil.rmtree(temp, ignore_errors=True)

@@ -92,7 +92,7 @@ def test_resource_plan() -> None:
 
 
 def test_max_concurrency_counts_whole_bundles() -> None:
-    from ablate.orchestrate import max_concurrency
+    from ablate.placement import max_concurrency
 
     spec = parse_spec_text(SPEC)  # 4 CPU per run
     nodes = [{"Alive": True, "Resources": {"CPU": 10.0}}, {"Alive": True, "Resources": {"CPU": 3.0}},

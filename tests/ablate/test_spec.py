@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from ablate.cli import app
 from ablate.errors import SpecError
-from ablate.spec import SequentialSeeds, check_cluster, flatten, load_spec, parse_spec_text
+from ablate.placement import check_cluster
+from ablate.spec import SequentialSeeds, flatten, load_spec, parse_spec_text
 
 GOOD = """\
 name: demo
@@ -68,6 +69,13 @@ BAD = [
      ["resources.cpu_ranks_per_run=4", "do not divide runtime.reference_world_size=2", "fix: use one of 1, 2"]),
     ("cpu-ranks-with-gpus", _replace("gpus_per_run: 0", "gpus_per_run: 1"),
      ["cpu_ranks_per_run=2 only applies to CPU runs"]),
+    ("cache-dir-relative", _replace("cpu_ranks_per_run: 2}", "cpu_ranks_per_run: 2, compile_cache_dir: cache}"),
+     ["resources.compile_cache_dir='cache'", "must be an absolute path", "fix: resources: {gpus_per_run: 8, "
+      "compile_cache_dir: /opt/ablate-cache}"]),
+    ("cache-dir-twice", _replace("cpu_ranks_per_run: 2}", "cpu_ranks_per_run: 2, compile_cache_dir: /c}")
+     .replace("schedule.cooldown_frac: 0.5}", "schedule.cooldown_frac: 0.5, runtime.inductor_cache_dir: /d}"),
+     ["trainer.set: 'runtime.inductor_cache_dir' and resources.compile_cache_dir='/c' both set",
+      "keep only resources.compile_cache_dir"]),
     ("reserved-key", _replace("optim.muon.lr: 0.05", "seed: 5"), ["arms.lr-0.05", "'seed' cannot be overridden", "seeds:"]),
     ("bad-name", _replace("name: demo", "name: Demo Experiment"), ["name='Demo Experiment'", "must match"]),
     ("bad-preset", _replace("preset: tiny", "preset: tinyy"), ["trainer.preset", "tinyy", "speedrun, speedrun-1027, small, tiny"]),

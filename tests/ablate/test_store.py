@@ -95,6 +95,21 @@ def test_round_trip_s3_moto(monkeypatch: pytest.MonkeyPatch) -> None:
         store = Store(uri)
         _round_trip(store)
         assert store.display_path("exp", "report.md") == "s3://bucket/prefix/exp/report.md"
+        store.mark_inflight("exp", "lr-s1-x-a1", {"run_id": "lr-s1-x-a1"})  # markers: PUT, list, DELETE
+        assert [m["run_id"] for m in store.inflight("exp")] == ["lr-s1-x-a1"]
+        store.clear_inflight("exp")
+        assert store.inflight("exp") == []
+        # what the bucket holds: exactly the finished objects, no temporary or partial ones
+        infos = store.fs.get_file_info(pafs.FileSelector("bucket/prefix", recursive=True))
+        keys = sorted(i.path.removeprefix("bucket/prefix/") for i in infos if i.type == pafs.FileType.File)
+        ids = ["baseline-s0-abcdefabcdef-a1", "baseline-s1-abcdefabcdef-a1", "lr-s0-abcdefabcdef-a1"]
+        assert keys == sorted([f"exp/{d}/{i}.parquet" for d in ("curves", "runs", "steps") for i in ids]
+                              + ["exp/report.md"])
+        for key in keys:  # each object is a whole Parquet file of its dataset
+            if key.endswith(".parquet"):
+                meta = pq.read_table(f"bucket/prefix/{key}", filesystem=store.fs).schema.metadata
+                assert meta[b"ablate.dataset"].decode() == key.split("/")[1], key
+        assert Store(uri).runs("exp")["run_id"].tolist() == store.runs("exp")["run_id"].tolist()
     finally:
         srv.stop()
 
