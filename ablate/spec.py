@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ablate.errors import SpecError
+from trainer.config import flatten as _trainer_flatten
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 ARM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -487,6 +488,13 @@ def _semantic_problems(spec: Spec) -> list[str]:
         if r.gpus_per_run == 0 and flatten(spec.arms[arm]).get("runtime.device") == "cuda":
             problems.append(f"arms.{arm}: runtime.device='cuda' with resources.gpus_per_run=0; fix: give the run "
                             "GPUs or drop the device override")
+    if spec.search is not None and not problems:  # the search space, checked like any override
+        from ablate.search_space import SearchSpaceError, parse_search
+
+        try:
+            parse_search(spec.search, preset=spec.trainer.preset, base_overrides=spec.overrides(spec.baseline))
+        except SearchSpaceError as e:
+            problems += e.problems
     for ref, arms in indivisible.items():
         field = "resources.gpus_per_run" if r.gpus_per_run else "resources.cpu_ranks_per_run"
         ok = [d for d in RANK_CHOICES if ref % d == 0]
@@ -504,12 +512,4 @@ def data_root_path(data_root: str | None, project_root: Path) -> Path:
     return p if p.is_absolute() else project_root / p
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested override mapping → flat dotted keys ({'optim': {'muon': {'lr': 1}}} → {'optim.muon.lr': 1})."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+flatten = _trainer_flatten  # nested override mapping → flat dotted keys (one implementation)

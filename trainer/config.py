@@ -448,11 +448,12 @@ def _coerce(key: str, value: Any, t: Any) -> Any:
     raise TypeError(f"unsupported config type {t!r} for {key}")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested override mapping → flat dotted keys ({'optim': {'muon': {'lr': 1}}} → {'optim.muon.lr': 1})."""
     flat: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
+            flat.update(flatten(v, f"{prefix}{k}."))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -467,7 +468,7 @@ def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConf
     """Return cfg with dotted (or nested-dict) overrides applied; validated.
 
     Unknown keys and type errors are collected into a single ConfigError."""
-    flat = _flatten(overrides)
+    flat = flatten(overrides)
     keys = valid_keys()
     problems: list[str] = []
     by_section: dict[tuple[str, ...], dict[str, Any]] = {}

@@ -95,7 +95,7 @@ def main() -> int:
             t += 10.0
             emit("step", step=step + 1, train_time_ms=t, step_ms=10.0)
     emit("end", final_val_loss=base - 0.1 * a.steps, train_time_ms=t, steps=a.steps, tokens=4096 * a.steps,
-         peak_mem_mib=0.0, warmup_s=0.0, compile_s=0.0)
+         peak_mem_mib=0.0, warmup_s=0.0, compile_s=0.0, eval_s=0.0)
     return 0
 
 

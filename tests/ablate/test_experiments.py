@@ -177,7 +177,7 @@ def test_question_spec_conventions(q: str) -> None:
     assert ts["data.synthetic"] is False
     cluster = (ROOT / "cluster.yaml").read_text()
     assert f"{data['data_root']}/{ts['data.data_dir']}" in cluster
-    assert ts["runtime.inductor_cache_dir"] in cluster
+    assert data["resources"]["compile_cache_dir"] == "/opt/ablate-cache" and "/opt/ablate-cache" in cluster
     if (EXP / f"{q}_small.yaml").exists():
         small = _raw(EXP / f"{q}_small.yaml")
         assert small["name"] == f"{q}_small"

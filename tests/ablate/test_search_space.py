@@ -170,14 +170,12 @@ def test_run_search_rejects_a_bad_space_before_anything_runs(tmp_path):
     import ray
 
     from ablate.errors import SpecError
-    from ablate.search import run_search
     from ablate.spec import parse_spec
-    from ablate.store import Store
 
-    spec = parse_spec({"name": "bad", "trainer": {"preset": "tiny"}, "arms": {"baseline": {}}, "seeds": 1,
-                       "resources": {"gpus_per_run": 0},
-                       "search": {"trials": 2, "space": {"optim.lr_mul.atn": {"type": "float", "low": 2, "high": 1}}}})
+    # Spec validation (`ablate validate`, `ablate run`) checks the space before Ray or a study exists.
     with pytest.raises(SpecError) as ei:
-        run_search(spec, Store(str(tmp_path)))
+        parse_spec({"name": "bad", "trainer": {"preset": "tiny"}, "arms": {"baseline": {}}, "seeds": 1,
+                    "resources": {"gpus_per_run": 0},
+                    "search": {"trials": 2, "space": {"optim.lr_mul.atn": {"type": "float", "low": 2, "high": 1}}}})
     assert "low (2.0) > high (1.0)" in str(ei.value)
     assert not ray.is_initialized() and not any(tmp_path.iterdir())  # no Ray, no store files, no study

@@ -162,8 +162,8 @@ def test_seed_forms() -> None:
 
 
 def test_search_is_passed_through() -> None:
-    spec = parse_spec_text(GOOD + "search: {trials: 4, space: {optim.muon.lr: {low: 0.01, high: 0.1}}}\n")
-    assert spec.search == {"trials": 4, "space": {"optim.muon.lr": {"low": 0.01, "high": 0.1}}}
+    spec = parse_spec_text(GOOD + "search: {trials: 4, space: {optim.muon.lr: {type: float, low: 0.01, high: 0.1}}}\n")
+    assert spec.search == {"trials": 4, "space": {"optim.muon.lr": {"type": "float", "low": 0.01, "high": 0.1}}}
 
 
 def test_flatten() -> None:
@@ -216,3 +216,21 @@ def test_data_root() -> None:
     assert data_root_path("shared/data", root) == root / "shared/data"
     assert data_root_path("/mnt/data", root) == Path("/mnt/data")
     assert parse_spec_text(GOOD + "data_root: /mnt/data\n").data_root == "/mnt/data"
+
+
+def test_validate_checks_the_search_space_too() -> None:
+    text = """
+name: bad-search
+trainer: {preset: tiny}
+arms: {baseline: {}}
+seeds: 1
+resources: {gpus_per_run: 0, cpu_ranks_per_run: 2}
+search:
+  trials: 2
+  seeds_per_trial: 1
+  space:
+    optim.muon.lrr: {type: float, low: 0.01, high: 0.1, log: true}
+"""
+    with pytest.raises(SpecError) as e:
+        parse_spec_text(text, "bad.yaml")
+    assert "optim.muon.lrr" in str(e.value) and "optim.muon.lr" in str(e.value)

@@ -24,7 +24,7 @@ KEYS = {
     "warmup": {"warmup_s", "compile_s"},
     "val": {"step", "val_loss", "train_time_ms"},
     "step": {"step", "train_time_ms", "step_ms"},
-    "end": {"final_val_loss", "train_time_ms", "steps", "tokens", "peak_mem_mib", "warmup_s", "compile_s"},
+    "end": {"final_val_loss", "train_time_ms", "steps", "tokens", "peak_mem_mib", "warmup_s", "compile_s", "eval_s"},
     "error": {"type", "message"},
 }
 ENV_KEYS = {"python", "torch", "triton", "cuda", "gpu_name", "gpu_count", "gpu_uuids", "driver", "hostname",
