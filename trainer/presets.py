@@ -47,15 +47,19 @@ def _speedrun_1027() -> TrainConfig:
 
 
 def _small() -> TrainConfig:
-    # Same 12-layer structure and knobs as `speedrun`, narrower and shorter.
+    # Same 12-layer structure and knobs as `speedrun`, narrower and shorter, and ONE batch size:
+    # every distinct batch shape is its own compiled graph, and a cold compile of one took 1.5–5 min
+    # on an H100 (docs/performance.md), so three stages would spend most of a proxy run compiling.
+    # The window and LR stages are kept (windows do not recompile). Override
+    # schedule.train_bs_schedule to ablate the batch-size schedule itself.
     return apply_overrides(TrainConfig(preset="small"), {
         "model.model_dim": 384,
         "model.num_heads": 3,
         "model.head_dim": 128,
         "schedule.num_scheduled_iterations": 600,
         "schedule.num_extension_iterations": 20,
-        "schedule.train_bs_schedule": [32768, 65536, 98304],
-        "schedule.train_bs_extension": 98304,
+        "schedule.train_bs_schedule": [65536],
+        "schedule.train_bs_extension": 65536,
         "schedule.lr_max_thresholds": [0.33, 0.66],
         "eval.val_tokens": 1_048_576,
         "eval.val_batch_size": 262_144,
