@@ -25,20 +25,17 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, also when run as a script
+from trainer.config import flatten  # noqa: E402  (no torch: config.py imports only the stdlib and yaml)
 
 
 def emit(event: str, **kw) -> None:
     print(json.dumps({"event": event, "t": time.time(), **kw}), flush=True)
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+flat = flatten  # nested → dotted keys, the trainer's own
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from trainer.config import ConfigError, apply_overrides, config_hash, to_dict
+from trainer.config import ConfigError, apply_overrides, config_hash, flatten, to_dict
 from trainer.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,14 +55,7 @@ SCALE_KEYS = {
 SCALE_PREFIXES = ("data.",)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+_flat = flatten  # nested → dotted keys, the trainer's own
 
 
 def _raw(path: Path) -> dict[str, Any]:
