@@ -44,6 +44,8 @@ def _runs_section(runs: pd.DataFrame) -> list[str]:
              "|---|---:|---:|---|---:|---:|---:|---|---|---|---|---|"]
     for r in runs.to_dict("records"):
         node = r.get("node_id") or r.get("hostname")
+        if node and len(node) > 16:  # Ray node ids are 56 hex characters; a prefix identifies them
+            node = node[:12] + "…"
         t = r["train_time_ms"] / 1000.0 if r.get("train_time_ms") is not None and pd.notna(r["train_time_ms"]) else None
         gpu = r.get("gpu_model")
         if gpu and r.get("gpu_count"):

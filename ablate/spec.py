@@ -18,10 +18,10 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ablate.errors import SpecError
 from trainer.config import flatten as _trainer_flatten
@@ -79,26 +79,29 @@ class TrainerSpec(_Model):
         return {} if v is None else v
 
 
+def _unit_interval(v: float) -> float:
+    """The check of every significance level α."""
+    if not 0.0 < v < 1.0:
+        raise ValueError("must be in (0, 1)")
+    return v
+
+
+Alpha = Annotated[float, AfterValidator(_unit_interval)]
+
+
 class SequentialSeeds(_Model):
     """Sequential seeds: `min` seeds per arm first, then one more at a time up to `max` for the
     arms `ablate.sequential.arms_to_continue` keeps (at level `alpha`)."""
 
     min: int
     max: int
-    alpha: float = 0.05
+    alpha: Alpha = 0.05
 
     @field_validator("min", "max")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be ≥ 1")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _unit(cls, v: float) -> float:
-        if not 0.0 < v < 1.0:
-            raise ValueError("must be in (0, 1)")
         return v
 
 
@@ -173,14 +176,7 @@ class Resources(_Model):
 class Analysis(_Model):
     alternative: Literal["two-sided", "less", "greater"] = "two-sided"
     correction: Literal["holm", "bh", "none"] = "holm"
-    alpha: float = 0.05
-
-    @field_validator("alpha")
-    @classmethod
-    def _unit(cls, v: float) -> float:
-        if not 0.0 < v < 1.0:
-            raise ValueError("must be in (0, 1)")
-        return v
+    alpha: Alpha = 0.05
 
 
 class Spec(_Model):
