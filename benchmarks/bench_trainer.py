@@ -78,11 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "trainer.train", "--preset", args.preset, "--config", cfg_file]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(proc.stdout)
+    # stream the JSON lines to --out as they come, so a run cut off by a time limit leaves its log
+    out = open(args.out, "w") if args.out else None
+    events = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy()) as proc:
+        for line in proc.stdout:
+            if out:
+                out.write(line)
+                out.flush()
+            if line.startswith("{"):
+                events.append(json.loads(line))
+    if out:
+        out.close()
     end = next((e for e in events if e["event"] == "end"), None)
     if proc.returncode != 0 or end is None:
         err = next((e for e in events if e["event"] == "error"), None)
