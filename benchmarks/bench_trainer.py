@@ -15,7 +15,7 @@ where N_matmul counts the weights used in matrix products per token (attention 4
 attention layer, MLP 2·r·d² per MLP layer, lm_head d·V_padded), d the model width, and w_eff the
 mean number of keys a query attends to, taken as half the layer's window (causal within the
 window; document masking lowers it further, so this is an upper bound of the useful FLOPs).
-MFU = tokens/s × FLOPs/token ÷ peak, with peak = 989 TFLOP/s (H100 SXM dense bf16 datasheet) or
+MFU = tokens/s × FLOPs/token ÷ (GPUs × peak), with peak = 989 TFLOP/s (H100 SXM dense bf16 datasheet) or
 --peak-tflops.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [e for e in events if e["event"] == "step"]
     print(f"preset={args.preset} world_size={args.nproc} steps/stage={args.steps_per_stage} "
           f"compile_s={end['compile_s']:.1f} warmup_s={end['warmup_s']:.1f} peak_mem_mib={end['peak_mem_mib']:.0f}")
-    print(f"{'stage':>5} {'tokens/step':>11} {'window':>6} {'ms/step':>8} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}")
+    print(f"{'stage':>5} {'tokens/step':>11} {'window':>6} {'ms/step':>8} {'tokens/s':>11} {'TFLOP/s/GPU':>11} {'MFU':>6}")
     sch = cfg.schedule
     for k, bs in enumerate(sch.train_bs_schedule):
         lo, hi = k * args.steps_per_stage, (k + 1) * args.steps_per_stage
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(ms)
         ws = sch.ws_schedule[min(len(sch.ws_schedule) - 1, k * len(sch.ws_schedule) // stages)]
         tps = bs / (med / 1000)
-        tflops = tps * flops_per_token(cfg, ws) / 1e12
-        print(f"{k:>5} {bs:>11} {ws:>6} {med:>8.2f} {tps:>11.0f} {tflops:>8.1f} {tflops / args.peak_tflops:>6.1%}")
+        tflops = tps * flops_per_token(cfg, ws) / 1e12 / args.nproc  # per GPU
+        print(f"{k:>5} {bs:>11} {ws:>6} {med:>8.2f} {tps:>11.0f} {tflops:>11.1f} {tflops / args.peak_tflops:>6.1%}")
     print(f"final_val_loss={end['final_val_loss']:.4f} train_time_ms={end['train_time_ms']:.0f}")
     return 0
 
