@@ -108,24 +108,42 @@ def block_classes(docs: Tensor, window: int, block: int = MASK_BLOCK) -> tuple[T
 
 
 def _ordered(mask: Tensor) -> tuple[Tensor, Tensor]:
-    num = mask.sum(dim=-1, dtype=torch.int32)
-    idx = torch.argsort(mask.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    """(count, indices) of each row's True columns, as FlexAttention's BlockMask stores them.
+
+    Equal to a stable descending argsort of the 0/1 rows (True columns in order, then the rest in
+    order) but built from cumulative sums and one scatter: an in-graph sort compiles into huge
+    Triton kernels (4.9 MB cubins, the longest pole of a cold compile; docs/performance.md)."""
+    m = mask.to(torch.int32)
+    num = m.sum(dim=-1, dtype=torch.int32)
+    pos_true = torch.cumsum(m, dim=-1) - 1
+    pos_false = num[..., None] + torch.cumsum(1 - m, dim=-1) - 1
+    dest = torch.where(mask, pos_true, pos_false).long()
+    cols = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32).expand_as(m)
+    idx = torch.empty_like(m).scatter_(-1, dest, cols)
     return num[None, None].contiguous(), idx[None, None].contiguous()
 
 
 def flex_block_mask(docs: Tensor, window: int | Tensor, block: int = MASK_BLOCK):
-    """FlexAttention BlockMask for the document + causal + window rule; len(docs) % block == 0."""
+    """FlexAttention BlockMask for the document + causal + window rule; len(docs) % block == 0.
+
+    Built directly from the dense block classes, both orientations (kv blocks per q block for
+    the forward, q blocks per kv block for the backward), with no sort (see _ordered)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     any_, full = block_classes(docs, window, block)
     partial = any_ & ~full
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
+    q_num, q_idx = _ordered(partial.transpose(0, 1))
+    full_q_num, full_q_idx = _ordered(full.transpose(0, 1))
 
     def mask_mod(b, h, q, kv):
         return (q >= kv) & (q - kv <= window) & (docs[q] == docs[kv])
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod)
+    n = docs.numel()
+    return BlockMask(seq_lengths=(n, n), kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_num,
+                     full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num,
+                     full_q_indices=full_q_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
 
 
 def _band_chunk(window: int) -> int:

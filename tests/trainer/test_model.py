@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from trainer.attention import (Rotary, apply_rotary, attend, block_classes, build_mask, dense_mask,
-                               reference_attention)
+from trainer.attention import (Rotary, _ordered, apply_rotary, attend, block_classes, build_mask, dense_mask,
+                               flex_block_mask, reference_attention)
 from trainer.config import ADAM_FAMILIES, MUON_FAMILIES, apply_overrides, load_config
 from trainer.model import GPT, fp8_supported
 
@@ -147,6 +147,63 @@ def test_block_classes_match_dense_mask(window):
     any_, full = block_classes(docs, window, B)
     assert torch.equal(any_, dense.any(-1).any(-1))
     assert torch.equal(full, dense.all(-1).all(-1))
+
+
+def test_ordered_equals_stable_argsort_without_sorting():
+    g = torch.Generator().manual_seed(0)
+    for shape, p in [((7, 7), 0.3), ((16, 16), 0.0), ((16, 16), 1.0), ((5, 33), 0.5)]:
+        mask = torch.rand(shape, generator=g) < p
+        num, idx = _ordered(mask)
+        ref = torch.argsort(mask.int(), dim=-1, descending=True, stable=True).int()
+        assert torch.equal(num[0, 0], mask.sum(-1).int())
+        assert torch.equal(idx[0, 0], ref)
+
+
+@pytest.mark.parametrize("window", [0, 200, 1000])
+def test_flex_block_mask_matches_torch_construction(window):
+    """Our sort-free BlockMask (kv and q orientations) equals torch's from_kv_blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    g = torch.Generator().manual_seed(window)
+    T, B = 1024, 128
+    docs = torch.cumsum((torch.rand(T, generator=g) < 0.004).int(), 0).int()
+    ours = flex_block_mask(docs, window, B)
+    any_, full = block_classes(docs, window, B)
+    a = lambda m: torch.argsort(m.int(), dim=-1, descending=True, stable=True).int()[None, None]  # noqa: E731
+    n = lambda m: m.sum(-1).int()[None, None]  # noqa: E731
+    ref = BlockMask.from_kv_blocks(n(any_ & ~full), a(any_ & ~full), n(full), a(full), BLOCK_SIZE=B,
+                                   mask_mod=ours.mask_mod)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "full_q_num_blocks"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+    for name, cnt in (("q_indices", "q_num_blocks"), ("full_q_indices", "full_q_num_blocks")):
+        k = getattr(ref, cnt)[0, 0]  # only the first `count` entries of a row are read
+        for r in range(k.numel()):
+            assert torch.equal(getattr(ours, name)[0, 0, r, :k[r]], getattr(ref, name)[0, 0, r, :k[r]]), name
+    assert ours.seq_lengths == ref.seq_lengths and ours.BLOCK_SIZE == ref.BLOCK_SIZE
+
+
+def test_flex_block_mask_traces_without_a_sort():
+    """A sort inside the compiled forward became 1–5 MB Triton kernels that dominated a cold
+    compile on GPU; the mask must trace to cumsum/scatter only (checked on the aten graph)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    ops: list[str] = []
+
+    def backend(gm, example_inputs):
+        def record(g, _):
+            ops.extend(str(n.target) for n in g.graph.nodes if n.op == "call_function")
+            return g
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record)
+
+    def fields(docs, window):
+        m = flex_block_mask(docs, window, 128)
+        return m.kv_indices, m.q_indices, m.full_kv_indices, m.full_q_indices
+
+    docs = torch.cumsum((torch.arange(1024) % 300 == 0).int(), 0).int()
+    torch._dynamo.reset()
+    torch.compile(fields, backend=backend, fullgraph=True, dynamic=False)(docs, torch.tensor(200))
+    assert ops and not [o for o in ops if "sort" in o], ops
 
 
 def test_dense_mask_rules():
