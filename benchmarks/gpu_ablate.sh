@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Whole-path GPU check through ablate on one multi-GPU machine (issue "On GPUs"): installs the
 # carried wheel bundle (.devwheels, see ../shared/tools/device-bundle.sh), runs
-# experiments/gpu_proxy.yaml (1 GPU per run) then gpu_proxy_2gpu.yaml (2 GPUs per run) on the
+# experiments/gpu_proxy.yaml (1 GPU per run), gpu_proxy_2gpu.yaml (2) or gpu_proxy_4gpu.yaml (4) on the
 # embedded local Ray, and writes tables, reports, overhead accounting and the Parquet store to $OUT.
-#   PART=1 bash benchmarks/gpu_ablate.sh   # 1-GPU experiment      PART=2 ...   # 2-GPU experiment
+#   PART=1 bash benchmarks/gpu_ablate.sh   # 1-GPU experiment      PART=2 / PART=4 ...   # 2- / 4-GPU runs
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devwheels/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=200
 STORE=/tmp/store; NGPU=$(nvidia-smi -L | wc -l)
 case "${PART:-1}" in 1) SPEC=experiments/gpu_proxy.yaml; EXP=gpu-proxy; SLOTS=$NGPU ;;
-                     2) SPEC=experiments/gpu_proxy_2gpu.yaml; EXP=gpu-proxy-2gpu; SLOTS=$((NGPU / 2)) ;; esac
+                     2) SPEC=experiments/gpu_proxy_2gpu.yaml; EXP=gpu-proxy-2gpu; SLOTS=$((NGPU / 2)) ;;
+                     4) SPEC=experiments/gpu_proxy_4gpu.yaml; EXP=gpu-proxy-4gpu; SLOTS=$((NGPU / 4)) ;; esac
 nvidia-smi -L
 T0=$(date +%s.%N)
 timeout ${RUN_TIMEOUT:-480} python3 -m ablate run "$SPEC" --store $STORE > "$OUT/$EXP.run.log" 2>&1; rc=$?
