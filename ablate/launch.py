@@ -3,7 +3,7 @@
     from ablate.launch import run_process, torchrun_command
     res = run_process(torchrun_command(2, "tiny", "/tmp/ov.yaml", seed=0), cwd=root, on_event=print)
 
-    python ablate/launch.py --grace 10 [--rm FILE] -- CMD ...   # the guard (started by run_process)
+    python ablate/launch.py --grace 10 [--rm PATH] -- CMD ...   # the guard (started by run_process)
 
 Why a guard: torchrun starts every rank in a session of its own (start_new_session=True in
 torch.distributed.elastic), so killing torchrun's process group leaves the ranks running, and a
@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,90 @@ def parse_line(line: str) -> dict | None:
     return obj if isinstance(obj, dict) and isinstance(obj.get("event"), str) else None
 
 
+class _Guarded:
+    """A command under the guard (new session) with its stdout lines queued and stderr's tail kept."""
+
+    def __init__(self, argv: list[str], *, env: dict[str, str] | None, cwd: str | None, grace_s: float,
+                 remove_after: list[str] = ()) -> None:
+        guard = [sys.executable, os.path.abspath(__file__), "--grace", str(grace_s)]
+        guard += [a for path in remove_after for a in ("--rm", path)] + ["--", *argv]
+        self.grace_s = grace_s
+        try:
+            self.proc = subprocess.Popen(guard, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env=env, cwd=cwd, start_new_session=True, bufsize=1, text=True,
+                                         errors="replace")
+        except OSError as e:
+            from ablate.errors import LaunchError
+
+            raise LaunchError(f"cannot start {argv[0]!r} in {cwd!r}: {e}") from None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.threads = [threading.Thread(target=t, daemon=True) for t in (self._pump_stdout, self._pump_stderr)]
+        for t in self.threads:
+            t.start()
+
+    def _pump_stdout(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _pump_stderr(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            self.tail.append(line.rstrip("\n"))
+
+    def consume(self, res: LaunchResult, *, on_event: Callable[[dict], None] | None, timeout_s: float | None,
+                stop: threading.Event | None, until: Callable[[dict], bool] | None = None) -> bool:
+        """Read events into `res` until stdout ends (False) or `until(event)` is true (True).
+        A timeout or `stop` kills the tree (then reads on to the end); so does any exception."""
+        deadline = res.started_at + timeout_s if timeout_s else None
+        try:
+            while True:
+                try:
+                    line = self.lines.get(timeout=0.2)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    return False
+                if line:
+                    ev = parse_line(line)
+                    if ev is None:
+                        res.noise_count += 1
+                        if len(res.noise) < 20:
+                            res.noise.append(line.rstrip("\n")[:500])
+                    else:
+                        if ev["event"] == "start" and res.start_event_at is None:
+                            res.start_event_at = time.time()
+                        res.events.append(ev)
+                        if on_event is not None:
+                            on_event(ev)
+                        if until is not None and until(ev):
+                            return True
+                if deadline is not None and time.time() > deadline and res.stopped is None:
+                    res.stopped = f"timeout after {timeout_s:g} s (resources.timeout_s)"
+                    _terminate(self.proc, self.grace_s)
+                if stop is not None and stop.is_set() and res.stopped is None:
+                    res.stopped = "cancelled"
+                    _terminate(self.proc, self.grace_s)
+        except BaseException:
+            res.stopped = res.stopped or "cancelled"
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        _terminate(self.proc, self.grace_s)
+
+    def close(self) -> int:
+        """Wait for the tree to be gone (after stdout ended or kill); its exit code."""
+        rc = self.proc.wait()
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        for t in self.threads:
+            t.join(timeout=2.0)
+        return rc
+
+
 def run_process(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                 on_event: Callable[[dict], None] | None = None, timeout_s: float | None = None,
                 stop: threading.Event | None = None, grace_s: float = GUARD_GRACE_S,
@@ -128,71 +213,12 @@ def run_process(argv: list[str], *, env: dict[str, str] | None = None, cwd: str 
     the tree; so does any exception here (including KeyboardInterrupt). The guard deletes the
     files in `remove_after` once the tree is gone, even if the caller was killed."""
     res = LaunchResult(started_at=time.time())
-    guard = [sys.executable, os.path.abspath(__file__), "--grace", str(grace_s)]
-    guard += [a for path in remove_after for a in ("--rm", path)] + ["--", *argv]
+    g = _Guarded(argv, env=env, cwd=cwd, grace_s=grace_s, remove_after=remove_after)
     try:
-        proc = subprocess.Popen(guard, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, cwd=cwd, start_new_session=True, bufsize=1, text=True,
-                                errors="replace")
-    except OSError as e:
-        from ablate.errors import LaunchError
-
-        raise LaunchError(f"cannot start {argv[0]!r} in {cwd!r}: {e}") from None
-    lines: queue.Queue[str | None] = queue.Queue()
-    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-
-    def pump_stdout() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.put(line)
-        lines.put(None)
-
-    def pump_stderr() -> None:
-        for line in proc.stderr:  # type: ignore[union-attr]
-            tail.append(line.rstrip("\n"))
-
-    threads = [threading.Thread(target=t, daemon=True) for t in (pump_stdout, pump_stderr)]
-    for t in threads:
-        t.start()
-    deadline = res.started_at + timeout_s if timeout_s else None
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                line = ""
-            if line is None:
-                break
-            if line:
-                ev = parse_line(line)
-                if ev is None:
-                    res.noise_count += 1
-                    if len(res.noise) < 20:
-                        res.noise.append(line.rstrip("\n")[:500])
-                else:
-                    if ev["event"] == "start" and res.start_event_at is None:
-                        res.start_event_at = time.time()
-                    res.events.append(ev)
-                    if on_event is not None:
-                        on_event(ev)
-            if deadline is not None and time.time() > deadline and res.stopped is None:
-                res.stopped = f"timeout after {timeout_s:g} s (resources.timeout_s)"
-                _terminate(proc, grace_s)
-            if stop is not None and stop.is_set() and res.stopped is None:
-                res.stopped = "cancelled"
-                _terminate(proc, grace_s)
-        res.returncode = proc.wait()
-    except BaseException:
-        res.stopped = res.stopped or "cancelled"
-        _terminate(proc, grace_s)
-        raise
+        g.consume(res, on_event=on_event, timeout_s=timeout_s, stop=stop)
     finally:
-        try:
-            proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
-        for t in threads:
-            t.join(timeout=2.0)
-        res.stderr_tail = list(tail)
+        res.returncode = g.close()
+        res.stderr_tail = list(g.tail)
         res.ended_at = time.time()
     return res
 
@@ -306,7 +332,10 @@ def guard_main(argv: list[str]) -> int:
     finally:
         for path in remove:
             try:
-                os.unlink(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
             except OSError:
                 pass
 

@@ -9,7 +9,8 @@
 Each trial (a Ray worker holding the run's bundle: all its GPUs, or CPUs for CPU ranks) writes
 the run's overrides to a temporary YAML file, starts `python -m torch.distributed.run
 --standalone ... -m trainer.train` through `ablate.launch` (process-tree guard, free rendezvous
-port), reports val/step events to Tune as they arrive, and returns everything in one final
+port) — or, with `resources.reuse_workers`, hands the run to the long-lived trainer worker its
+reused actor keeps (ablate.workers) — reports val/step events to Tune as they arrive, and returns everything in one final
 report. The driver's Tune callback writes the run to the store as each trial ends, so a killed
 driver loses at most the runs in flight. Tune never retries (max_failures=0): a failed attempt
 gets its own row, and the driver launches the next attempt in a new batch.
@@ -55,6 +56,7 @@ class LaunchOptions:
     """How trials are placed and start the trainer. Tests swap `module` for tests/ablate/fake_trainer.py."""
 
     module: str = "trainer.train"
+    serve_module: str = "trainer.serve"  # the long-lived worker (resources.reuse_workers)
     report_every_s: float = 2.0  # throttle of `step` reports to Tune (val events always go)
     grace_s: float = 10.0  # SIGTERM → SIGKILL delay when a run is stopped
     # The cluster's autoscaler adds nodes (`ablate run --autoscale`): a run no alive node can hold
@@ -165,8 +167,18 @@ def _trial(job: dict, opts: LaunchOptions) -> None:
     # first report: where the run is, so even an attempt lost with its node records that node
     tune.report({"ablate_node": json.dumps(payload)})
     try:
-        res = run_process(cmd, env=env, cwd=str(root), on_event=on_event, timeout_s=job["timeout_s"],
-                          grace_s=opts.grace_s, remove_after=[cfg_path])
+        if job.get("reuse_workers"):
+            from ablate.workers import worker_for
+
+            key = (job["ranks"], job["serve_module"], env["OMP_NUM_THREADS"], env.get("CUDA_VISIBLE_DEVICES"),
+                   str(root))
+            worker = worker_for(key, job["ranks"], cwd=str(root), env=env, module=job["serve_module"],
+                                grace_s=opts.grace_s)
+            payload["worker_runs_before"] = worker.served
+            res = worker.run(job["preset"], cfg_path, job["seed"], on_event=on_event, timeout_s=job["timeout_s"])
+        else:
+            res = run_process(cmd, env=env, cwd=str(root), on_event=on_event, timeout_s=job["timeout_s"],
+                              grace_s=opts.grace_s, remove_after=[cfg_path])
         start = res.first("start")
         payload.update(
             ok=res.ok, error=res.error_text(), returncode=res.returncode, start=start, end=res.last("end"),
@@ -230,7 +242,7 @@ def _job(spec: Spec, a: _Attempt, opts: LaunchOptions) -> dict:
     return {"run_id": a.run_id, "arm": req.arm, "seed": req.seed, "preset": spec.trainer.preset,
             "overrides": overrides, "data_dir": data_dir, "data_root": spec.data_root,
             "ranks": r.ranks, "omp_threads": max(1, r.cpus // r.ranks), "timeout_s": r.timeout_s,
-            "module": opts.module}
+            "module": opts.module, "serve_module": opts.serve_module, "reuse_workers": r.reuse_workers}
 
 
 def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dict, list[dict], list[dict]]:
@@ -263,6 +275,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
         "started_at": started, "ended_at": ended,
         "launch_s": (payload["start_event_at"] - started) if payload.get("start_event_at") else None,
         "wall_s": max(0.0, ended - started),
+        "worker_runs_before": payload.get("worker_runs_before"),
     }
     keys = {"run_id": a.run_id, "experiment": spec.name, "arm": req.arm, "seed": req.seed}
     curve = [{**keys, **c} for c in payload.get("curve") or []]
@@ -384,8 +397,9 @@ def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any
     tuner = tune.Tuner(
         trainable,
         param_space={"index": tune.grid_search(list(range(len(attempts))))},  # in order: seed-major
+        # reuse_workers: a trial's actor (and the trainer worker it keeps) serves the next trial
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency_limit(spec, nodes, opts.autoscale),
-                                    reuse_actors=False),
+                                    reuse_actors=spec.resources.reuse_workers),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0, callbacks=[batch],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )

@@ -114,6 +114,10 @@ class Resources(_Model):
     # trainer override runtime.inductor_cache_dir (<dir>/inductor, <dir>/triton; GPU runs). Not part
     # of the config hash. "" = torch's defaults (/tmp/torchinductor_<user>, ~/.triton: also per node).
     compile_cache_dir: str = ""
+    # Keep each slot's trainer processes alive between runs (ablate.workers / trainer.serve): later
+    # runs skip process start, rendezvous and recompiling (~35 s per run on GPU, docs/performance.md).
+    # Results are the same as with fresh processes; a failed run ends its worker.
+    reuse_workers: bool = False
 
     @field_validator("gpus_per_run")
     @classmethod

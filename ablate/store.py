@@ -82,6 +82,7 @@ RUNS_SCHEMA = pa.schema([
     _f("ended_at", _TS, False),
     _f("launch_s", pa.float64()),
     _f("wall_s", pa.float64(), False),
+    _f("worker_runs_before", pa.int64()),
 ])
 _KEYS = [_f("run_id", pa.string(), False), _f("experiment", pa.string(), False),
          _f("arm", pa.string(), False), _f("seed", pa.int64(), False)]

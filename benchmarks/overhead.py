@@ -12,6 +12,11 @@ and, against the experiment's wall time × concurrent slots, what Ray start, tri
 idle slots cost. Ratio = experiment wall × slots ÷ Σ(train + val); goal ≤ 1.10 with warm caches.
 `--wall-s` is the driver's wall time (e.g. from `time ablate run ...`); without it the span from
 the first run's start to the last run's end is used (which leaves Ray start-up out).
+
+Steady state: a slot (the GPUs of a run, by gpu_uuids; node + order for CPU runs) spends, per run
+after its first, the time from the previous run's end to this run's end (scheduling, launch,
+compile + warmup, train, val, teardown). Σ of that ÷ Σ(train + val) of the same runs is the ratio
+once the slot is warm (compile caches filled; with resources.reuse_workers, its worker started).
 """
 from __future__ import annotations
 
@@ -55,7 +60,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  first/later warmup_s:  {ok.sort_values('started_at')['warmup_s'].round(1).tolist()}")
     print(f"ratio wall×slots / Σ(train+val) = {capacity / useful:.2f}  (goal ≤ 1.10 with warm caches)")
     print(f"ratio excluding compile+warmup   = {(capacity - warm) / useful:.2f}")
+    steady = steady_state(ok)
+    if steady is not None:
+        n, slot_s, use_s = steady
+        print(f"steady state: {n} runs after each slot's first: {slot_s:.1f} slot-s for {use_s:.1f} s of "
+              f"train+val, ratio = {slot_s / use_s:.2f}")
+    if "worker_runs_before" in ok and ok["worker_runs_before"].notna().any():
+        print(f"  worker_runs_before: {ok.sort_values('started_at')['worker_runs_before'].astype('Int64').tolist()}")
     return 0
+
+
+def steady_state(ok) -> tuple[int, float, float] | None:
+    """(runs, Σ slot time from the previous end on the same slot, Σ train+val) over each slot's
+    runs after its first; None if no slot ran twice."""
+    slots = ok["gpu_uuids"].where(ok["gpu_uuids"].fillna("") != "", ok["node_ip"].fillna("") + "/cpu")
+    n, slot_s, use_s = 0, 0.0, 0.0
+    for _, g in ok.assign(slot=slots).groupby("slot"):
+        g = g.sort_values("started_at")
+        ends = g["ended_at"].tolist()
+        for i in range(1, len(g)):
+            row = g.iloc[i]
+            n += 1
+            slot_s += (ends[i] - ends[i - 1]).total_seconds()
+            use_s += row["train_time_ms"] / 1000 + (row["eval_s"] if row["eval_s"] == row["eval_s"] else 0.0)
+    return (n, slot_s, use_s) if n else None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-EVENTS = ("start", "warmup", "val", "step", "end", "error")
+EVENTS = ("start", "warmup", "val", "step", "end", "error", "served")  # served: trainer.serve
 
 
 def _clean(v: Any) -> Any:

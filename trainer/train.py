@@ -221,8 +221,32 @@ class _Run:
             self.model.train()
 
 
+# The model (and its compiled wrapper) kept by a long-lived worker (trainer.serve) for the next
+# run with the same model config: one entry, replaced when the key changes.
+_KEPT: dict[tuple, tuple[torch.nn.Module, Any]] = {}
+
+
+def _model_key(cfg: TrainConfig, device: torch.device, world_size: int) -> tuple:
+    return (json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str), str(device), world_size,
+            bool(device.type == "cuda" and cfg.runtime.compile))
+
+
+@torch.no_grad()
+def _adopt(kept: torch.nn.Module, fresh: torch.nn.Module) -> None:
+    """Give `kept` the exact initial state of `fresh` (same class and config), in place: every
+    parameter and buffer (persistent or not) is copied, so the tensors a compiled graph was traced
+    with stay the same objects and no recompile happens."""
+    for (name, dst), (_, src) in zip(kept.named_parameters(), fresh.named_parameters(), strict=True):
+        dst.copy_(src)
+        dst.grad = None
+    for (_, dst), (_, src) in zip(kept.named_buffers(), fresh.named_buffers(), strict=True):
+        dst.copy_(src)
+    kept.rotary.reset()
+    kept.train()
+
+
 def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, grad_accum: int,
-           val_files: list) -> _Run:
+           val_files: list, reuse: bool = False) -> _Run:
     from trainer.adam import DistAdam
     from trainer.model import GPT, fp8_supported
     from trainer.normuon import NorMuon
@@ -230,15 +254,26 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model, world_size=world_size).to(device)
     model.fp8 = bool(cfg.model.fp8_head and fp8_supported(device))
-    fwd = model
-    if device.type == "cuda" and cfg.runtime.compile:
-        import torch._dynamo as dynamo
+    key = _model_key(cfg, device, world_size)
+    kept = _KEPT.get(key) if reuse else None
+    if kept is not None:  # a warm worker: same weights as a fresh build, the compiled graphs kept
+        _adopt(kept[0], model)
+        kept[0].fp8 = model.fp8
+        del model
+        model, fwd = kept
+    else:
+        _KEPT.clear()
+        fwd = model
+        if device.type == "cuda" and cfg.runtime.compile:
+            import torch._dynamo as dynamo
 
-        if hasattr(dynamo.config, "recompile_limit"):
-            dynamo.config.recompile_limit = 64
-        else:
-            dynamo.config.cache_size_limit = 64
-        fwd = torch.compile(model, dynamic=False, fullgraph=True)
+            if hasattr(dynamo.config, "recompile_limit"):
+                dynamo.config.recompile_limit = 64
+            else:
+                dynamo.config.cache_size_limit = 64
+            fwd = torch.compile(model, dynamic=False, fullgraph=True)
+        if reuse:
+            _KEPT[key] = (model, fwd)
     fams = model.param_families()
     muon_params = [(f, p) for f, p in fams if f in MUON_FAMILIES]
     adam_params = [(f, p) for f, p in fams if f not in MUON_FAMILIES]
@@ -302,11 +337,11 @@ def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
 
 
 def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: torch.device,
-           grad_accum: int) -> dict:
+           grad_accum: int, reuse: bool = False) -> dict:
     d = cfg.data
     train_files, val_files = ensure_data(d.data_dir, train_pattern=d.train_pattern, val_pattern=d.val_pattern,
                                          synthetic=d.synthetic, synth=synth_kwargs(cfg))
-    run = _build(cfg, device, rank, world_size, grad_accum, val_files)
+    run = _build(cfg, device, rank, world_size, grad_accum, val_files, reuse=reuse)
     warmup_s = compile_s = 0.0
     if cfg.runtime.warmup and cfg.runtime.warmup_steps_per_stage > 0:
         warmup_s, compile_s = _warmup(run, train_files)
@@ -352,12 +387,14 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
                    peak_mem_mib=_peak_mem_mib(device), warmup_s=warmup_s, compile_s=compile_s, eval_s=eval_s)
 
 
-def main(cfg: TrainConfig) -> dict:
+def main(cfg: TrainConfig, reuse: bool = False) -> dict:
     """Run the training described by cfg in this process (one rank); return the `end` event.
 
     Under torchrun every rank calls this; rank 0 prints the events. Raises ConfigError /
     DataError / InputError for bad input and InjectedFailure for debug.fail_at_step, after
-    printing an `error` event."""
+    printing an `error` event. A process group that already exists is used and left alone.
+    `reuse=True` (trainer.serve) keeps the model and its compiled graphs for the next call with
+    the same model config, which then starts from the same initial weights without recompiling."""
     rank, world_size, local_rank = 0, 1, 0
     ev = Emitter(enabled=os.environ.get("RANK", "0") == "0")
     created = False
@@ -368,6 +405,7 @@ def main(cfg: TrainConfig) -> dict:
         grad_accum = check_run(cfg, world_size, device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            torch.cuda.reset_peak_memory_stats(device)
             if cfg.runtime.inductor_cache_dir:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cfg.runtime.inductor_cache_dir, "inductor")
                 os.environ["TRITON_CACHE_DIR"] = os.path.join(cfg.runtime.inductor_cache_dir, "triton")
@@ -376,7 +414,7 @@ def main(cfg: TrainConfig) -> dict:
 
         ev.emit("start", config=to_dict(cfg), config_hash=config_hash(cfg), seed=cfg.seed, world_size=world_size,
                 grad_accum=grad_accum, env=provenance())
-        return _train(cfg, ev, rank, world_size, device, grad_accum)
+        return _train(cfg, ev, rank, world_size, device, grad_accum, reuse=reuse)
     except BaseException as e:
         ev.emit("error", type=type(e).__name__, message=_one_line(e))
         raise

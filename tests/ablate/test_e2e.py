@@ -113,6 +113,27 @@ class TestInProcess:
         res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
         assert res.exit_code == 1 and len(Store(str(tmp_path / "store")).runs("crash")) == 3
 
+    def test_reuse_workers_one_worker_serves_every_run(self, tmp_path: Path) -> None:
+        """resources.reuse_workers: Tune reuses the trial actor and the actor its trainer worker;
+        the worker is gone once Tune lets go of the actor."""
+        from ablate.orchestrate import run_experiment
+        from ablate.spec import load_spec
+
+        arms = {"baseline": {}, "lr": {"optim.muon.lr": 0.05}}
+        res = {"gpus_per_run": 0, "cpu_ranks_per_run": 2, "cpus_per_run": os.cpu_count(), "reuse_workers": True}
+        path = spec_file(tmp_path, "warm", arms, seeds=2, resources=res)  # one slot: every run in one worker
+        store = Store(str(tmp_path / "store"))
+        results = run_experiment(load_spec(path), store)
+        assert [r.status for r in results] == ["ok"] * 4
+        runs = store.runs("warm")
+        assert runs["worker_runs_before"].tolist() == [0, 1, 2, 3]
+        assert (runs["launch_s"].iloc[1:] < runs["launch_s"].iloc[0] / 2).all()  # no new processes
+        assert runs["final_val_loss"].notna().all()
+        end = time.time() + 30
+        while _procs_with("trainer.serve") and time.time() < end:
+            time.sleep(0.2)
+        assert _procs_with("trainer.serve") == []
+
     def test_resource_request_no_node_can_hold_fails_fast(self, tmp_path: Path) -> None:
         from ablate.cli import app
 
