@@ -10,12 +10,12 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devwheels/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=200
-STORE=/tmp/store; NGPU=$(nvidia-smi -L | wc -l)
+STORE=${STORE:-/tmp/store}; NGPU=$(nvidia-smi -L | wc -l)
 case "${PART:-1}" in 1) SPEC=experiments/gpu_proxy.yaml; EXP=gpu-proxy; SLOTS=$NGPU ;;
                      2) SPEC=experiments/gpu_proxy_2gpu.yaml; EXP=gpu-proxy-2gpu; SLOTS=$((NGPU / 2)) ;;
                      4) SPEC=experiments/gpu_proxy_4gpu.yaml; EXP=gpu-proxy-4gpu; SLOTS=$((NGPU / 4)) ;; esac
 if [ "${REUSE:-0}" = 1 ]; then  # same runs, long-lived workers: a spec copy with its own name
-  sed -e "s/^name: $EXP\$/name: $EXP-reuse/" -e 's/^resources: {\(.*\)}\$/resources: {\1, reuse_workers: true}/' \
+  sed -e "s/^name: $EXP\$/name: $EXP-reuse/" -e 's/^resources: {\(.*\)}$/resources: {\1, reuse_workers: true}/' \
     "$SPEC" > /tmp/reuse-spec.yaml
   grep -q "reuse_workers: true" /tmp/reuse-spec.yaml && grep -q "name: $EXP-reuse" /tmp/reuse-spec.yaml \
     || { echo "REUSE=1: could not rewrite $SPEC"; exit 2; }

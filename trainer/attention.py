@@ -111,15 +111,18 @@ def _ordered(mask: Tensor) -> tuple[Tensor, Tensor]:
     """(count, indices) of each row's True columns, as FlexAttention's BlockMask stores them.
 
     Equal to a stable descending argsort of the 0/1 rows (True columns in order, then the rest in
-    order) but built from cumulative sums and one scatter: an in-graph sort compiles into huge
-    Triton kernels (4.9 MB cubins, the longest pole of a cold compile; docs/performance.md)."""
+    order) but built from cumulative sums and a binary search: slot p of a row holds the column
+    where the row's running count of True (p < count) or False columns first reaches p + 1. An
+    in-graph sort compiles into huge Triton kernels (4.9 MB cubins, the longest pole of a cold
+    compile), and a scatter of the inverse permutation fails Inductor's Triton codegen from
+    256 × 256 blocks on (torch 2.11; benchmarks/gpu_mask_check.py, docs/performance.md)."""
     m = mask.to(torch.int32)
+    n = m.shape[-1]
     num = m.sum(dim=-1, dtype=torch.int32)
-    pos_true = torch.cumsum(m, dim=-1) - 1
-    pos_false = num[..., None] + torch.cumsum(1 - m, dim=-1) - 1
-    dest = torch.where(mask, pos_true, pos_false).long()
-    cols = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32).expand_as(m)
-    idx = torch.empty_like(m).scatter_(-1, dest, cols)
+    slot = torch.arange(n, device=mask.device, dtype=torch.int32).expand_as(m)
+    col_true = torch.searchsorted(torch.cumsum(m, dim=-1), (slot + 1).contiguous(), side="left")
+    col_false = torch.searchsorted(torch.cumsum(1 - m, dim=-1), (slot - num[:, None] + 1).contiguous(), side="left")
+    idx = torch.where(slot < num[:, None], col_true, col_false).to(torch.int32)
     return num[None, None].contiguous(), idx[None, None].contiguous()
 
 

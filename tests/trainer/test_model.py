@@ -183,9 +183,11 @@ def test_flex_block_mask_matches_torch_construction(window):
     assert ours.seq_lengths == ref.seq_lengths and ours.BLOCK_SIZE == ref.BLOCK_SIZE
 
 
-def test_flex_block_mask_traces_without_a_sort():
+def test_flex_block_mask_traces_without_a_sort_or_scatter():
     """A sort inside the compiled forward became 1–5 MB Triton kernels that dominated a cold
-    compile on GPU; the mask must trace to cumsum/scatter only (checked on the aten graph)."""
+    compile on GPU, and the scatter that replaced it failed Inductor's Triton codegen from 256
+    blocks on (torch 2.11, benchmarks/gpu_mask_check.py): the mask must trace to cumsum and
+    searchsorted only (checked on the aten graph)."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
     ops: list[str] = []
@@ -203,7 +205,8 @@ def test_flex_block_mask_traces_without_a_sort():
     docs = torch.cumsum((torch.arange(1024) % 300 == 0).int(), 0).int()
     torch._dynamo.reset()
     torch.compile(fields, backend=backend, fullgraph=True, dynamic=False)(docs, torch.tensor(200))
-    assert ops and not [o for o in ops if "sort" in o], ops
+    assert ops and not [o for o in ops if ("sort" in o and "searchsorted" not in o) or "scatter" in o], ops
+    assert [o for o in ops if "searchsorted" in o]
 
 
 def test_dense_mask_rules():
