@@ -160,7 +160,9 @@ def _print_plan(spec: Spec, store) -> None:
     cache = spec.resources.compile_cache_dir or "torch defaults"
     out.print(f"per run: {dev}, Ray bundle {{CPU: {rp['bundle']['CPU']:g}, GPU: {rp['bundle']['GPU']:g}}}{node}, "
               f"OMP_NUM_THREADS={rp['omp_num_threads']}, timeout {rp['timeout_s'] or 'none'}, "
-              f"compile cache {cache}", soft_wrap=True)
+              f"compile cache {cache}, "
+              + ("long-lived workers (reuse_workers)" if spec.resources.reuse_workers else "a fresh process per run"),
+              soft_wrap=True)
     out.print(f"runs: {len(reqs)} now, at most {rp['max_runs']} (+ retries); concurrency = whole bundles that "
               f"fit on the cluster's nodes", soft_wrap=True)
     out.print(f"store: {where}", soft_wrap=True)

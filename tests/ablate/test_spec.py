@@ -234,3 +234,20 @@ search:
     with pytest.raises(SpecError) as e:
         parse_spec_text(text, "bad.yaml")
     assert "optim.muon.lrr" in str(e.value) and "optim.muon.lr" in str(e.value)
+
+
+def test_reuse_workers_field(tmp_path: Path) -> None:
+    """resources.reuse_workers: off by default, shown by --dry-run, a bool (a typo is a spec error),
+    and outside the runs' identity (the same config hashes either way)."""
+    from ablate.matrix import expand
+
+    off = parse_spec_text(GOOD)
+    on = parse_spec_text(_replace("cpu_ranks_per_run: 2}", "cpu_ranks_per_run: 2, reuse_workers: true}"))
+    assert off.resources.reuse_workers is False and on.resources.reuse_workers is True
+    assert [r.config_hash for r in expand(off)] == [r.config_hash for r in expand(on)]
+    bad = _write(tmp_path, _replace("cpu_ranks_per_run: 2}", "cpu_ranks_per_run: 2, reuse_workers: maybe}"))
+    with pytest.raises(SpecError, match="reuse_workers"):
+        load_spec(bad)
+    path = _write(tmp_path, _replace("cpu_ranks_per_run: 2}", "cpu_ranks_per_run: 2, reuse_workers: true}"))
+    res = CliRunner().invoke(app, ["run", str(path), "--dry-run", "--store", str(tmp_path / "s")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "long-lived workers (reuse_workers)" in res.output
