@@ -10,10 +10,11 @@ Each trial (a Ray worker holding the run's bundle: all its GPUs, or CPUs for CPU
 the run's overrides to a temporary YAML file, starts `python -m torch.distributed.run
 --standalone ... -m trainer.train` through `ablate.launch` (process-tree guard, free rendezvous
 port) — or, with `resources.reuse_workers`, hands the run to the long-lived trainer worker its
-reused actor keeps (ablate.workers) — reports val/step events to Tune as they arrive, and returns everything in one final
-report. The driver's Tune callback writes the run to the store as each trial ends, so a killed
-driver loses at most the runs in flight. Tune never retries (max_failures=0): a failed attempt
-gets its own row, and the driver launches the next attempt in a new batch.
+reused actor keeps (ablate.workers) — reports val/step events to Tune as they arrive, and returns
+everything in one final report. The driver's Tune callback writes the run to the store as each
+trial ends, so a killed driver loses at most the runs in flight. Tune never retries
+(max_failures=0): a failed attempt gets its own row, and the driver launches the next attempt in a
+new batch.
 """
 from __future__ import annotations
 
