@@ -26,11 +26,10 @@ import json
 import os
 import sys
 import time
-import traceback
 
 from trainer.config import ConfigError, load_config
 from trainer.events import Emitter
-from trainer.train import INPUT_ERRORS, InjectedFailure, _one_line, launcher_world
+from trainer.train import INPUT_ERRORS, _one_line, launcher_world, main_exit_code
 
 POLL_S = 0.02
 WATCH_S = 0.5
@@ -143,8 +142,6 @@ def _join_group(cfg) -> None:
 
 def _run_job(job: dict, ev: Emitter, rank0: bool) -> int:
     """One job, with trainer.train's exit codes (the `error` event is printed by main)."""
-    from trainer.train import main
-
     try:
         cfg = load_config(job["preset"], {}, job.get("config"), job.get("seed"))
     except (ConfigError, KeyError, TypeError) as e:
@@ -153,23 +150,13 @@ def _run_job(job: dict, ev: Emitter, rank0: bool) -> int:
             print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     try:
-        try:
-            _join_group(cfg)
-        except INPUT_ERRORS as e:
-            ev.emit("error", type=type(e).__name__, message=_one_line(e))
-            raise
-        main(cfg, reuse=True)
+        _join_group(cfg)
     except INPUT_ERRORS as e:
         if rank0:
+            ev.emit("error", type=type(e).__name__, message=_one_line(e))
             print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except InjectedFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except Exception:
-        traceback.print_exc(file=sys.stderr)
-        return 1
-    return 0
+    return main_exit_code(cfg, rank0, reuse=True)
 
 
 def cli(argv: list[str] | None = None) -> int:

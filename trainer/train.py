@@ -465,8 +465,14 @@ def cli(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
+    return main_exit_code(cfg, rank0)
+
+
+def main_exit_code(cfg: TrainConfig, rank0: bool, reuse: bool = False) -> int:
+    """main(cfg) with the command line's exit codes: 0 ok, 2 bad input (one line on stderr),
+    debug.exit_code for an injected failure, 130 interrupted, 1 otherwise (traceback on stderr)."""
     try:
-        main(cfg)
+        main(cfg, reuse=reuse)
     except INPUT_ERRORS as e:
         if rank0:
             print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -482,7 +488,7 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "cli", "InputError", "InjectedFailure", "INPUT_ERRORS", "check_run", "synth_kwargs"]
+__all__ = ["main", "main_exit_code", "cli", "InputError", "InjectedFailure", "INPUT_ERRORS", "check_run", "synth_kwargs"]
 
 if __name__ == "__main__":
     sys.exit(cli())

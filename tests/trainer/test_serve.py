@@ -3,43 +3,26 @@
     python -m pytest tests/trainer/test_serve.py -q
 """
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-import torch
 import yaml
 
 from trainer import train
-from trainer.config import to_dict
+from trainer.config import flatten, to_dict
 from trainer.serve import _alive, serve
 from tests.trainer.test_train import _fast
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _curve(events):
-    return [(e["step"], e["val_loss"]) for e in events if e["event"] == "val"]
-
-
 def _job_file(tmp_path, name, cfg):
-    over = {k: v for k, v in _flat(to_dict(cfg)).items()}
+    """The whole resolved config as a --config file (what ablate writes is only the overrides)."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(over))
+    path.write_text(yaml.safe_dump(flatten(to_dict(cfg))))
     return str(path)
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_reused_model_gives_the_fresh_runs_results(tiny_data, capsys):
