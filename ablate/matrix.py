@@ -107,7 +107,7 @@ def resource_plan(spec: Spec) -> dict[str, Any]:
         "ranks_per_run": r.ranks,
         "device": "cuda" if r.gpus_per_run else "cpu",
         "bundle": r.bundle(),
-        "omp_num_threads": max(1, r.cpus // r.ranks),
+        "omp_num_threads": r.omp_threads,
         "timeout_s": r.timeout_s,
         "max_runs": len(spec.arms) * len(spec.max_seeds),
     }

@@ -118,18 +118,6 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
         ray.shutdown()
 
 
-def max_concurrency(spec: Spec, nodes: list[dict]) -> int:
-    """How many runs fit on the cluster at once (whole bundles per node)."""
-    need = spec.resources.bundle()
-    total = 0
-    for n in nodes:
-        if not n.get("Alive", False):
-            continue
-        have = n.get("Resources", {})
-        total += int(min(have.get(k, 0.0) // v for k, v in need.items() if v > 0))
-    return max(1, total)
-
-
 # --------------------------------------------------------------------------------------------
 # The trial (runs in a Ray worker)
 # --------------------------------------------------------------------------------------------
@@ -242,7 +230,7 @@ def _job(spec: Spec, a: _Attempt, opts: LaunchOptions) -> dict:
         overrides[CACHE_KEY] = r.compile_cache_dir
     return {"run_id": a.run_id, "arm": req.arm, "seed": req.seed, "preset": spec.trainer.preset,
             "overrides": overrides, "data_dir": data_dir, "data_root": spec.data_root,
-            "ranks": r.ranks, "omp_threads": max(1, r.cpus // r.ranks), "timeout_s": r.timeout_s,
+            "ranks": r.ranks, "omp_threads": r.omp_threads, "timeout_s": r.timeout_s,
             "module": opts.module, "serve_module": opts.serve_module, "reuse_workers": r.reuse_workers}
 
 

@@ -171,6 +171,11 @@ class Resources(_Model):
     def cpus(self) -> int:
         return self.cpus_per_run or max(1, self.ranks)
 
+    @property
+    def omp_threads(self) -> int:
+        """OMP_NUM_THREADS of each rank: the run's Ray CPUs shared by its ranks."""
+        return max(1, self.cpus // self.ranks)
+
     def bundle(self) -> dict[str, float]:
         """The run's CPUs and GPUs, in one Ray bundle (never split, see ray-notes). On a cluster
         an 8-GPU run may add `gpu_node: 1`: ablate.placement.run_bundle."""

@@ -1,6 +1,6 @@
 """Does the flex BlockMask construction compile (Inductor, fullgraph) at every speedrun shape? GPU only.
 
-    python benchmarks/gpu_mask_check.py [--blocks 64 128 256 384]
+    python benchmarks/gpu_mask_check.py [--blocks 128 256 384 2048] [--variants scatter2d sort ...]
 
 Found by the GPU runs: the first sort-free construction (cumsum + scatter along dim -1) failed
 Inductor's Triton codegen from 256 blocks on ("list indices must be integers or slices, not NoneType" in
@@ -38,15 +38,16 @@ def _ordered_scatter2d(mask):  # the first sort-free version (session 2): scatte
     return num[None, None].contiguous(), idx[None, None].contiguous()
 
 
-def _ordered_searchsorted(mask):  # gather instead of scatter: slot p's column by binary search
+def _ordered_scatter1d(mask):  # the same scatter over the flattened matrix (tried in session 3)
     m = mask.to(torch.int32)
-    n = m.shape[-1]
+    rows, n = m.shape
     num = m.sum(dim=-1, dtype=torch.int32)
-    ct, cf = torch.cumsum(m, dim=-1), torch.cumsum(1 - m, dim=-1)
-    p = torch.arange(n, device=mask.device, dtype=torch.int32).expand_as(m)
-    t = torch.searchsorted(ct, (p + 1).contiguous(), side="left")
-    f = torch.searchsorted(cf, (p - num[:, None] + 1).contiguous(), side="left")
-    idx = torch.where(p < num[:, None], t, f).to(torch.int32)
+    pos_true = torch.cumsum(m, dim=-1) - 1
+    pos_false = num[..., None] + torch.cumsum(1 - m, dim=-1) - 1
+    row0 = torch.arange(rows, device=mask.device, dtype=torch.int64)[:, None] * n
+    dest = (torch.where(mask, pos_true, pos_false).long() + row0).reshape(-1)
+    cols = torch.arange(n, device=mask.device, dtype=torch.int32).expand(rows, n).reshape(-1)
+    idx = torch.empty(rows * n, device=mask.device, dtype=torch.int32).scatter_(0, dest, cols).view(rows, n)
     return num[None, None].contiguous(), idx[None, None].contiguous()
 
 
@@ -59,11 +60,12 @@ def build(docs, window, ordered, contiguous_t: bool):
     return (*ordered(partial), *ordered(full), *ordered(pt), *ordered(ft))
 
 
-VARIANTS = {
-    "trainer": lambda d, w: build(d, w, A._ordered, False),  # what trainer/attention.py does now
+VARIANTS = {  # the rows of the table in docs/performance.md ("Cold compile")
     "scatter2d": lambda d, w: build(d, w, _ordered_scatter2d, False),
-    "searchsorted": lambda d, w: build(d, w, _ordered_searchsorted, False),
+    "scatter2d+contig": lambda d, w: build(d, w, _ordered_scatter2d, True),  # transposed inputs made contiguous
+    "scatter1d": lambda d, w: build(d, w, _ordered_scatter1d, False),
     "sort": lambda d, w: build(d, w, _ordered_sort, False),
+    "searchsorted": lambda d, w: build(d, w, A._ordered, False),  # what trainer/attention.py does now
 }
 
 
@@ -76,7 +78,7 @@ def docs_for(n_blocks: int, device) -> torch.Tensor:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256, 384, 512])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 384, 2048])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+import pandas as pd
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -82,7 +84,7 @@ def steady_state(ok) -> tuple[int, float, float] | None:
             row = g.iloc[i]
             n += 1
             slot_s += (ends[i] - ends[i - 1]).total_seconds()
-            use_s += row["train_time_ms"] / 1000 + (row["eval_s"] if row["eval_s"] == row["eval_s"] else 0.0)
+            use_s += row["train_time_ms"] / 1000 + (0.0 if pd.isna(row["eval_s"]) else row["eval_s"])
     return (n, slot_s, use_s) if n else None
 
 

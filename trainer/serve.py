@@ -29,7 +29,7 @@ import time
 
 from trainer.config import ConfigError, load_config
 from trainer.events import Emitter
-from trainer.train import INPUT_ERRORS, _one_line, launcher_world, main_exit_code
+from trainer.train import _one_line, main_exit_code
 
 POLL_S = 0.02
 WATCH_S = 0.5
@@ -118,40 +118,12 @@ def serve(jobs_dir: str, idle_timeout_s: float = 0.0) -> int:
             dist.destroy_process_group()
 
 
-_GROUP_DEVICE: list[str] = []  # device type the process group was created for (NCCL: cuda, gloo: cpu)
-
-
-def _join_group(cfg) -> None:
-    """Create the torchrun process group once, on the first job's device (main() then uses it and
-    leaves it alone); a later job on another device type needs another worker."""
-    from trainer.train import InputError, init_distributed, resolve_device
-
-    rank, world_size, local_rank = launcher_world()
-    device = resolve_device(cfg, local_rank)
-    if not _GROUP_DEVICE:
-        if device.type == "cuda":
-            import torch
-
-            torch.cuda.set_device(device)
-        init_distributed(world_size, rank, device)
-        _GROUP_DEVICE.append(device.type)
-    elif _GROUP_DEVICE[0] != device.type and world_size > 1:
-        raise InputError(f"this worker's process group is for {_GROUP_DEVICE[0]} but the job runs on {device.type} "
-                         "(runtime.device); start a new worker for it")
-
-
 def _run_job(job: dict, ev: Emitter, rank0: bool) -> int:
-    """One job, with trainer.train's exit codes (the `error` event is printed by main)."""
+    """One job, with trainer.train's exit codes (the `error` event is printed by main). The
+    first job creates the process group, which main() then keeps for the later ones."""
     try:
         cfg = load_config(job["preset"], {}, job.get("config"), job.get("seed"))
     except (ConfigError, KeyError, TypeError) as e:
-        if rank0:
-            ev.emit("error", type=type(e).__name__, message=_one_line(e))
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    try:
-        _join_group(cfg)
-    except INPUT_ERRORS as e:
         if rank0:
             ev.emit("error", type=type(e).__name__, message=_one_line(e))
             print(f"error: {_one_line(e)}", file=sys.stderr)

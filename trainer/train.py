@@ -100,12 +100,18 @@ def check_run(cfg: TrainConfig, world_size: int, device: torch.device) -> int:
 
 
 def init_distributed(world_size: int, rank: int, device: torch.device) -> bool:
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU); True if this call created it."""
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU); True if this call created it.
+    An existing group (a long-lived worker's, trainer.serve) is used if its backend fits the device."""
     import torch.distributed as dist
 
-    if world_size == 1 or dist.is_initialized():
+    if world_size == 1:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        if dist.get_backend() != backend:
+            raise InputError(f"the existing process group uses {dist.get_backend()} but runtime.device="
+                             f"{device.type} needs {backend}; run this config in a new process (or worker)")
+        return False
     if device.type == "cuda":
         dist.init_process_group(backend=backend, device_id=device)
     else:
@@ -236,7 +242,7 @@ def _adopt(kept: torch.nn.Module, fresh: torch.nn.Module) -> None:
     """Give `kept` the exact initial state of `fresh` (same class and config), in place: every
     parameter and buffer (persistent or not) is copied, so the tensors a compiled graph was traced
     with stay the same objects and no recompile happens."""
-    for (name, dst), (_, src) in zip(kept.named_parameters(), fresh.named_parameters(), strict=True):
+    for (_, dst), (_, src) in zip(kept.named_parameters(), fresh.named_parameters(), strict=True):
         dst.copy_(src)
         dst.grad = None
     for (_, dst), (_, src) in zip(kept.named_buffers(), fresh.named_buffers(), strict=True):
@@ -257,8 +263,7 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     key = _model_key(cfg, device, world_size)
     kept = _KEPT.get(key) if reuse else None
     if kept is not None:  # a warm worker: same weights as a fresh build, the compiled graphs kept
-        _adopt(kept[0], model)
-        kept[0].fp8 = model.fp8
+        _adopt(kept[0], model)  # fp8 is a function of the key (model config, device)
         del model
         model, fwd = kept
     else:
@@ -393,8 +398,9 @@ def main(cfg: TrainConfig, reuse: bool = False) -> dict:
     Under torchrun every rank calls this; rank 0 prints the events. Raises ConfigError /
     DataError / InputError for bad input and InjectedFailure for debug.fail_at_step, after
     printing an `error` event. A process group that already exists is used and left alone.
-    `reuse=True` (trainer.serve) keeps the model and its compiled graphs for the next call with
-    the same model config, which then starts from the same initial weights without recompiling."""
+    `reuse=True` (trainer.serve) keeps, for the next call, the process group and, while the model
+    config stays the same, the model and its compiled graphs; that call then starts from the same
+    initial weights without recompiling."""
     rank, world_size, local_rank = 0, 1, 0
     ev = Emitter(enabled=os.environ.get("RANK", "0") == "0")
     created = False
@@ -419,7 +425,7 @@ def main(cfg: TrainConfig, reuse: bool = False) -> dict:
         ev.emit("error", type=type(e).__name__, message=_one_line(e))
         raise
     finally:
-        if created:
+        if created and not reuse:  # a long-lived worker keeps its group (trainer.serve ends it)
             import torch.distributed as dist
 
             dist.destroy_process_group()

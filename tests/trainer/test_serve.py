@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from trainer import train
@@ -111,3 +112,17 @@ def test_serve_cli_needs_an_existing_jobs_dir(tmp_path):
     res = subprocess.run([sys.executable, "-m", "trainer.serve", "--jobs", str(tmp_path / "nope")], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "is not a directory" in res.stderr
+
+
+def test_an_existing_group_of_the_wrong_backend_is_an_input_error(monkeypatch):
+    """main() uses a long-lived worker's process group only if its backend fits the device."""
+    import torch
+    import torch.distributed as dist
+
+    from trainer.train import InputError, init_distributed
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert init_distributed(2, 0, torch.device("cpu")) is False  # fits: used, not created
+    with pytest.raises(InputError, match="uses gloo but runtime.device=cuda needs nccl"):
+        init_distributed(2, 0, torch.device("cuda", 0))
