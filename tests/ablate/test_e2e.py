@@ -51,7 +51,8 @@ _procs_with = procs_with  # pids whose command line contains text (run ids are i
 # ---------------------------------------------------------------------------------------------
 class TestInProcess:
     @pytest.fixture(scope="class", autouse=True)
-    def local_ray(self):
+    @classmethod
+    def local_ray(cls):
         import ray
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
