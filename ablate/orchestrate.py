@@ -265,6 +265,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
         "launch_s": (payload["start_event_at"] - started) if payload.get("start_event_at") else None,
         "wall_s": max(0.0, ended - started),
         "worker_runs_before": payload.get("worker_runs_before"),
+        "attn_backend": (config.get("model") or {}).get("attn_backend"),
     }
     keys = {"run_id": a.run_id, "experiment": spec.name, "arm": req.arm, "seed": req.seed}
     curve = [{**keys, **c} for c in payload.get("curve") or []]

@@ -83,6 +83,7 @@ RUNS_SCHEMA = pa.schema([
     _f("launch_s", pa.float64()),
     _f("wall_s", pa.float64(), False),
     _f("worker_runs_before", pa.int64()),
+    _f("attn_backend", pa.string()),  # the trainer's resolved model.attn_backend (fa4 / flex / sdpa)
 ])
 _KEYS = [_f("run_id", pa.string(), False), _f("experiment", pa.string(), False),
          _f("arm", pa.string(), False), _f("seed", pa.int64(), False)]

@@ -2,11 +2,14 @@
 
 A rank's micro-batch is one flat packed sequence of T tokens; a query at position q sees a key at
 k iff docs[q] == docs[k] and 0 ≤ q − k ≤ window (FlashAttention's window (window, 0) convention).
-Two backends (model.attn_backend):
+Three backends (model.attn_backend; "auto" is resolved by the trainer: fa4 on a Hopper+ GPU where
+flash-attn-4 imports, else flex on GPU, sdpa on CPU):
 
-- "flex": torch.nn.attention.flex_attention with a BlockMask built directly from block-level
-  document/causal/window bounds (no T×T mask), compiled with the model on GPU. PyTorch has no
-  CPU backward for FlexAttention, so on CPU it serves forward passes only.
+- "fa4": FlashAttention-4's varlen kernel (trainer/fa4.py), documents as `cu_seqlens` built on the
+  host, `window_size=(window, 0)`; a torch.library custom op, so it compiles with the model. GPU only.
+- "flex": torch.nn.attention.flex_attention with a BlockMask built by index arithmetic from
+  block-level document/causal/window bounds (block_spans; no T×T mask), compiled with the model
+  on GPU. PyTorch has no CPU backward for FlexAttention, so on CPU it serves forward passes only.
 - "sdpa": F.scaled_dot_product_attention with an explicit boolean mask over query chunks and
   their window of keys (banded, T·(chunk + window) work instead of T²): simple, runs anywhere,
   and the CPU training path. `reference_attention` is the plain full-mask version for tests.
@@ -49,6 +52,9 @@ class Rotary(nn.Module):
         # The same value as a 0-d buffer: the compiled model reads this one, so a YaRN step changes
         # data, not a guarded Python constant (no recompile per window).
         self.register_buffer("attn_scale_t", torch.tensor(float(attn_scale)), persistent=False)
+        # And as a host tensor (not a buffer: it stays on the CPU when the model moves), which the
+        # FlashAttention-4 op reads as its softmax scale without a device sync.
+        self.attn_scale_host = torch.tensor(float(attn_scale))
         self.alpha, self.beta = float(alpha), float(beta)
 
     @torch.no_grad()
@@ -61,12 +67,14 @@ class Rotary(nn.Module):
         self.omega.copy_((self.omega.double() * (s + w * (1 - s))).float())
         self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1.0
         self.attn_scale_t.fill_(self.attn_scale)
+        self.attn_scale_host.fill_(self.attn_scale)
 
     @torch.no_grad()
     def reset(self) -> None:
         self.omega.copy_(self.omega_base)
         self.attn_scale = self.attn_scale_init
         self.attn_scale_t.fill_(self.attn_scale)
+        self.attn_scale_host.fill_(self.attn_scale)
 
     def cos_sin(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(cos, sin) of shape (T, 1, head_dim/2), fp32, for positions 0..T-1 of the flat sequence."""
@@ -107,46 +115,77 @@ def block_classes(docs: Tensor, window: int, block: int = MASK_BLOCK) -> tuple[T
     return any_, full
 
 
-def _ordered(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(count, indices) of each row's True columns, as FlexAttention's BlockMask stores them.
+def _span_index(s1: Tensor, n1: Tensor, s2: Tensor, n2: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(count, indices) of rows whose block list is the range [s1, s1+n1) followed by [s2, s2+n2).
 
-    Equal to a stable descending argsort of the 0/1 rows (True columns in order, then the rest in
-    order) but built from cumulative sums and a binary search: slot p of a row holds the column
-    where the row's running count of True (p < count) or False columns first reaches p + 1. An
-    in-graph sort compiles into huge Triton kernels (4.9 MB cubins, the longest pole of a cold
-    compile), and a scatter of the inverse permutation fails Inductor's Triton codegen from
-    256 × 256 blocks on (torch 2.11; benchmarks/gpu_mask_check.py, docs/performance.md)."""
-    m = mask.to(torch.int32)
-    n = m.shape[-1]
-    num = m.sum(dim=-1, dtype=torch.int32)
-    slot = torch.arange(n, device=mask.device, dtype=torch.int32).expand_as(m)
-    col_true = torch.searchsorted(torch.cumsum(m, dim=-1), (slot + 1).contiguous(), side="left")
-    col_false = torch.searchsorted(torch.cumsum(1 - m, dim=-1), (slot - num[:, None] + 1).contiguous(), side="left")
-    idx = torch.where(slot < num[:, None], col_true, col_false).to(torch.int32)
-    return num[None, None].contiguous(), idx[None, None].contiguous()
+    Slot p holds s1 + p, then s2 + p − n1; slots past the count are never read by the kernels
+    and hold clamped, in-range filler. Pure index arithmetic: no sort, scatter or search."""
+    p = torch.arange(n, device=s1.device, dtype=torch.int32)[None, :]
+    idx = torch.where(p < n1[:, None], s1[:, None] + p, s2[:, None] + p - n1[:, None]).clamp(0, n - 1)
+    num = (n1 + n2).to(torch.int32)
+    return num[None, None].contiguous(), idx.to(torch.int32)[None, None].contiguous()
+
+
+def block_spans(docs: Tensor, window: int | Tensor, block: int = MASK_BLOCK) -> dict[str, Tensor]:
+    """The BlockMask's four (count, indices) pairs by index arithmetic on block bounds.
+
+    docs must be non-decreasing with length a multiple of `block`, so block i spans documents
+    lo[i]..hi[i]. Query block i sees key blocks j ≤ i from the first block that reaches its first
+    document (count of j with hi[j] < lo[i]) and within the window (i − j ≤ ⌊(window + block − 1)
+    / block⌋): one contiguous range ending at i. The fully visible ("full") blocks are the part of
+    it that starts inside block i's document, lies strictly before i and within ⌊(window − block +
+    1) / block⌋ blocks, and only when block i holds one document. So every row of partial blocks is
+    at most two contiguous ranges ([start, full start) and {i}), and columns mirror it ({j} and
+    (full end, end]). Each bound is an n×n comparison summed over one axis: reductions and
+    pointwise ops only, which Inductor compiles at every size (a sort compiled into multi-MB
+    Triton kernels; a scatter and a searchsorted failed Triton codegen at some block counts on
+    torch 2.11 — benchmarks/gpu_mask_check.py, docs/performance.md)."""
+    n = docs.numel() // block
+    d = docs.view(n, block)
+    lo, hi = d[:, 0], d[:, -1]
+    i = torch.arange(n, device=docs.device, dtype=torch.int32)
+    i32 = torch.int32
+    first_any = (hi[None, :] < lo[:, None]).sum(-1, dtype=i32)  # row i: first j with hi[j] ≥ lo[i]
+    first_full = (lo[None, :] < lo[:, None]).sum(-1, dtype=i32)  # row i: first j with lo[j] ≥ lo[i]
+    last_any = (lo[None, :] <= hi[:, None]).sum(-1, dtype=i32) - 1  # column j: last i with lo[i] ≤ hi[j]
+    last_full = (hi[None, :] <= lo[:, None]).sum(-1, dtype=i32) - 1  # column j: last i with hi[i] ≤ lo[j]
+    single = lo == hi
+    w_any = (window + (block - 1)) // block  # farthest block distance with some visible pair
+    w_full = (window - (block - 1)) // block  # ... with every pair visible (floor; < 0 means none)
+    zero = torch.zeros_like(i)
+    # rows (key blocks per query block): partial = [a0, f0) ∪ {i} when full blocks exist, else [a0, i]
+    a0 = torch.maximum(first_any, i - w_any)
+    f0 = torch.maximum(first_full, i - w_full)
+    nf = torch.where(single, (i - f0).clamp_min(0), zero)
+    has = nf > 0
+    rows_p = _span_index(a0, torch.where(has, f0 - a0, i - a0 + 1), i, has.to(i32), n)
+    rows_f = _span_index(f0, nf, zero, zero, n)
+    # columns (query blocks per key block): partial = {j} ∪ (f1, a1] when full blocks exist, else [j, a1]
+    a1 = torch.minimum(last_any, i + w_any)
+    f1 = torch.minimum(last_full, i + w_full)
+    nfq = torch.where(single, (f1 - i).clamp_min(0), zero)
+    hasq = nfq > 0
+    cols_p = _span_index(i, torch.where(hasq, torch.ones_like(i), a1 - i + 1), f1 + 1,
+                         torch.where(hasq, a1 - f1, zero), n)
+    cols_f = _span_index(i + 1, nfq, zero, zero, n)
+    return {"kv_num_blocks": rows_p[0], "kv_indices": rows_p[1], "full_kv_num_blocks": rows_f[0],
+            "full_kv_indices": rows_f[1], "q_num_blocks": cols_p[0], "q_indices": cols_p[1],
+            "full_q_num_blocks": cols_f[0], "full_q_indices": cols_f[1]}
 
 
 def flex_block_mask(docs: Tensor, window: int | Tensor, block: int = MASK_BLOCK):
     """FlexAttention BlockMask for the document + causal + window rule; len(docs) % block == 0.
 
-    Built directly from the dense block classes, both orientations (kv blocks per q block for
-    the forward, q blocks per kv block for the backward), with no sort (see _ordered)."""
+    Both orientations (key blocks per query block for the forward, query blocks per key block for
+    the backward) come from block_spans, with no sort, scatter or search."""
     from torch.nn.attention.flex_attention import BlockMask
-
-    any_, full = block_classes(docs, window, block)
-    partial = any_ & ~full
-    kv_num, kv_idx = _ordered(partial)
-    full_num, full_idx = _ordered(full)
-    q_num, q_idx = _ordered(partial.transpose(0, 1))
-    full_q_num, full_q_idx = _ordered(full.transpose(0, 1))
 
     def mask_mod(b, h, q, kv):
         return (q >= kv) & (q - kv <= window) & (docs[q] == docs[kv])
 
     n = docs.numel()
-    return BlockMask(seq_lengths=(n, n), kv_num_blocks=kv_num, kv_indices=kv_idx, full_kv_num_blocks=full_num,
-                     full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num,
-                     full_q_indices=full_q_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
+    return BlockMask(seq_lengths=(n, n), **block_spans(docs, window, block), BLOCK_SIZE=(block, block),
+                     mask_mod=mask_mod)
 
 
 def _band_chunk(window: int) -> int:
@@ -176,14 +215,20 @@ def band_mask(docs: Tensor, window: int, chunk: int) -> Tensor:
     return (band[None] & (dq[:, :, None] == dk[:, None, :]))[:, None]
 
 
-def build_mask(docs: Tensor, window: int | Tensor, backend: str):
+def build_mask(docs: Tensor | None, window: int | Tensor, backend: str, cu_seqlens: Tensor | None = None,
+               max_seqlen: int = 0):
     """The mask of one window for one forward pass (built once, shared by the layers).
 
-    For "flex" the window may be a 0-d tensor, so that one compiled graph serves every window.
-
     "flex": a BlockMask (docs padded to a multiple of MASK_BLOCK with a fresh document id, so
-    padded queries see only padded keys). "sdpa": (band_mask, window, chunk) for the banded path,
-    which costs T·(chunk + window) instead of T²."""
+    padded queries see only padded keys); the window may be a 0-d tensor, so that one compiled
+    graph serves every window. "sdpa": (band_mask, window, chunk) for the banded path, which costs
+    T·(chunk + window) instead of T². "fa4": (cu_seqlens, max_seqlen, window) for trainer.fa4 —
+    the document boundaries come from the host (trainer.feed), the window as a 0-d CPU tensor."""
+    if backend == "fa4":
+        if cu_seqlens is None:
+            raise ValueError("model.attn_backend='fa4' needs cu_seqlens (the document boundaries); "
+                             "trainer.feed builds them on the host")
+        return cu_seqlens, max_seqlen, window
     if backend == "flex":
         pad = (-docs.numel()) % MASK_BLOCK
         if pad:
@@ -192,14 +237,22 @@ def build_mask(docs: Tensor, window: int | Tensor, backend: str):
     if backend == "sdpa":
         chunk = _band_chunk(window)
         return band_mask(docs, window, chunk), window, chunk
-    raise ValueError(f"model.attn_backend={backend!r} is invalid: expected 'flex' or 'sdpa'")
+    raise ValueError(f"model.attn_backend={backend!r} is invalid here: expected 'fa4', 'flex' or 'sdpa' "
+                     "('auto' is resolved by the trainer before the model is built)")
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask, backend: str, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, backend: str, scale: float | Tensor) -> Tensor:
     """Masked attention of (T, H, D) q, k, v with a mask from build_mask; returns (T, H, D).
 
-    The model pre-multiplies q by its (tensor) softmax scale and passes scale=1.0."""
+    `scale` multiplies the q·k scores inside the kernel, in fp32: a Python float, or a 0-d tensor
+    (flex: on the device, applied by a score_mod; fa4: on the CPU) so that a compiled graph does
+    not specialise on its value."""
     T, H, D = q.shape
+    if backend == "fa4":
+        from trainer.fa4 import fa4_attention
+
+        cu_seqlens, max_seqlen, window = mask
+        return fa4_attention(q, k, v, cu_seqlens, max_seqlen, window, scale)
     if backend == "sdpa":
         m, window, chunk = mask
         n = m.size(0)
@@ -207,7 +260,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, backend: str, scale: float) ->
         qc = F.pad(q, (0, 0, 0, 0, 0, pad)).view(n, chunk, H, D).transpose(1, 2)
         kc, vc = (F.pad(t, (0, 0, 0, 0, window, pad)).unfold(0, chunk + window, chunk).permute(0, 1, 3, 2)
                   for t in (k, v))  # (n, H, chunk + window, D)
-        y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=m, scale=scale)
+        y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=m, scale=float(scale))
         return y.transpose(1, 2).reshape(n * chunk, H, D)[:T]
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -215,8 +268,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, backend: str, scale: float) ->
     pad = (-T) % MASK_BLOCK
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    y = flex_attention(q, k, v, block_mask=mask, scale=scale)[:, :, :T]
-    return y[0].transpose(0, 1)
+    if isinstance(scale, Tensor):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * scale
+
+        y = flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=1.0)
+    else:
+        y = flex_attention(q, k, v, block_mask=mask, scale=float(scale))
+    return y[0, :, :T].transpose(0, 1)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window: int, scale: float) -> Tensor:
@@ -226,5 +285,5 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, window: i
     return y[0].transpose(0, 1)
 
 
-__all__ = ["Rotary", "apply_rotary", "dense_mask", "block_classes", "flex_block_mask", "band_mask", "build_mask",
-           "attend", "reference_attention"]
+__all__ = ["Rotary", "apply_rotary", "dense_mask", "block_classes", "block_spans", "flex_block_mask", "band_mask",
+           "build_mask", "attend", "reference_attention"]

@@ -78,7 +78,12 @@ class ModelConfig:
     logit_softcap: float = 30.0  # logits ← cap·σ(z/softcap_div)
     softcap_div: float = 7.5
     fp8_head: bool = True  # FP8 lm_head in training via torch._scaled_mm; bf16 where unsupported
-    attn_backend: Literal["flex", "sdpa"] = "flex"  # flex_attention (window + doc mask) or masked SDPA
+    # "auto": fa4 on a Hopper+ GPU where flash-attn-4 imports, else flex on GPU, sdpa on CPU (resolved
+    # by the trainer; the resolved name is in the start event, the result row and the run's hash).
+    attn_backend: Literal["auto", "fa4", "flex", "sdpa"] = "auto"
+    # Softmax scale applied to the q·k scores inside the attention kernel in fp32 (the records'
+    # FlashAttention softmax_scale); false pre-multiplies q by it in bf16 instead.
+    scale_in_kernel: bool = True
     init_scale: float = 0.5  # QKV / c_fc uniform bound = √3·init_scale·dim^-½
 
     @property

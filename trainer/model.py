@@ -87,7 +87,8 @@ class Attention(nn.Module):
             self.gate = nn.Parameter(torch.zeros(m.num_heads, m.gate_channels, dtype=torch.bfloat16))
 
     def forward(self, x: Tensor, ve: Tensor | None, lam: Tensor, cos: Tensor, sin: Tensor, mask,
-                backend: str, scale: Tensor) -> Tensor:
+                backend: str, scale: tuple[Tensor | None, float | Tensor]) -> Tensor:
+        """scale = (q multiplier or None, the softmax scale applied inside the kernel)."""
         T, d, h, hd = x.size(0), self.d, self.h, self.hd
         w = self.qkvo_w.view(4, d, d)
         w_qkv, w_o = w[:3].reshape(3 * d, d), w[3]
@@ -100,7 +101,10 @@ class Attention(nn.Module):
                 v = v + ve.view(T, h, hd)
         else:  # 10-27: v = λ0·v + λ1·ve
             v = lam[0] * v + lam[1] * ve.view(T, h, hd) if ve is not None else lam[0] * v
-        y = attend(q * scale.to(q.dtype), k, v, mask, backend, 1.0)
+        q_mul, kernel_scale = scale
+        if q_mul is not None:  # model.scale_in_kernel=false: q pre-multiplied in its own dtype
+            q = q * q_mul.to(q.dtype)
+        y = attend(q, k, v, mask, backend, kernel_scale)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, :self.gc], self.gate)).view(T, h, 1)
         return F.linear(y.reshape(T, d), w_o.type_as(y))
@@ -136,7 +140,7 @@ class Block(nn.Module):
         return self.attn is None and self.mlp is None
 
     def forward(self, x: Tensor, x0: Tensor, lam: Tensor, sa: Tensor, ve: Tensor | None, cos: Tensor,
-                sin: Tensor, masks: dict, backend: str, scale: Tensor) -> Tensor:
+                sin: Tensor, masks: dict, backend: str, scale: tuple) -> Tensor:
         x = lam[0] * x + lam[1] * x0
         if self.attn is not None:
             mask = masks["long" if self.attn.long else "short"]
@@ -187,10 +191,13 @@ class GPT(nn.Module):
         out += [("scalars", self.scalars), ("head", self.lm_head)]
         return out
 
-    def forward(self, inputs: Tensor, targets: Tensor, docs: Tensor, long_window: int | Tensor,
-                short_window: int | Tensor) -> Tensor:
-        """Loss of one flat micro-batch. Windows in tokens; with the flex backend they may be 0-d
-        int tensors (the trainer passes them so), so a window change reuses the compiled graph."""
+    def forward(self, inputs: Tensor, targets: Tensor, docs: Tensor | None, long_window: int | Tensor,
+                short_window: int | Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
+        """Loss of one flat micro-batch. Windows in tokens; on the flex path they may be 0-d device
+        int tensors and on the fa4 path 0-d CPU tensors (the trainer passes them so), so a window
+        change reuses the compiled graph. `docs` (document id per position) serves flex and sdpa;
+        fa4 takes `cu_seqlens` (boundaries, padded with T) and `max_seqlen` (a bound on every
+        document's length) instead — trainer.feed builds all three."""
         m = self.cfg
         L, T = m.num_layers, inputs.numel()
         sc = self.scalars
@@ -206,11 +213,19 @@ class GPT(nn.Module):
         x = x0 = rms_norm(x)
 
         cos, sin = self.rotary.cos_sin(T, inputs.device)
-        scale = self.rotary.attn_scale_t
         backend = m.attn_backend
-        masks = {"long": build_mask(docs, long_window, backend)}
+        rot = self.rotary
+        if not m.scale_in_kernel:
+            scale = (rot.attn_scale_t, 1.0)
+        elif backend == "fa4":
+            scale = (None, rot.attn_scale_host)
+        elif backend == "flex":
+            scale = (None, rot.attn_scale_t)
+        else:  # sdpa takes a Python number (it recompiles per window anyway)
+            scale = (None, rot.attn_scale)
+        masks = {"long": build_mask(docs, long_window, backend, cu_seqlens, max_seqlen)}
         same = isinstance(short_window, int) and isinstance(long_window, int) and short_window == long_window
-        masks["short"] = masks["long"] if same else build_mask(docs, short_window, backend)
+        masks["short"] = masks["long"] if same else build_mask(docs, short_window, backend, cu_seqlens, max_seqlen)
 
         stack: list[Tensor] = []
         half = L // 2

@@ -25,9 +25,12 @@ from typing import Any
 
 import torch
 
-from trainer.config import MUON_FAMILIES, ConfigError, TrainConfig, config_hash, load_config, parse_set, to_dict
-from trainer.data import DataError, TrainLoader, ensure_data, val_batches
+from trainer.clock import StepClock
+from trainer.config import (MUON_FAMILIES, ConfigError, TrainConfig, apply_overrides, config_hash, load_config,
+                            parse_set, to_dict)
+from trainer.data import Batch, DataError, TrainLoader, ensure_data, val_batches
 from trainer.events import Emitter
+from trainer.feed import Feed
 from trainer.schedule import batch_tokens, lr_multiplier, muon_momentum, stages, total_tokens, window_blocks
 
 
@@ -72,6 +75,28 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
         raise InputError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
                          "visible; start at most that many processes per node")
     return torch.device("cuda", local_rank)
+
+
+def resolve_backend(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """cfg with model.attn_backend made concrete for `device` ("auto": fa4 on a Hopper+ GPU where
+    flash-attn-4 imports, else flex on GPU, sdpa on CPU). Asking for fa4 where it cannot run is an
+    InputError naming the fix. The resolved name is what the start event, the run's config hash
+    and the result row carry."""
+    from trainer.fa4 import FA4_INSTALL, fa4_available
+
+    want = cfg.model.attn_backend
+    if want == "auto":
+        if device.type == "cpu":
+            got = "sdpa"
+        else:
+            got = "fa4" if fa4_available(device)[0] else "flex"
+        return apply_overrides(cfg, {"model.attn_backend": got})
+    if want == "fa4":
+        ok, why = fa4_available(device)
+        if not ok:
+            raise InputError(f"model.attn_backend='fa4' cannot run here: {why}. It needs flash-attn-4 "
+                             f"(`{FA4_INSTALL}`) on a Hopper or newer GPU; use model.attn_backend=flex or auto")
+    return cfg
 
 
 def check_run(cfg: TrainConfig, world_size: int, device: torch.device) -> int:
@@ -142,13 +167,6 @@ def _peak_mem_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ts = [torch.from_numpy(a) for a in (batch.inputs, batch.targets, batch.docs)]
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in ts)  # type: ignore[return-value]
-    return tuple(ts)  # type: ignore[return-value]
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -165,20 +183,28 @@ class _Run:
     adam: Any
     muon_params: list
     all_params: list
-    val: list
+    feed: Feed
+    val: list  # DeviceBatch per validation forward
     long: int = 0  # long window (blocks) the rotary is currently extended to
     _win_cache: dict = dataclasses.field(default_factory=dict)
 
     def win(self, blocks: int):
-        """Window in tokens as the model wants it: a cached 0-d device tensor for flex (one compiled
-        graph for every window), a Python int for sdpa (its banded mask needs static sizes)."""
+        """Window in tokens as the model wants it: a cached 0-d tensor for flex (on the device) and
+        fa4 (on the CPU), so one compiled graph serves every window; a Python int for sdpa (its
+        banded mask needs static sizes)."""
         tokens = blocks * self.cfg.schedule.block_size
-        if self.cfg.model.attn_backend != "flex":
+        backend = self.cfg.model.attn_backend
+        if backend not in ("flex", "fa4"):
             return tokens
         t = self._win_cache.get(tokens)
         if t is None:
-            t = self._win_cache[tokens] = torch.tensor(tokens, dtype=torch.int32, device=self.device)
+            dev = self.device if backend == "flex" else torch.device("cpu")
+            t = self._win_cache[tokens] = torch.tensor(tokens, dtype=torch.int32, device=dev)
         return t
+
+    def forward(self, b, long: int, short: int):
+        return self.fwd(b.inputs, b.targets, b.docs, self.win(long), self.win(short), cu_seqlens=b.cu_seqlens,
+                        max_seqlen=b.max_seqlen)
 
     def set_window(self, long: int) -> None:
         if long != self.long:
@@ -195,8 +221,7 @@ class _Run:
         T = (bs or batch_tokens(s, sched_step)) // cfg.runtime.reference_world_size
         mean = cfg.optim.grad_reduction == "mean"
         for _ in range(self.grad_accum):
-            x, y, d = _to_device(loader.next_batch(T), self.device)
-            loss = self.fwd(x, y, d, self.win(long), self.win(short))
+            loss = self.forward(self.feed(loader.next_batch(T)), long, short)
             (loss / self.grad_accum if mean else loss).backward()
         lr = lr_multiplier(s, sched_step)
         self.muon.step(lr, muon_momentum(cfg.optim.muon, s, sched_step))
@@ -214,8 +239,8 @@ class _Run:
         try:
             total = torch.zeros((), device=self.device, dtype=torch.float32)
             batches = self.val[:limit] if limit else self.val
-            for x, y, d in batches:
-                total += self.fwd(x, y, d, self.win(long), self.win(short)).float()
+            for b in batches:
+                total += self.forward(b, long, short).float()
             total /= len(batches)
             if self.world_size > 1 and limit is None:
                 import torch.distributed as dist
@@ -285,12 +310,14 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     muon = NorMuon(muon_params, cfg, rank, world_size)
     adam = DistAdam(adam_params, cfg, rank, world_size)
     ref = cfg.runtime.reference_world_size
-    val = [_to_device(b, device) for b in val_batches(
-        val_files, val_tokens=cfg.eval.val_tokens, tokens_per_forward=cfg.eval.val_batch_size // ref,
-        rank=rank, world_size=world_size, bos_id=cfg.data.bos_id)]
+    feed = Feed(cfg.model.attn_backend, device, max_seqlen=cfg.data.train_max_seq_len, aligned=cfg.data.align_bos)
+    val: list[Batch] = val_batches(val_files, val_tokens=cfg.eval.val_tokens,
+                                   tokens_per_forward=cfg.eval.val_batch_size // ref, rank=rank,
+                                   world_size=world_size, bos_id=cfg.data.bos_id)
     return _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, grad_accum=grad_accum, model=model,
                 fwd=fwd, muon=muon, adam=adam, muon_params=[p for _, p in muon_params],
-                all_params=[p for _, p in fams], val=val, long=window_blocks(cfg.schedule, 0)[0])
+                all_params=[p for _, p in fams], feed=feed, val=feed.eval_batches(val),
+                long=window_blocks(cfg.schedule, 0)[0])
 
 
 def _loader(cfg: TrainConfig, files: list, rank: int, world_size: int) -> TrainLoader:
@@ -356,10 +383,19 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
     N = s.num_iterations
     loader = _loader(cfg, train_files, rank, world_size)
     train_ms, eval_s, final_val = 0.0, 0.0, float("nan")
+    # Timed like the record: the device is synchronised only around validation; step events come
+    # from timing events the device has already passed (trainer/clock.py), never from a wait.
+    clock = StepClock(device, every=cfg.runtime.log_every) if ev.enabled else None
+
+    def emit_steps(wait: bool = False) -> None:
+        for n, t_ms, s_ms in clock.ready(wait) if clock else ():
+            ev.emit("step", step=n, train_time_ms=t_ms, step_ms=s_ms)
+
     try:
         _sync(device)
-        t0 = mark = time.perf_counter()
-        since = 0
+        t0 = time.perf_counter()
+        if clock:
+            clock.restart(train_ms, 0)
         for step in range(N + 1):
             last = step == N
             if step == cfg.debug.fail_at_step:
@@ -369,23 +405,21 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
             if last or (cfg.eval.val_loss_every > 0 and step % cfg.eval.val_loss_every == 0):
                 _sync(device)
                 train_ms += 1000 * (time.perf_counter() - t0)
+                emit_steps(wait=True)
                 t_eval = time.perf_counter()
                 final_val = run.evaluate(s.ws_validate if last else long, short)
                 ev.emit("val", step=step, val_loss=final_val, train_time_ms=train_ms)
                 _sync(device)
-                t0 = mark = time.perf_counter()
+                t0 = time.perf_counter()
                 eval_s += t0 - t_eval
-                since = 0
+                if clock:
+                    clock.restart(train_ms, step)
             if last:
                 break
             run.train_step(loader, step, step)
-            since += 1
-            if (step + 1) % cfg.runtime.log_every == 0:
-                _sync(device)
-                now = time.perf_counter()
-                ev.emit("step", step=step + 1, train_time_ms=train_ms + 1000 * (now - t0),
-                        step_ms=1000 * (now - mark) / since)
-                mark, since = now, 0
+            if clock:
+                clock.mark(step + 1)
+                emit_steps()
     finally:
         loader.close()
     return ev.emit("end", final_val_loss=final_val, train_time_ms=train_ms, steps=N, tokens=total_tokens(s),
@@ -408,6 +442,7 @@ def main(cfg: TrainConfig, reuse: bool = False) -> dict:
         rank, world_size, local_rank = launcher_world()
         ev.enabled = rank == 0
         device = resolve_device(cfg, local_rank)
+        cfg = resolve_backend(cfg, device)
         grad_accum = check_run(cfg, world_size, device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -494,7 +529,8 @@ def main_exit_code(cfg: TrainConfig, rank0: bool, reuse: bool = False) -> int:
     return 0
 
 
-__all__ = ["main", "main_exit_code", "cli", "InputError", "InjectedFailure", "INPUT_ERRORS", "check_run", "synth_kwargs"]
+__all__ = ["main", "main_exit_code", "cli", "InputError", "InjectedFailure", "INPUT_ERRORS", "check_run", "resolve_backend",
+           "synth_kwargs"]
 
 if __name__ == "__main__":
     sys.exit(cli())

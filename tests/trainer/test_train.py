@@ -95,6 +95,41 @@ def test_warmup_restores_state(tiny_data, capsys):
     assert warm["final_val_loss"] == cold["final_val_loss"]  # model, optimizers, YaRN, data restored
 
 
+def test_timed_loop_syncs_only_at_validation_whatever_log_every(tiny_data, capsys, monkeypatch):
+    """Timed like the record: the device is synchronised around validation only; step events
+    (every step at log_every=1) come from marks the device has passed, never from a wait, so
+    runtime.log_every cannot change the measured time. The old loop synced at every step event."""
+    import trainer.train as T
+
+    calls: list[str] = []
+    monkeypatch.setattr(T, "_sync", lambda device: calls.append("sync"))
+    for every in (1, 3):
+        calls.clear()
+        main(_fast(tiny_data, **{"runtime.log_every": every}))
+        evs = _events(capsys.readouterr().out)
+        # one sync before the timer starts and two around each of the 3 validations (steps 0, 4, 8;
+        # warmup is off); none per step
+        assert len(calls) == 1 + 2 * 3, (every, len(calls))
+        steps = [e["step"] for e in evs if e["event"] == "step"]
+        assert steps == [n for n in range(1, 9) if n % every == 0]
+
+
+def test_step_clock_marks_and_means():
+    from trainer.clock import StepClock
+
+    clock = StepClock(torch.device("cpu"), every=2)
+    clock.restart(100.0, 0)
+    for n in range(1, 6):
+        clock.mark(n)
+    got = clock.ready()
+    assert [g[0] for g in got] == [2, 4] and got[0][1] >= 100.0 and got[1][1] >= got[0][1]
+    assert all(g[2] >= 0 for g in got) and clock.ready() == []
+    clock.restart(200.0, 5)  # after a validation: the next mark's step time counts from here
+    clock.mark(6)
+    (step, t_ms, s_ms), = clock.ready(wait=True)
+    assert step == 6 and t_ms >= 200.0 and s_ms == pytest.approx(t_ms - 200.0)
+
+
 def test_sum_reduction_and_adam_every_step_run(tiny_data, capsys):
     end = main(_fast(tiny_data, **{"optim.grad_reduction": "sum", "optim.adam.every_other_step": False}))
     capsys.readouterr()
