@@ -153,13 +153,14 @@ def mask_row(out: Path) -> Row:
 
 
 def pytest_row(out: Path) -> Row:
-    files = ["tests/trainer/test_attention_gpu.py", "tests/trainer/test_polar_gpu.py", "tests/trainer/test_model.py"]
+    files = ["tests/trainer/test_attention_gpu.py", "tests/trainer/test_head_ce.py", "tests/trainer/test_polar_gpu.py",
+             "tests/trainer/test_model.py"]
     rc, stdout, secs = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files],
                           out / "pytest_gpu.log", timeout=540)
     tail = [ln for ln in stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     summary = tail[-1].strip("= ") if tail else f"exit {rc}"
     failed = [ln.split(" - ")[0] for ln in stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    return Row("pytest -m gpu (attention, polar, fp8)", "PASS" if rc == 0 else "FAIL", secs,
+    return Row("pytest -m gpu (attention backends, fused head, polar, fp8)", "PASS" if rc == 0 else "FAIL", secs,
                summary + ("; " + "; ".join(failed)[:300] if failed else ""))
 
 

@@ -105,6 +105,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    torch._dynamo.config.recompile_limit = 64  # one graph per block count
     bad = 0
     for name in args.variants:
         fn = VARIANTS[name]

@@ -84,6 +84,9 @@ class ModelConfig:
     # Softmax scale applied to the q·k scores inside the attention kernel in fp32 (the records'
     # FlashAttention softmax_scale); false pre-multiplies q by it in bf16 instead.
     scale_in_kernel: bool = True
+    # FP8 head + softcap + cross-entropy as Triton kernels in training (trainer/head_ce.py; GPU with
+    # model.fp8_head only); false keeps PyTorch's graph for them (same math, other rounding, slower).
+    fused_head_ce: bool = True
     init_scale: float = 0.5  # QKV / c_fc uniform bound = √3·init_scale·dim^-½
 
     @property

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer import head_ce
 from trainer.attention import Rotary, apply_rotary, attend, build_mask
 from trainer.config import ModelConfig
 
@@ -249,6 +250,8 @@ class GPT(nn.Module):
         x = rms_norm(x)
 
         if self.training:
+            if self.fp8 and m.fused_head_ce and x.is_cuda and head_ce.available():
+                return head_ce.fp8_head_ce(x, self.lm_head, targets, self.fp8_scales, m.logit_softcap, m.softcap_div)
             if self.fp8:
                 logits = _FP8Linear.apply(x, self.lm_head, *self.fp8_scales)
             else:

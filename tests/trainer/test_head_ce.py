@@ -1,0 +1,81 @@
+"""The fused FP8 head + softcap + cross-entropy kernels (trainer/head_ce.py) against an fp64
+reference. They are Triton kernels: on CPU this runs them in Triton's interpreter (skipped where
+triton is not installed, as with CPU builds of torch); tests/trainer/test_attention_gpu.py runs
+them on a GPU inside the model.
+
+    python -m pytest tests/trainer/test_head_ce.py -q
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHECK = r'''
+import torch
+from trainer.head_ce import softcap_ce_grad_fp8, softcap_ce_lse
+torch.manual_seed(0)
+N, V, cap, div, gs = 37, 300, 30.0, 7.5, 1 / 448
+raw = (torch.randn(N, V) * 8).bfloat16()
+t = torch.randint(0, V, (N,))
+loss, lse = softcap_ce_lse(raw, t, cap, div)
+z = (cap * torch.sigmoid(raw.double() / div)).bfloat16().double()   # the record's bf16 logits
+ref_lse = torch.logsumexp(z, -1)
+assert (lse.double() - ref_lse).abs().max() < 1e-5, (lse, ref_lse)
+assert (loss.double() - (ref_lse - z[torch.arange(N), t])).abs().max() < 1e-5
+g, gT = softcap_ce_grad_fp8(raw, t, lse, torch.tensor([0.125]), cap, div, gs)
+assert g.dtype == gT.dtype == torch.float8_e5m2 and gT.shape == (V, N)
+assert torch.equal(gT.view(torch.uint8).T, g.view(torch.uint8))          # the same values, both layouts
+r = raw.double().requires_grad_()
+(torch.nn.functional.cross_entropy(cap * torch.sigmoid(r / div), t, reduction="sum") * 0.125).backward()
+rel = ((g.double() * gs - r.grad).norm() / r.grad.norm()).item()
+assert rel < 0.06, rel                                                    # e5m2 rounding: ~4 %
+print("ok", rel)
+'''
+
+
+def test_fused_head_kernels_match_fp64_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [8192, 8000])
+def test_fused_head_matches_the_pytorch_graph_on_gpu(N):
+    """Loss and the x / W gradients of the fused head equal PyTorch's FP8 head + softcap + CE within
+    e5m2 rounding (each path rounds the logit gradient to e5m2 once)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from trainer.head_ce import fp8_head_ce
+    from trainer.model import _FP8Linear, fp8_supported
+
+    dev = torch.device("cuda")
+    if not fp8_supported(dev):
+        pytest.skip("GPU lacks FP8 _scaled_mm")
+    g = torch.Generator(device="cuda").manual_seed(N)
+    d, V = 768, 50304
+    x0 = torch.nn.functional.rms_norm(torch.randn(N, d, device=dev, generator=g), (d,)).bfloat16()
+    w0 = (torch.randn(V, d, device=dev, generator=g) * 0.05).bfloat16()
+    t = torch.randint(0, 50257, (N,), device=dev, generator=g)
+    scales = (d ** 0.5 / 448, 2.0 ** -9, 1.0 / 448)
+    out = {}
+    for name in ("fused", "torch"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if name == "fused":
+            loss = fp8_head_ce(x, w, t, scales, 30.0, 7.5)
+        else:
+            z = 30.0 * torch.sigmoid(_FP8Linear.apply(x, w, *scales) / 7.5)
+            loss = torch.nn.functional.cross_entropy(z, t, reduction="sum")
+        (loss / 8).backward()
+        out[name] = (loss.detach().float(), x.grad.float(), w.grad.float())
+    (lf, xf, wf), (lt, xt, wt) = out["fused"], out["torch"]
+    assert torch.isfinite(lf) and abs(float(lf - lt)) < 1e-3 * abs(float(lt))
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(xf, xt) < 0.08 and rel(wf, wt) < 0.08, (rel(xf, xt), rel(wf, wt))

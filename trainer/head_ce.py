@@ -1,0 +1,159 @@
+"""The training head fused: FP8 lm_head, logit softcap and summed cross-entropy, with Triton kernels.
+
+    from trainer.head_ce import fp8_head_ce
+    loss = fp8_head_ce(x, lm_head, targets, (x_s, w_s, g_s), cap=30.0, div=7.5)   # sum over tokens
+    python -m pytest tests/trainer/test_head_ce.py -q        # CPU: Triton's interpreter, when triton is installed
+
+What it computes is the model's training loss, Σ_t CE(cap·σ(x_t·Wᵀ/div), y_t), with the records'
+FP8 head (e4m3 x and W, e5m2 gradient, the same scales). What changes is how the (T, V) logits
+(49,152 × 50,304 bf16 = 4.9 GB per micro-batch at the speedrun's 393k stage) are handled:
+
+- forward: one kernel reads each row once and writes its log-sum-exp. The softcapped logits lie
+  in (0, cap), so exp(z − cap) needs no running maximum: lse = cap + log Σ exp(z − cap).
+- backward: one elementwise pass over the saved logits writes the e5m2 gradient
+  ((softmax − onehot)·dz/draw·grad / g_s) twice, row-major for dX = G·W and column-major for
+  dW = Gᵀ·X, so no transposed copy of G is made.
+
+Inductor fused the same graph into a cross-entropy backward that re-reduced each 50,304-wide row
+(10.7 ms per micro-batch on an H200, plus 4.75 ms for the forward: 124 ms of a 710 ms step;
+benchmarks/profile_step.py, docs/performance.md); these kernels move ~12.5 GB per micro-batch.
+
+Numerics follow the record's graph: z = cap·σ(raw/div) is rounded to bf16 as the record's bf16
+logits are, everything after it is fp32, and the gradient is rounded once, to e5m2 (the record
+rounds it to bf16 first). `model.fused_head_ce: false` uses the PyTorch graph instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it (then this path is off)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU machines without triton
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _bf16(x):
+        """x rounded to the nearest bf16 (ties to even), as fp32; bit arithmetic, so the same on
+        every backend (Triton's interpreter truncates .to(tl.bfloat16)). x must be finite."""
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _lse_kernel(logits, targets, lse, loss, stride, cap, inv_div, V: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * stride
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            raw = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = _bf16(cap * tl.sigmoid(raw * inv_div))
+            acc += tl.where(cols < V, tl.exp(z - cap), 0.0)
+        row_lse = cap + tl.log(tl.sum(acc, axis=0))
+        t = tl.load(targets + row)
+        zt = _bf16(cap * tl.sigmoid(tl.load(base + t).to(tl.float32) * inv_div))
+        tl.store(lse + row, row_lse)
+        tl.store(loss + row, row_lse - zt)
+
+    @triton.jit
+    def _grad_kernel(logits, targets, lse, grad_out, g, gT, N, V, stride, cap, inv_div, inv_gs,
+                     BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rmask, cmask = rows < N, cols < V
+        m = rmask[:, None] & cmask[None, :]
+        r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
+        raw = tl.load(logits + r64[:, None] * stride + c64[None, :], mask=m, other=0.0).to(tl.float32)
+        z = _bf16(cap * tl.sigmoid(raw * inv_div))
+        row_lse = tl.load(lse + rows, mask=rmask, other=0.0)
+        t = tl.load(targets + rows, mask=rmask, other=-1)
+        p = tl.exp(z - row_lse[:, None])
+        gz = p - tl.where(c64[None, :] == t[:, None], 1.0, 0.0)
+        scale = tl.load(grad_out).to(tl.float32) * inv_gs
+        gr = (gz * (z * inv_div) * (1.0 - z / cap) * scale).to(tl.float8e5, fp_downcast_rounding="rtne")
+        tl.store(g + r64[:, None] * V + c64[None, :], gr, mask=m)
+        tl.store(gT + c64[:, None] * N + r64[None, :], tl.trans(gr), mask=tl.trans(m))
+
+
+def available() -> bool:
+    """Whether the fused head can run: Triton importable (its kernels run on CUDA devices, or on
+    the CPU under TRITON_INTERPRET=1 for tests)."""
+    return triton is not None
+
+
+@torch.library.custom_op("trainer::softcap_ce_lse", mutates_args=())
+def softcap_ce_lse(logits: Tensor, targets: Tensor, cap: float, div: float) -> tuple[Tensor, Tensor]:
+    """(per-row loss, per-row lse), fp32 (N,), of softcapped cross-entropy over bf16 (N, V) logits."""
+    N, V = logits.shape
+    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+    loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+    _lse_kernel[(N,)](logits, targets, lse, loss, logits.stride(0), cap, 1.0 / div, V=V, BLOCK=2048, num_warps=8)
+    return loss, lse
+
+
+@softcap_ce_lse.register_fake
+def _(logits, targets, cap, div):
+    N = logits.shape[0]
+    return logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, dtype=torch.float32)
+
+
+@torch.library.custom_op("trainer::softcap_ce_grad_fp8", mutates_args=())
+def softcap_ce_grad_fp8(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float,
+                        g_s: float) -> tuple[Tensor, Tensor]:
+    """(G, Gᵀ) in e5m2, G = ∂(grad_out · Σ loss)/∂logits / g_s, Gᵀ stored row-major (V, N)."""
+    N, V = logits.shape
+    g = torch.empty((N, V), device=logits.device, dtype=torch.float8_e5m2)
+    gT = torch.empty((V, N), device=logits.device, dtype=torch.float8_e5m2)
+    BM, BN = 64, 128
+    _grad_kernel[(triton.cdiv(N, BM), triton.cdiv(V, BN))](
+        logits, targets, lse, grad_out, g, gT, N, V, logits.stride(0), cap, 1.0 / div, 1.0 / g_s,
+        BM=BM, BN=BN, num_warps=8)
+    return g, gT
+
+
+@softcap_ce_grad_fp8.register_fake
+def _(logits, targets, lse, grad_out, cap, div, g_s):
+    N, V = logits.shape
+    return logits.new_empty((N, V), dtype=torch.float8_e5m2), logits.new_empty((V, N), dtype=torch.float8_e5m2)
+
+
+class _FP8HeadCE(torch.autograd.Function):
+    """Σ CE(cap·σ((x·Wᵀ)/div), y) with the FP8 head; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, targets: Tensor, x_s: float, w_s: float, g_s: float, cap: float,
+                div: float) -> Tensor:
+        x_f8 = x.contiguous().div(x_s).to(torch.float8_e4m3fn)
+        w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=x.device, dtype=torch.float32)
+        logits = torch._scaled_mm(x_f8, w_f8.t(), out_dtype=torch.bfloat16, scale_a=one * x_s,
+                                  scale_b=one * w_s, use_fast_accum=True)
+        loss, lse = softcap_ce_lse(logits, targets, cap, div)
+        ctx.save_for_backward(x_f8, w_f8, logits, targets, lse)
+        ctx.consts, ctx.w_dtype = (x_s, w_s, g_s, cap, div), w.dtype
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_f8, w_f8, logits, targets, lse = ctx.saved_tensors
+        x_s, w_s, g_s, cap, div = ctx.consts
+        g, gT = softcap_ce_grad_fp8(logits, targets, lse, grad.float().reshape(1), cap, div, g_s)
+        one = torch.ones((), device=g.device, dtype=torch.float32)
+        grad_x = torch._scaled_mm(g, w_f8.t().contiguous().t(), out_dtype=torch.bfloat16, scale_a=one * g_s,
+                                  scale_b=one * w_s, use_fast_accum=False)
+        grad_w = torch._scaled_mm(gT, x_f8.t().contiguous().t(), out_dtype=torch.float32, scale_a=one * g_s,
+                                  scale_b=one * x_s, use_fast_accum=False)
+        return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None, None
+
+
+def fp8_head_ce(x: Tensor, w: Tensor, targets: Tensor, scales: tuple[float, float, float], cap: float,
+                div: float) -> Tensor:
+    """Summed softcapped cross-entropy of the FP8 head (x (T, d) bf16, w (V, d), targets (T,) int64)."""
+    return _FP8HeadCE.apply(x, w, targets, *scales, cap, div)
+
+
+__all__ = ["fp8_head_ce", "softcap_ce_lse", "softcap_ce_grad_fp8", "available"]
