@@ -10,13 +10,14 @@ FP8 head (e4m3 x and W, e5m2 gradient, the same scales). What changes is how the
 
 - forward: one kernel reads each row once and writes its log-sum-exp. The softcapped logits lie
   in (0, cap), so exp(z − cap) needs no running maximum: lse = cap + log Σ exp(z − cap).
-- backward: one elementwise pass over the saved logits writes the e5m2 gradient
-  ((softmax − onehot)·dz/draw·grad / g_s) twice, row-major for dX = G·W and column-major for
-  dW = Gᵀ·X, so no transposed copy of G is made.
+- backward: one pass over the saved logits writes the e5m2 gradient G = (softmax − onehot)·
+  dz/draw·grad / g_s; the two FP8 products follow as in the record (dW needs Gᵀ K-major, a
+  transposed copy that Inductor compiles).
 
 Inductor fused the same graph into a cross-entropy backward that re-reduced each 50,304-wide row
 (10.7 ms per micro-batch on an H200, plus 4.75 ms for the forward: 124 ms of a 710 ms step;
-benchmarks/profile_step.py, docs/performance.md); these kernels move ~12.5 GB per micro-batch.
+benchmarks/profile_step.py, docs/performance.md). Writing Gᵀ from the same kernel (a tl.trans
+store of 1-byte elements) was slower still, 16.5 ms per micro-batch, and was dropped.
 
 Numerics follow the record's graph: z = cap·σ(raw/div) is rounded to bf16 as the record's bf16
 logits are, everything after it is fp32, and the gradient is rounded once, to e5m2 (the record
@@ -60,23 +61,21 @@ if triton is not None:
         tl.store(loss + row, row_lse - zt)
 
     @triton.jit
-    def _grad_kernel(logits, targets, lse, grad_out, g, gT, N, V, stride, cap, inv_div, inv_gs,
-                     BM: tl.constexpr, BN: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        rmask, cmask = rows < N, cols < V
-        m = rmask[:, None] & cmask[None, :]
-        r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
-        raw = tl.load(logits + r64[:, None] * stride + c64[None, :], mask=m, other=0.0).to(tl.float32)
-        z = _bf16(cap * tl.sigmoid(raw * inv_div))
-        row_lse = tl.load(lse + rows, mask=rmask, other=0.0)
-        t = tl.load(targets + rows, mask=rmask, other=-1)
-        p = tl.exp(z - row_lse[:, None])
-        gz = p - tl.where(c64[None, :] == t[:, None], 1.0, 0.0)
+    def _grad_kernel(logits, targets, lse, grad_out, g, stride, cap, inv_div, inv_gs, V: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * stride
+        out = g + row * V
+        row_lse = tl.load(lse + row)
+        t = tl.load(targets + row)
         scale = tl.load(grad_out).to(tl.float32) * inv_gs
-        gr = (gz * (z * inv_div) * (1.0 - z / cap) * scale).to(tl.float8e5, fp_downcast_rounding="rtne")
-        tl.store(g + r64[:, None] * V + c64[None, :], gr, mask=m)
-        tl.store(gT + c64[:, None] * N + r64[None, :], tl.trans(gr), mask=tl.trans(m))
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            raw = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = _bf16(cap * tl.sigmoid(raw * inv_div))
+            gz = tl.exp(z - row_lse) - tl.where(cols == t, 1.0, 0.0)
+            gr = gz * (z * inv_div) * (1.0 - z * (1.0 / cap)) * scale
+            tl.store(out + cols, gr.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=cols < V)
 
 
 def available() -> bool:
@@ -103,22 +102,18 @@ def _(logits, targets, cap, div):
 
 @torch.library.custom_op("trainer::softcap_ce_grad_fp8", mutates_args=())
 def softcap_ce_grad_fp8(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float,
-                        g_s: float) -> tuple[Tensor, Tensor]:
-    """(G, Gᵀ) in e5m2, G = ∂(grad_out · Σ loss)/∂logits / g_s, Gᵀ stored row-major (V, N)."""
+                        g_s: float) -> Tensor:
+    """G in e5m2 (N, V), G = ∂(grad_out · Σ loss)/∂logits / g_s."""
     N, V = logits.shape
     g = torch.empty((N, V), device=logits.device, dtype=torch.float8_e5m2)
-    gT = torch.empty((V, N), device=logits.device, dtype=torch.float8_e5m2)
-    BM, BN = 64, 128
-    _grad_kernel[(triton.cdiv(N, BM), triton.cdiv(V, BN))](
-        logits, targets, lse, grad_out, g, gT, N, V, logits.stride(0), cap, 1.0 / div, 1.0 / g_s,
-        BM=BM, BN=BN, num_warps=8)
-    return g, gT
+    _grad_kernel[(N,)](logits, targets, lse, grad_out, g, logits.stride(0), cap, 1.0 / div, 1.0 / g_s, V=V,
+                       BLOCK=2048, num_warps=8)
+    return g
 
 
 @softcap_ce_grad_fp8.register_fake
 def _(logits, targets, lse, grad_out, cap, div, g_s):
-    N, V = logits.shape
-    return logits.new_empty((N, V), dtype=torch.float8_e5m2), logits.new_empty((V, N), dtype=torch.float8_e5m2)
+    return logits.new_empty(logits.shape, dtype=torch.float8_e5m2)
 
 
 class _FP8HeadCE(torch.autograd.Function):
@@ -141,12 +136,13 @@ class _FP8HeadCE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x_f8, w_f8, logits, targets, lse = ctx.saved_tensors
         x_s, w_s, g_s, cap, div = ctx.consts
-        g, gT = softcap_ce_grad_fp8(logits, targets, lse, grad.float().reshape(1), cap, div, g_s)
+        g = softcap_ce_grad_fp8(logits, targets, lse, grad.float().reshape(1), cap, div, g_s)
         one = torch.ones((), device=g.device, dtype=torch.float32)
+        # the records' two FP8 products; fp8 GEMMs take K-major operands, hence Gᵀ's copy (compiled)
         grad_x = torch._scaled_mm(g, w_f8.t().contiguous().t(), out_dtype=torch.bfloat16, scale_a=one * g_s,
                                   scale_b=one * w_s, use_fast_accum=False)
-        grad_w = torch._scaled_mm(gT, x_f8.t().contiguous().t(), out_dtype=torch.float32, scale_a=one * g_s,
-                                  scale_b=one * x_s, use_fast_accum=False)
+        grad_w = torch._scaled_mm(x_f8.t().contiguous(), g.t().contiguous().t(), out_dtype=torch.float32,
+                                  scale_a=one * x_s, scale_b=one * g_s, use_fast_accum=False).t()
         return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None, None
 
 

@@ -25,9 +25,8 @@ z = (cap * torch.sigmoid(raw.double() / div)).bfloat16().double()   # the record
 ref_lse = torch.logsumexp(z, -1)
 assert (lse.double() - ref_lse).abs().max() < 1e-5, (lse, ref_lse)
 assert (loss.double() - (ref_lse - z[torch.arange(N), t])).abs().max() < 1e-5
-g, gT = softcap_ce_grad_fp8(raw, t, lse, torch.tensor([0.125]), cap, div, gs)
-assert g.dtype == gT.dtype == torch.float8_e5m2 and gT.shape == (V, N)
-assert torch.equal(gT.view(torch.uint8).T, g.view(torch.uint8))          # the same values, both layouts
+g = softcap_ce_grad_fp8(raw, t, lse, torch.tensor([0.125]), cap, div, gs)
+assert g.dtype == torch.float8_e5m2 and g.shape == (N, V)
 r = raw.double().requires_grad_()
 (torch.nn.functional.cross_entropy(cap * torch.sigmoid(r / div), t, reduction="sum") * 0.125).backward()
 rel = ((g.double() * gs - r.grad).norm() / r.grad.norm()).item()
@@ -76,6 +75,7 @@ def test_fused_head_matches_the_pytorch_graph_on_gpu(N):
         (loss / 8).backward()
         out[name] = (loss.detach().float(), x.grad.float(), w.grad.float())
     (lf, xf, wf), (lt, xt, wt) = out["fused"], out["torch"]
-    assert torch.isfinite(lf) and abs(float(lf - lt)) < 1e-3 * abs(float(lt))
+    # the PyTorch graph sums in bf16 (its loss is a bf16 number: 2^-8 relative steps); ours in fp32
+    assert torch.isfinite(lf) and abs(float(lf - lt)) < 2 ** -7 * abs(float(lt)), (float(lf), float(lt))
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(xf, xt) < 0.08 and rel(wf, wt) < 0.08, (rel(xf, xt), rel(wf, wt))
