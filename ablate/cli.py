@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ablate.errors import AblateError, Interrupted, SpecError, StoreError
@@ -121,7 +122,12 @@ def run(
         err.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         code = e.exit_code
     print_results_table(store, spec)
-    failed = [r for r in results if not r.ok]
+    diverged = [r for r in results if r.status == "diverged"]
+    if diverged:  # an outcome of the config (counted in the table), not a failure to retry
+        err.print(f"[yellow]{len(diverged)} of {len(results)} runs diverged (non-finite loss; not retried; "
+                  "counted in the table):[/] " + escape(", ".join(r.run_id or r.request.arm for r in diverged)),
+                  markup=True, highlight=False, soft_wrap=True)
+    failed = [r for r in results if not r.ok and r.status != "diverged"]
     if failed:
         err.print(f"[bold red]{len(failed)} of {len(results)} runs have no ok result after "
                   f"{spec.retries} retries:[/]")

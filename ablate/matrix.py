@@ -6,7 +6,8 @@ Order is seed-major with arms interleaved (seed 0: baseline, a, b; seed 1: basel
 so on a busy cluster baseline and variants alternate on the same nodes over time and node
 drift hits every arm alike. A run's identity is (arm, seed, config_hash): running a spec again
 skips identities that already have an `ok` row, retries failed ones while attempts remain, and
-runs an arm again when its overrides (hence its hash) changed.
+runs an arm again when its overrides (hence its hash) changed. A `diverged` row (non-finite loss)
+is an outcome like `ok`: that identity is not run again.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def seed_round(spec: Spec, seed_index: int) -> int:
 @dataclass
 class PlannedRun:
     request: RunRequest
-    state: str  # "done" (ok row exists), "exhausted" (no attempts left), "todo"
+    state: str  # "done" (an ok or diverged row exists), "exhausted" (no attempts left), "todo"
     attempt: int  # attempt number the next launch gets (1-based)
     attempts_left: int
     done_run_id: str | None = None
@@ -78,7 +79,9 @@ def plan(requests: list[RunRequest], runs_df, retries: int) -> list[PlannedRun]:
     """What to do with each request given the store's runs (pandas DataFrame, may be empty).
 
     Attempts are counted per identity across invocations: at most 1 + retries failed attempts;
-    cancelled attempts (driver interrupted) do not count against the budget."""
+    cancelled attempts (driver interrupted) do not count against the budget. An identity with an
+    `ok` row, else a `diverged` row (its loss went non-finite: retrying the same config and seed
+    would diverge again), is done; `done_run_id` names that row."""
     by_key: dict[tuple, list[dict]] = {}
     if runs_df is not None and len(runs_df):
         cols = ["arm", "seed", "config_hash", "status", "attempt", "run_id"]
@@ -87,7 +90,7 @@ def plan(requests: list[RunRequest], runs_df, retries: int) -> list[PlannedRun]:
     out = []
     for req in requests:
         prior = by_key.get(req.key, [])
-        ok = [r for r in prior if r["status"] == "ok"]
+        ok = [r for r in prior if r["status"] == "ok"] or [r for r in prior if r["status"] == "diverged"]
         failed = sum(r["status"] == "failed" for r in prior)
         attempt = max((int(r["attempt"]) for r in prior), default=0) + 1
         left = retries + 1 - failed

@@ -110,3 +110,15 @@ def test_cli_exit_codes(tmp_path):
     res = runner.invoke(app, ["import-logs", str(tmp_path / "missing.txt"), "--experiment", "upstream",
                               "--arm", "record", "--store", uri])
     assert res.exit_code == 1 and "cannot read" in res.output
+
+
+@pytest.mark.parametrize("old,new,step", [
+    (b"step:10/20 val_loss:7.0524", b"step:10/20 val_loss:nan", 10),      # mid-run; the final loss is finite
+    (b"step:20/20 val_loss:3.2791", b"step:20/20 val_loss:inf", 20),      # final eval
+])
+def test_non_finite_loss_at_any_eval_is_diverged(old, new, step):
+    data = (LOGS / "complete_a.txt").read_bytes()
+    assert old in data
+    log = parse_log(data.replace(old, new))
+    assert log.status == "diverged" and log.final_val_loss is None
+    assert log.error.startswith("diverged: val_loss is ") and f"at step {step}/20" in log.error
