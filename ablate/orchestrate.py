@@ -489,7 +489,11 @@ def _arms_to_continue(store: Store, spec: Spec) -> list[str]:
         from ablate.sequential import arms_to_continue
     except ImportError:
         return list(spec.arms)
-    keep = list(arms_to_continue(store.runs(spec.name), spec))
+    runs = store.runs(spec.name)
+    if len(runs):  # each arm's current config only (runs of an earlier override are another experiment)
+        current = {arm: spec.config_hash(arm) for arm in spec.arms}
+        runs = runs[runs["config_hash"] == runs["arm"].map(current)]
+    keep = list(arms_to_continue(runs, spec))
     if keep and spec.baseline not in keep:
         keep.append(spec.baseline)  # variants are compared seed-by-seed with the baseline
     return [a for a in spec.arms if a in keep]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,7 @@ def trial_rows(runs: pd.DataFrame, cfg: SearchConfig, study: Any = None) -> pd.D
                 pass
         else:
             state = "COMPLETE" if len(ok) >= cfg.seeds_per_trial else (
-                "FAIL" if (mine["status"] == "failed").any() else "INCOMPLETE")
+                "FAIL" if mine["status"].isin(["failed", "diverged"]).any() else "INCOMPLETE")
             params = json.loads(mine["overrides_json"].iloc[0]) if len(mine) else {}
         row["state"] = state
         for key in cfg.space:
@@ -142,7 +143,7 @@ def _display(df: pd.DataFrame, cfg: SearchConfig) -> tuple[list[str], list[list[
         cells = [f"t{r['trial']}", r["state"]] + [_cell(r[k], p) for k, p in cfg.space.items()]
         cells += [str(r["n"]), tables._num(r["loss_mean"], ".4f"), tables._num(r["loss_std"], ".4f")]
         if cfg.multi_objective:
-            cells += [tables._num(r["time_mean"], ".3f"), tables._num(r["time_std"], ".3f"),
+            cells += [tables._num(r["time_mean"], ".4f"), tables._num(r["time_std"], ".4f"),
                       "*" if r["pareto"] else ""]
         cells += ["✓" if r["confirmed"] else ""]
         rows.append(cells)
@@ -161,9 +162,9 @@ def _notes(df: pd.DataFrame, cfg: SearchConfig) -> list[str]:
 
 
 def search_table(store: Any, experiment: str, fmt: str = "rich", baseline: str | None = None,
-                 target: float | None = None) -> Any:
+                 target: float | None = None, all_configs: bool = False) -> Any:
     """Trial listing + confirmation table: a rich Group for "rich", a str for md/csv/json.
-    `baseline` / `target` override the spec's for the confirmation table, as in `ablate table`."""
+    `baseline` / `target` / `all_configs` apply to the confirmation table, as in `ablate table`."""
     if fmt not in tables.FORMATS:
         raise tables.AnalysisError(f"format={fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md")
     spec = tables.read_spec(store, experiment)
@@ -174,9 +175,10 @@ def search_table(store: Any, experiment: str, fmt: str = "rich", baseline: str |
     runs = store.runs(experiment)
     df = trial_rows(runs, cfg, _study(store, experiment))
     conf_runs = runs[runs["source"] != "search"] if len(runs) else runs
-    settings = tables.settings_from_spec(spec, baseline, target)
-    conf = tables.table_from_runs(conf_runs, settings.baseline, settings.target, settings.alternative,
-                                  settings.correction, alpha=settings.alpha) if len(conf_runs) else pd.DataFrame()
+    settings = tables.experiment_settings(store, experiment, baseline, target, all_configs)
+    settings = replace(settings, sequential=None)  # the confirmation is a fixed design
+    conf = tables.analyse_runs(conf_runs, settings, tables.current_hashes(store, experiment)) \
+        if len(conf_runs) else pd.DataFrame()
     head, rows = _display(df, cfg) if len(df) else ([], [])
     notes = _notes(df, cfg)
     title = f"{experiment}: search trials"
