@@ -114,3 +114,46 @@ def resource_plan(spec: Spec) -> dict[str, Any]:
         "timeout_s": r.timeout_s,
         "max_runs": len(spec.arms) * len(spec.max_seeds),
     }
+
+
+DONE_STATUSES = ("ok", "diverged")  # outcomes: never run again
+
+
+def missing_runs(spec: Spec, runs_df) -> tuple[dict[str, int], str | None]:
+    """For `ablate status`: per arm, how many of its planned seeds have no outcome (ok or diverged
+    row of the arm's current config) yet, and a line about a search's progress (else None).
+
+    A plain spec plans `seeds` (a sequential one its first `min`) for every arm. A search spec
+    plans `seeds_per_trial` seeds for each suggestion `t<N>` that has runs, and the confirmation's
+    seeds (`confirm.first_seed`..) for the spec's arms and for each confirmed suggestion; its
+    `seeds:` field is not used."""
+    import pandas as pd
+
+    df = runs_df if runs_df is not None and len(runs_df) else pd.DataFrame(
+        columns=["arm", "seed", "config_hash", "status", "source"])
+    done = df[df["status"].isin(DONE_STATUSES)]
+
+    def missing(arm: str, seeds: Iterable[int], rows) -> int:
+        have = set(rows.loc[rows["arm"] == arm, "seed"].astype(int))
+        return sum(s not in have for s in seeds)
+
+    if spec.search is None:
+        seeds = range(spec.seeds.min) if spec.sequential else spec.max_seeds  # type: ignore[union-attr]
+        return {arm: missing(arm, seeds, done[done["config_hash"] == spec.config_hash(arm)]) for arm in spec.arms}, None
+    from ablate.search_space import parse_search
+
+    cfg = parse_search(spec.search, preset=spec.trainer.preset, base_overrides=spec.overrides(spec.baseline))
+    confirm = range(cfg.confirm.first_seed, cfg.confirm.first_seed + cfg.confirm.seeds) if cfg.confirm else range(0)
+    source = df["source"] if "source" in df else pd.Series("ablate", index=df.index)
+    search_done, conf_done = done[source.loc[done.index] == "search"], done[source.loc[done.index] != "search"]
+    out = {arm: missing(arm, confirm, conf_done[conf_done["config_hash"] == spec.config_hash(arm)])
+           for arm in spec.arms} if cfg.confirm else {}
+    trials = sorted(set(df.loc[source == "search", "arm"]), key=lambda a: (len(a), a))
+    confirmed = set(df.loc[source != "search", "arm"]) - set(spec.arms)
+    for arm in trials + sorted(confirmed - set(trials)):
+        out[arm] = missing(arm, cfg.seeds(), search_done) if arm in trials else 0
+        if arm in confirmed:
+            out[arm] += missing(arm, confirm, conf_done)
+    note = (f"search: {len(trials)} of {cfg.trials} suggestions have runs ({cfg.seeds_per_trial} seeds each); "
+            + (f"confirmation on seeds {confirm.start}..{confirm.stop - 1}" if cfg.confirm else "no confirmation"))
+    return out, note

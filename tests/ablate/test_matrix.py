@@ -189,3 +189,23 @@ def test_build_row_marks_a_non_finite_loss_as_diverged() -> None:
     assert row["status"] == "failed"
     row, _, _ = build_row(spec, att, _payload(status="cancelled", error="cancelled", curve=[]), drv)
     assert row["status"] == "cancelled"
+
+
+def test_missing_runs_of_a_finished_search_and_of_a_plain_spec(tmp_path) -> None:
+    from ablate.matrix import missing_runs
+    from ablate.store import Store
+    from tests.ablate.searchstore import SEARCH_SPEC, write_search_experiment
+
+    store = Store(str(tmp_path / "res"))
+    write_search_experiment(store)
+    spec, runs = parse_spec_text(SEARCH_SPEC), store.runs("srch")
+    missing, note = missing_runs(spec, runs)
+    assert missing == {"baseline": 0, "t0": 0, "t1": 0, "t2": 0}     # t2's diverged seed is an outcome
+    assert note.startswith("search: 3 of 3 suggestions have runs")
+    missing, _ = missing_runs(spec, runs[~((runs["arm"] == "baseline") & (runs["seed"] == 1001))])
+    assert missing["baseline"] == 1
+    plain = parse_spec_text(SPEC)
+    df = pd.DataFrame([dict(arm="a", seed=0, config_hash=plain.config_hash("a"), status="diverged"),
+                       dict(arm="a", seed=1, config_hash="old000000000", status="ok")])
+    missing, note = missing_runs(plain, df)
+    assert missing == {"baseline": 3, "a": 2, "b": 3} and note is None   # diverged is an outcome; old hash is not
