@@ -20,7 +20,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -453,11 +453,81 @@ def _verdict_style(verdict: str) -> str:
     return ""
 
 
-class RichTable:
-    """The table as a rich renderable that fits the console width without cutting a number:
-    the whole record layout when it fits on one line per arm; else the numbers with the verdicts
-    listed below the table; else a time table and a loss table, verdicts below. Notes follow.
-    (`columns` lists the layout's headers, for tests.)"""
+class Fitted:
+    """A rich renderable that shows, at render time, the first of its `layouts()` whose tables fit
+    the console width (the last one otherwise), so that no number is ever cut ("4.…"). A layout is
+    (tables, lines below them); only the tables are measured, the lines wrap on words."""
+
+    def layouts(self) -> list[tuple[list[Any], list[Any]]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _width(console, options, parts: list[Any]) -> int:
+        from rich.measure import Measurement
+
+        wide = options.update(max_width=100_000)
+        return max((Measurement.get(console, wide, p).maximum for p in parts), default=0)
+
+    def __rich_console__(self, console, options):
+        layouts = self.layouts()
+        for i, (parts, below) in enumerate(layouts):
+            if i == len(layouts) - 1 or self._width(console, options, parts) <= options.max_width:
+                yield from parts
+                yield from below
+                return
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        layouts = self.layouts()
+        return Measurement(self._width(console, options, layouts[-1][0]), self._width(console, options, layouts[0][0]))
+
+
+def rich_grid(title: str, head: list[str], rows: list[list[str]], *, bold: list[bool] | None = None,
+              left: Iterable[int] = (0,), styles: dict[int, Any] | None = None, compact: bool = False):
+    """A rich Table whose cells are plain text (never markup) and never wrap or get cut, except the
+    first column, which folds if it must. Columns in `left` are left-aligned, the rest right-aligned;
+    `styles` maps a column index to a function cell → style; `bold` marks rows; `compact` drops
+    the outer border (4 columns narrower)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    styles = styles or {}
+    t = Table(title=title or None, show_edge=not compact, pad_edge=not compact)
+    for i, name in enumerate(head):
+        width = max([len(line) for line in name.split("\n")] + [len(r[i]) for r in rows])
+        if i == 0:
+            t.add_column(name, overflow="fold")
+        else:
+            t.add_column(name, justify="left" if i in set(left) else "right", no_wrap=True, min_width=width)
+    for k, row in enumerate(rows):
+        t.add_row(*[Text(c, style=styles[i](c) if i in styles else "") for i, c in enumerate(row)],
+                  style="bold" if bold and bold[k] else None)
+    return t
+
+
+def rich_cards(title: str, head: list[str], rows: list[list[str]], bold: list[bool] | None = None) -> list[Any]:
+    """Narrow consoles: one small two-column table per row (its first cell as the title)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[Any] = [Text(title, style="bold")] if title else []
+    for k, row in enumerate(rows):
+        t = Table(title=Text(row[0], style="bold" if bold and bold[k] else ""), show_header=False,
+                  title_justify="left")
+        t.add_column(no_wrap=True)
+        t.add_column(justify="right", no_wrap=True)
+        for name, cell in zip(head[1:], row[1:]):
+            t.add_row(Text(name), Text(cell))
+        out.append(t)
+    return out
+
+
+class RichTable(Fitted):
+    """The results table for a console of any width, numbers never cut: the whole record layout
+    when each arm fits on one line; else the numbers with the verdicts listed below the table;
+    else a time table and a loss table, verdicts below; on very narrow consoles one small table per
+    arm. Notes follow. (`columns` lists the layout's headers.)"""
 
     def __init__(self, df: pd.DataFrame, settings: Settings, title: str = "") -> None:
         self.rows = display_rows(df, settings.target)
@@ -467,80 +537,27 @@ class RichTable:
         self.target = settings.target is not None
         self.columns = list(LAYOUT)
 
+    def _pick(self, cols: list[int]) -> tuple[list[str], list[list[str]]]:
+        return [LAYOUT[i] for i in cols], [[row[i] for i in cols] for row in self.rows]
+
     def _table(self, cols: list[int], title: str | None = None):
-        from rich.table import Table
+        head, rows = self._pick(cols)
+        verdict = [cols.index(11)] if 11 in cols else []
+        return rich_grid(self.title if title is None else title, head, rows, bold=self.baseline,
+                         left=[0, *verdict], styles={i: _verdict_style for i in verdict})
+
+    def layouts(self) -> list[tuple[list[Any], list[Any]]]:
         from rich.text import Text
 
-        t = Table(title=self.title if title is None else title)
-        for i in cols:
-            name = LAYOUT[i]
-            if i == 0:
-                t.add_column(name, overflow="fold")
-            elif i == 11:
-                t.add_column(name, no_wrap=True)
-            else:
-                t.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), *(len(r[i]) for r in
-                                                                                           self.rows)))
-        for row, base in zip(self.rows, self.baseline):
-            cells = [Text(row[i], style=_verdict_style(row[i]) if i == 11 else "") for i in cols]
-            t.add_row(*cells, style="bold" if base else None)
-        return t
-
-    def _layouts(self) -> list[list[Any]]:
         target = [10] if self.target else []
         numbers = list(range(1, 10)) + target
-        return [[self._table(list(range(12)))],
-                [self._table([0] + numbers)],
-                [self._table([0, 1, 2, 3, 4, 5], f"{self.title}: time (s)".lstrip(": ")),
-                 self._table([0, 6, 7, 8, 9] + target, f"{self.title}: loss".lstrip(": "))],
-                self._cards(numbers)]
-
-    def _cards(self, cols: list[int]) -> list[Any]:
-        """Narrow consoles: one small two-column table per arm."""
-        from rich.table import Table
-        from rich.text import Text
-
-        out: list[Any] = [Text(self.title, style="bold")] if self.title else []
-        for row, base in zip(self.rows, self.baseline):
-            t = Table(title=Text(row[0], style="bold" if base else ""), show_header=False, title_justify="left")
-            t.add_column(no_wrap=True)
-            t.add_column(justify="right", no_wrap=True)
-            for i in cols:
-                t.add_row(LAYOUT[i], row[i])
-            out.append(t)
-        return out
-
-    def _below(self, verdicts: bool) -> list[Any]:
-        from rich.text import Text
-
-        out: list[Any] = []
-        if verdicts:
-            for row in self.rows:
-                out.append(Text.assemble((f"{row[0]}: ", "bold"), (row[11], _verdict_style(row[11]))))
-        out += [Text(n, style="dim") for n in self.notes]
-        return out
-
-    @staticmethod
-    def _width(console, options, parts: list[Any]) -> int:
-        from rich.measure import Measurement
-
-        wide = options.update(max_width=100_000)
-        return max(Measurement.get(console, wide, p).maximum for p in parts)
-
-    def __rich_console__(self, console, options):
-        layouts = self._layouts()
-        for i, parts in enumerate(layouts):
-            if i == len(layouts) - 1 or self._width(console, options, parts) <= options.max_width:
-                yield from parts
-                yield from self._below(verdicts=i > 0)
-                return
-
-    def __rich_measure__(self, console, options):
-        from rich.measure import Measurement
-
-        layouts = self._layouts()
-        return Measurement(min(self._width(console, options, p) for p in layouts[-1:]),
-                           self._width(console, options, layouts[0]))
+        notes = [Text(n, style="dim") for n in self.notes]
+        below = [Text.assemble((f"{row[0]}: ", "bold"), (row[11], _verdict_style(row[11]))) for row in self.rows]
+        return [([self._table(list(range(12)))], notes),
+                ([self._table([0] + numbers)], below + notes),
+                ([self._table([0, 1, 2, 3, 4, 5], f"{self.title}: time (s)".lstrip(": ")),
+                  self._table([0, 6, 7, 8, 9] + target, f"{self.title}: loss".lstrip(": "))], below + notes),
+                (rich_cards(self.title, *self._pick([0] + numbers), self.baseline), below + notes)]
 
 
 def to_rich(df: pd.DataFrame, settings: Settings, experiment: str) -> RichTable:

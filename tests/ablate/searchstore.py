@@ -66,3 +66,26 @@ def write_search_experiment(store: Store, name: str = "srch") -> None:
     for seed in (1000, 1001):
         put("baseline", seed, spec.config_hash("baseline"), "ablate", None, loss=3.52 + 0.001 * (seed - 1000))
         put("t1", seed, hashes[1], "ablate", 1, loss=3.49 + 0.001 * (seed - 1000))
+
+
+def write_wide_search(store: Store, root: str) -> str:
+    """experiments/lr_mul_search_tiny.yaml (six searched knobs) with four finished suggestions;
+    returns the experiment name."""
+    from pathlib import Path
+
+    text = (Path(root) / "experiments" / "lr_mul_search_tiny.yaml").read_text()
+    spec = parse_spec_text(text)
+    store.write_bytes(spec.name, "spec.yaml", text.encode())
+    order = 0
+    for n in range(4):
+        ov = {**spec.overrides("baseline"), "optim.lr_mul.attn": 0.5123 + n, "optim.lr_mul.mlp_up": 1.2345,
+              "optim.lr_mul.mlp_down": 2.71828, "optim.lr_mul.attn_gate": 0.98765, "optim.lr_mul.smear_gate": 1.5,
+              "schedule.ws_schedule": [2, 3, 4, 5, 6, 8]}
+        h = spec.config_hash("baseline", ov)
+        for seed in (0, 1):
+            store.write_run(row(experiment=spec.name, arm=f"t{n}", seed=seed, run_id=f"t{n}-s{seed}-{h}-a1",
+                                order=order, source="search", search_trial=n, config_hash=h,
+                                overrides_json=json.dumps(ov), final_val_loss=4.51234 + 0.01 * n + 0.001 * seed,
+                                train_time_ms=12345.678 + seed), [], [])
+            order += 1
+    return spec.name

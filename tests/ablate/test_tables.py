@@ -382,3 +382,21 @@ def test_store_table_uses_the_stored_specs_config_hashes(tmp_path):
     res = CliRunner().invoke(app, ["table", "cfg", "--store", st.uri, "--format", "md", "--all-configs"])
     assert res.exit_code == 0, res.output
     assert f"| lr@{h_old} | 3 |" in res.stdout and "| lr | 3 |" in res.stdout
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_search_trial_listing_readable_at_80_and_120_columns(tmp_path, width):
+    from rich.console import Console
+
+    from ablate.search_report import search_table
+    from ablate.store import Store
+    from tests.ablate.searchstore import write_wide_search
+
+    st = Store(str(tmp_path / "res"))
+    name = write_wide_search(st, str(Path(__file__).resolve().parents[2]))
+    console = Console(width=width, record=True, color_system=None)
+    console.print(search_table(st, name, "rich"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width and "…" not in text
+    for cell in ("0.5123", "3.512", "1.234", "2.718", "0.9877", "(2,3,4,5,6,8)", "4.5128", "4.5428", "COMPLETE"):
+        assert cell in text
