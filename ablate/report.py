@@ -4,7 +4,7 @@
 
 report.md holds the results table (the same as `ablate table --format md`; for a search
 experiment its trials listing and the confirmation's table), the figures of `ablate/plots.py`,
-every run with its status, config and provenance, runs that did not finish with their errors,
+every run with its status, config and provenance, runs without an ok result with their errors,
 step-time stalls, and warnings when runs mix torch versions or GPU models (time comparisons
 across them are not like for like). Works on `ablate run`, imported (`ablate import-logs`),
 search and mixed experiments. The figures show the runs the table compares (each arm's current
@@ -82,7 +82,7 @@ def _runs_section(runs: pd.DataFrame, current: dict[str, str] | None = None) -> 
                   "table (`ablate table --all-configs` shows them)."]
     failed = runs[runs["status"] != "ok"]
     if len(failed):
-        lines += ["", "### Runs that did not finish", ""]
+        lines += ["", "### Runs without an ok result (diverged, failed, cancelled)", ""]
         lines += [f"- `{r['run_id']}` ({r['status']}): " +
                   (str(r.get("error")) if not _missing(r.get("error")) and str(r.get("error")) else "no error recorded")
                   for r in failed.to_dict("records")]
