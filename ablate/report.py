@@ -63,7 +63,8 @@ def _host(r: dict) -> str | None:
 def _runs_section(runs: pd.DataFrame, current: dict[str, str] | None = None) -> list[str]:
     """Every run; `current` (arm → config hash the table compares) marks runs of other configs."""
     current = current or {}
-    lines = ["| Arm | Seed | Round | Status | Loss | Time (s) | Steps | Config | Host | GPU | torch | Source | Run id |",
+    lines = ["| Arm | Seed | Round | Status | Loss | Time (s) | Steps | Config | Host | GPU | torch | Source "
+             "| Run id |",
              "|---|---:|---:|---|---:|---:|---:|---|---|---|---|---|---|"]
     for r in runs.to_dict("records"):
         t = None if _missing(r.get("train_time_ms")) else float(r["train_time_ms"]) / 1000.0
