@@ -105,6 +105,10 @@ def _environment_section(runs: pd.DataFrame) -> list[str]:
             warn.append(f"**Warning:** ok runs mix {ok[col].dropna().nunique()} {what}; train time differs "
                         "between them by up to ~1 s, so time Δ compares unlike things unless each arm ran on "
                         "all of them equally (blocked analysis).")
+    if "gpu_count" in ok and ok["gpu_count"].dropna().nunique() > 1:
+        counts = ", ".join(str(int(g)) for g in sorted(set(ok["gpu_count"].dropna())))
+        warn.append(f"**Warning:** ok runs mix GPU counts ({counts}); their train times differ many-fold, so "
+                    "times are only comparable within one GPU count.")
     return out + ([""] + warn if warn else [])
 
 

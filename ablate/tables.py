@@ -234,6 +234,8 @@ def table_from_runs(runs_df: pd.DataFrame, baseline: str = "baseline", target: f
                                "cancelled": int((status == "cancelled").sum()),
                                "left_out_runs": out_runs, "left_out_configs": out_configs,
                                "baseline_runs": len(base_ok)}
+        if "gpu_count" in a_ok:  # world sizes pooled in one arm make its time μ/σ meaningless (notes)
+            row["gpu_counts"] = ",".join(str(int(g)) for g in sorted(set(a_ok["gpu_count"].dropna())))
         pairs = stats.pair_runs(a_ok, base_ok) if arm in others else None
         row["n_pairs"] = len(pairs[0]) if pairs is not None else 0
         for metric, col in METRICS.items():
@@ -383,6 +385,11 @@ def notes(df: pd.DataFrame, settings: Settings) -> list[str]:
     if "diverged" in df and df["diverged"].sum():
         out.append("Diverged runs (a non-finite loss at some eval) are counted (\"diverged d/n\" of the runs that "
                    "finished), not averaged: μ, σ, Δ and p are over the ok runs only.")
+    if "gpu_counts" in df and df["gpu_counts"].str.contains(",", regex=False).any():
+        mixed = df[df["gpu_counts"].str.contains(",", regex=False)]
+        out.append("Warning: ok runs with different GPU counts are pooled in " +
+                   ", ".join(f"{a} ({g.replace(',', ', ')} GPUs)" for a, g in zip(mixed["arm"], mixed["gpu_counts"])) +
+                   ": their time μ and σ mix unlike runs; import or run each GPU count as its own arm.")
     if "left_out_runs" in df and df["left_out_runs"].sum():
         left = df[df["left_out_runs"] > 0]
         out.append("Only each arm's current config counts (the spec's config hash; for arms not in the spec, "

@@ -400,3 +400,13 @@ def test_search_trial_listing_readable_at_80_and_120_columns(tmp_path, width):
     assert max(len(line) for line in text.splitlines()) <= width and "…" not in text
     for cell in ("0.5123", "3.512", "1.234", "2.718", "0.9877", "(2,3,4,5,6,8)", "4.5128", "4.5428", "COMPLETE"):
         assert cell in text
+
+
+def test_pooled_gpu_counts_are_flagged():
+    """Speedrun logs of 1-GPU (~595 s) and 8-GPU (~79 s) runs of one script in one arm."""
+    runs = runs_frame().assign(gpu_count=8)
+    runs.loc[(runs["arm"] == "lr-0.03") & (runs["seed"] < 2), "gpu_count"] = 1
+    t = tables.table_from_runs(runs, "baseline")
+    assert list(t["gpu_counts"]) == ["8", "1,8", "8"]
+    md = tables.to_markdown(t, tables.Settings())
+    assert "different GPU counts are pooled in lr-0.03 (1, 8 GPUs)" in md
