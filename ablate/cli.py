@@ -150,7 +150,7 @@ def _print_plan(spec: Spec, store) -> None:
         planned, where = None, f"unreadable ({e})"
     seeds = (f"sequential seeds: {spec.seeds.min} first, up to {spec.seeds.max}"  # type: ignore[union-attr]
              if spec.sequential else f"{len(spec.max_seeds)} seeds")
-    out.print(f"[bold]{spec.name}[/]: preset {spec.trainer.preset}, {len(spec.arms)} arms × {seeds}, "
+    out.print(f"[bold]{spec.name}[/]: {spec.trainer_label}, {len(spec.arms)} arms × {seeds}, "
               f"retries {spec.retries}, baseline {spec.baseline!r}", soft_wrap=True)
     table = Table("order", "arm", "seed", "round", "config_hash", "state", title="run matrix (launch order)")
     table.add_column("overrides", overflow="fold")
@@ -224,7 +224,7 @@ def validate(specs: List[Path] = typer.Argument(..., metavar="SPEC...", help="Sp
             err.print(f"[bold red]invalid[/] {e}", soft_wrap=True, highlight=False)
             continue
         n = len(spec.arms) * len(spec.max_seeds)
-        out.print(f"[green]ok[/] {path}: {spec.name}, preset {spec.trainer.preset}, {len(spec.arms)} arms, "
+        out.print(f"[green]ok[/] {path}: {spec.name}, {spec.trainer_label}, {len(spec.arms)} arms, "
                   f"{'up to ' if spec.sequential else ''}{n} runs, "
                   f"gpus_per_run {spec.resources.gpus_per_run}", soft_wrap=True, highlight=False)
     raise typer.Exit(2 if bad else 0)

@@ -26,7 +26,7 @@ class RunRequest:
     overrides: dict[str, Any] = field(hash=False, compare=False)
     config_hash: str = ""
     round: int = 0  # seed round (sequential seeds), 0-based
-    source: str = "ablate"  # "ablate" | "search" | "import"
+    source: str = "ablate"  # "ablate" | "search" | "script" (ablate.script) | "import"
     search_trial: int | None = None
 
     @property
@@ -41,6 +41,9 @@ def make_request(spec: Spec, arm: str, seed: int, *, overrides: dict[str, Any] |
                  source: str = "ablate", search_trial: int | None = None) -> RunRequest:
     """A request for `arm` (its spec overrides unless `overrides` is given, e.g. by a search).
     CPU specs (gpus_per_run: 0) always get runtime.device: cpu."""
+    if spec.is_script_arm(arm):  # a training script (ablate.script): its own source, no trainer overrides
+        return RunRequest(arm=arm, seed=seed, overrides=spec.overrides(arm), config_hash=spec.config_hash(arm),
+                          round=round, source="script", search_trial=search_trial)
     ov = spec.overrides(arm) if overrides is None else dict(overrides)
     if spec.resources.gpus_per_run == 0:
         ov.setdefault("runtime.device", "cpu")

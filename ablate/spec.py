@@ -42,6 +42,13 @@ EXAMPLES = {
     "trainer": "trainer: {preset: small, set: {schedule.cooldown_frac: 0.55}}",
     "trainer.preset": "trainer: {preset: tiny}",
     "trainer.set": "trainer: {preset: tiny, set: {optim.muon.lr: 0.03}}",
+    "trainer.script": "trainer: {script: train_gpt.py, nproc_per_node: 8}",
+    "trainer.files": "trainer: {script: train_gpt.py, files: [triton_kernels.py]}",
+    "trainer.nproc_per_node": "trainer: {script: train_gpt.py, nproc_per_node: 8}",
+    "trainer.env": "trainer: {script: train_gpt.py, env: {MUON_WD: \"0.02\"}}",
+    "trainer.args": "trainer: {script: train_gpt.py, args: [\"--lr\", \"0.03\"]}",
+    "trainer.obtain": "trainer: {script: train_gpt.py, obtain: \"git show b72cabd2:train_gpt.py > train_gpt.py\"}",
+    "trainer.allow_mixed": "trainer: {preset: speedrun, allow_mixed: true}",
     "arms": "arms: {baseline: {}, lr-0.03: {optim.muon.lr: 0.03}}",
     "baseline": "baseline: baseline",
     "seeds": "seeds: 8  (or [0, 1, 2], or {min: 3, max: 16, alpha: 0.01})",
@@ -70,13 +77,26 @@ class _Model(BaseModel):
 
 
 class TrainerSpec(_Model):
-    preset: str  # a name from trainer/presets.py
+    preset: str | None = None  # a name from trainer/presets.py (or `script:`, never both)
     set: dict[str, Any] = {}  # overrides for every arm, dotted or nested
+    # Script experiments: your own torchrun script instead of a preset (ablate/script.py checks these)
+    script: str | None = None  # the base script of every arm, relative to the spec file's folder
+    files: list[Any] = []  # more files the script reads or imports, placed beside it in each run's folder
+    nproc_per_node: int | None = None  # torchrun ranks; must match resources (one rank per GPU)
+    env: dict[str, Any] = {}  # environment of every arm's runs (string → string)
+    args: list[Any] = []  # command-line arguments of every arm's runs
+    obtain: str = ""  # how to get the script when it is absent (quoted in the error)
+    allow_mixed: bool = False  # a preset experiment may hold script arms (compared with preset arms)
 
-    @field_validator("set", mode="before")
+    @field_validator("set", "env", mode="before")
     @classmethod
     def _none_is_empty(cls, v: Any) -> Any:
         return {} if v is None else v
+
+    @field_validator("files", "args", mode="before")
+    @classmethod
+    def _none_is_empty_list(cls, v: Any) -> Any:
+        return [] if v is None else v
 
 
 def _unit_interval(v: float) -> float:
@@ -204,6 +224,11 @@ class Spec(_Model):
 
     _source: str = PrivateAttr(default="<string>")
     _text: str = PrivateAttr(default="")
+    # script arms (ablate.script): the folder relative paths start from, each arm's resolved code, and
+    # for a spec read back from the store (no files), each arm's identity from script_arms.json
+    _base_dir: Path | None = PrivateAttr(default=None)
+    _scripts: dict = PrivateAttr(default_factory=dict)
+    _stored_scripts: dict | None = PrivateAttr(default=None)
 
     # ---- field checks (messages become "field=value: message; fix: example") -------------
     @field_validator("name")
@@ -293,6 +318,21 @@ class Spec(_Model):
         return isinstance(self.seeds, SequentialSeeds)
 
     @property
+    def trainer_label(self) -> str:
+        """What the experiment runs, for one-line summaries: "preset tiny" or "script train_gpt.py"."""
+        t = self.trainer
+        if t.script is not None:
+            return f"script {t.script}"
+        mixed = sum(self.is_script_arm(a) for a in self.arms)
+        return f"preset {t.preset}" + (f" (+ {mixed} script arm{'s' if mixed > 1 else ''})" if mixed else "")
+
+    def is_script_arm(self, arm: str) -> bool:
+        """Whether the arm runs a training script (ablate.script) instead of the built-in trainer."""
+        from ablate.script import is_script_arm
+
+        return is_script_arm(self, arm)
+
+    @property
     def max_seeds(self) -> list[int]:
         """Every seed the experiment may run (0..max-1 for sequential seeds)."""
         return list(range(self.seeds.max)) if isinstance(self.seeds, SequentialSeeds) else list(self.seeds)
@@ -301,6 +341,10 @@ class Spec(_Model):
         """Flat dotted overrides of an arm: trainer.set, then the arm, then the device for CPU runs."""
         if arm not in self.arms:
             raise SpecError(f"arm={arm!r} is not in the spec; arms are: {', '.join(self.arms)}")
+        if self.is_script_arm(arm):  # script, patch, files, env, args as the spec writes them
+            from ablate.script import arm_overrides
+
+            return arm_overrides(self, arm)
         out = {**flatten(self.trainer.set), **flatten(self.arms[arm])}
         if self.resources.gpus_per_run == 0:
             out["runtime.device"] = "cpu"
@@ -311,6 +355,8 @@ class Spec(_Model):
         from trainer.config import apply_overrides
         from trainer.presets import get_preset
 
+        if self.is_script_arm(arm):
+            raise SpecError(f"arm {arm!r} runs a script ({self.overrides(arm)['script']}): it has no trainer config")
         ov = self.overrides(arm) if overrides is None else dict(overrides)
         return apply_overrides(get_preset(self.trainer.preset), ov)
 
@@ -319,6 +365,10 @@ class Spec(_Model):
         (not yet made absolute), so moving the checkout keeps results resumable."""
         from trainer.config import config_hash
 
+        if self.is_script_arm(arm):  # sha256 of the patched script and its files, env, args
+            from ablate.script import arm_hash
+
+            return arm_hash(self, arm)
         return config_hash(self.resolve(arm, overrides))
 
 
@@ -347,7 +397,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read, parse and validate a spec file; SpecError (exit code 2) on any problem."""
+    """Read, parse and validate a spec file; SpecError (exit code 2) on any problem. Relative
+    script paths (script arms) are taken from the file's folder."""
     src = str(path)
     try:
         text = Path(path).read_text()
@@ -356,10 +407,11 @@ def load_spec(path: str | Path) -> Spec:
                         "(relative paths are taken from the current directory)") from None
     except UnicodeDecodeError:
         raise SpecError(f"spec file {src!r} is not UTF-8 text; fix: save it as UTF-8 YAML") from None
-    return parse_spec_text(text, source=src)
+    return parse_spec_text(text, source=src, base_dir=Path(path).resolve().parent)
 
 
-def parse_spec_text(text: str, source: str = "<string>") -> Spec:
+def parse_spec_text(text: str, source: str = "<string>", *, base_dir: Path | None = None,
+                    stored_scripts: Mapping[str, Any] | None = None) -> Spec:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except SpecError as e:
@@ -370,13 +422,16 @@ def parse_spec_text(text: str, source: str = "<string>") -> Spec:
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(f"not valid YAML{where}: {problem}; fix: check indentation and quoting there",
                         source) from None
-    spec = parse_spec(data, source)
+    spec = parse_spec(data, source, base_dir=base_dir, stored_scripts=stored_scripts)
     spec._text = text
     return spec
 
 
-def parse_spec(data: Any, source: str = "<dict>") -> Spec:
-    """Validate a spec mapping; collects every problem into one SpecError."""
+def parse_spec(data: Any, source: str = "<dict>", *, base_dir: Path | None = None,
+               stored_scripts: Mapping[str, Any] | None = None) -> Spec:
+    """Validate a spec mapping; collects every problem into one SpecError. Script arms: relative
+    paths start at `base_dir` (default: the current directory); `stored_scripts` (a spec read back
+    from the store: its script_arms.json) gives each script arm's identity without the files."""
     if not isinstance(data, Mapping):
         raise SpecError(f"the spec must be a YAML mapping (name:, trainer:, arms:, seeds:, ...), got "
                         f"{type(data).__name__}; fix: start from experiments/smoke.yaml", source)
@@ -385,6 +440,8 @@ def parse_spec(data: Any, source: str = "<dict>") -> Spec:
         spec = Spec.model_validate(known)
     except ValidationError as e:
         raise SpecError(problems + _pydantic_lines(e, ""), source) from None
+    spec._base_dir = base_dir
+    spec._stored_scripts = dict(stored_scripts) if stored_scripts is not None else None
     problems += _semantic_problems(spec)
     if problems:
         raise SpecError(problems, source)
@@ -461,12 +518,19 @@ def _semantic_problems(spec: Spec) -> list[str]:
     if spec.baseline not in spec.arms:
         problems.append(f"baseline={spec.baseline!r} is not an arm (arms: {', '.join(spec.arms)}); fix: add "
                         f"`{spec.baseline}: {{}}` under arms, or set `baseline:` to one of the arms")
+    from ablate.script import script_problems, uses_scripts
+
+    if uses_scripts(spec):  # script experiments and script arms: ablate/script.py
+        problems += script_problems(spec)
+        if spec.trainer.script is not None or spec.trainer.preset is None or problems:
+            return problems
+    arms = {a: ov for a, ov in spec.arms.items() if not spec.is_script_arm(a)}  # the preset arms
     r = spec.resources
     try:
         base = apply_overrides(get_preset(spec.trainer.preset), {})
     except ConfigError as e:
         return problems + [f"trainer.preset: {e}; fix: {EXAMPLES['trainer.preset']}"]
-    for where, ov in [("trainer.set", spec.trainer.set)] + [(f"arms.{a}", o) for a, o in spec.arms.items()]:
+    for where, ov in [("trainer.set", spec.trainer.set)] + [(f"arms.{a}", o) for a, o in arms.items()]:
         for key in flatten(ov):
             if key in RESERVED_KEYS:
                 problems.append(f"{where}: {key!r} cannot be overridden here; fix: use `{RESERVED_KEYS[key]}`")
@@ -482,7 +546,7 @@ def _semantic_problems(spec: Spec) -> list[str]:
         return [f"trainer.set: {line}" for line in str(e).splitlines()]
     ranks = r.ranks
     indivisible: dict[int, list[str]] = {}  # reference_world_size → arms
-    for arm in spec.arms:
+    for arm in arms:
         try:
             cfg = apply_overrides(base, spec.overrides(arm))
         except ConfigError as e:
