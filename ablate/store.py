@@ -84,6 +84,7 @@ RUNS_SCHEMA = pa.schema([
     _f("wall_s", pa.float64(), False),
     _f("worker_runs_before", pa.int64()),
     _f("attn_backend", pa.string()),  # the trainer's resolved model.attn_backend (fa4 / flex / sdpa)
+    _f("script_sha256", pa.string()),  # script runs (source=script): the script that ran, after patches
 ])
 _KEYS = [_f("run_id", pa.string(), False), _f("experiment", pa.string(), False),
          _f("arm", pa.string(), False), _f("seed", pa.int64(), False)]
