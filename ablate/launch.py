@@ -151,8 +151,10 @@ class _Guarded:
             self.tail.append(line.rstrip("\n"))
 
     def consume(self, res: LaunchResult, *, on_event: Callable[[dict], None] | None, timeout_s: float | None,
-                stop: threading.Event | None, until: Callable[[dict], bool] | None = None) -> bool:
+                stop: threading.Event | None, until: Callable[[dict], bool] | None = None,
+                parse: Callable[[str], dict | None] = parse_line) -> bool:
         """Read events into `res` until stdout ends (False) or `until(event)` is true (True).
+        `parse` turns a stdout line into an event or None (default: the trainer's JSON lines).
         A timeout or `stop` kills the tree (then reads on to the end); so does any exception."""
         deadline = res.started_at + timeout_s if timeout_s else None
         try:
@@ -164,7 +166,7 @@ class _Guarded:
                 if line is None:
                     return False
                 if line:
-                    ev = parse_line(line)
+                    ev = parse(line)
                     if ev is None:
                         res.noise_count += 1
                         if len(res.noise) < 20:
@@ -206,8 +208,10 @@ class _Guarded:
 def run_process(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
                 on_event: Callable[[dict], None] | None = None, timeout_s: float | None = None,
                 stop: threading.Event | None = None, grace_s: float = GUARD_GRACE_S,
-                remove_after: list[str] = ()) -> LaunchResult:
+                remove_after: list[str] = (), parse: Callable[[str], dict | None] = parse_line) -> LaunchResult:
     """Run `argv` under the guard; call `on_event` (in this thread) for each event as it arrives.
+    `parse` makes events of stdout lines: the trainer's JSON lines by default (ablate.script_run
+    passes a parser of the record scripts' text lines).
 
     Returns when the process tree is gone. `timeout_s` (wall clock) or `stop` being set kills
     the tree; so does any exception here (including KeyboardInterrupt). The guard deletes the
@@ -215,7 +219,7 @@ def run_process(argv: list[str], *, env: dict[str, str] | None = None, cwd: str 
     res = LaunchResult(started_at=time.time())
     g = _Guarded(argv, env=env, cwd=cwd, grace_s=grace_s, remove_after=remove_after)
     try:
-        g.consume(res, on_event=on_event, timeout_s=timeout_s, stop=stop)
+        g.consume(res, on_event=on_event, timeout_s=timeout_s, stop=stop, parse=parse)
     finally:
         res.returncode = g.close()
         res.stderr_tail = list(g.tail)
