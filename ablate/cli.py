@@ -247,10 +247,12 @@ def status(experiment: str = typer.Argument(..., help="Experiment name (store fo
                               "fix: check the name or pass --store"))
     spec = None
     if spec_text is not None:
+        from ablate.script import read_stored
         from ablate.spec import parse_spec_text
 
-        try:
-            spec = parse_spec_text(spec_text.decode(), source=store.display_path(experiment, "spec.yaml"))
+        try:  # script arms: their identity at the last run (script_arms.json), not today's files
+            spec = parse_spec_text(spec_text.decode(), source=store.display_path(experiment, "spec.yaml"),
+                                   stored_scripts=read_stored(store, experiment))
         except SpecError as e:
             err.print(f"[yellow]stored spec no longer validates ({e}); 'missing' not shown[/]", soft_wrap=True)
     missing_by_arm, search_note = {}, None

@@ -127,6 +127,10 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
 # --------------------------------------------------------------------------------------------
 def _trial(job: dict, opts: LaunchOptions) -> None:
     """One run attempt: torchrun → events → Tune reports → final payload report."""
+    if job.get("kind") == "script":  # a training script of the user's (ablate.script)
+        from ablate.script_run import trial
+
+        return trial(job, opts)
     root = project_root()  # of this node's copy (e.g. a `ray job` working dir)
     overrides = dict(job["overrides"])
     if not Path(job["data_dir"]).is_absolute():  # trials run in a Ray staging dir: absolute paths
@@ -229,6 +233,10 @@ class _Attempt:
 
 def _job(spec: Spec, a: _Attempt, opts: LaunchOptions) -> dict:
     r, req = spec.resources, a.request
+    if spec.is_script_arm(req.arm):
+        from ablate.script_run import job
+
+        return job(spec, req, a.run_id)
     data_dir = spec.resolve(req.arm, req.overrides).data.data_dir
     overrides = dict(req.overrides)
     if r.compile_cache_dir:  # where this node's compile cache lives; not part of the config hash
@@ -273,7 +281,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
     diverged = divergence(payload) if status in ("ok", "failed") else None
     if diverged:
         status, error = "diverged", diverged + (f"\n{error}" if error else "")
-    config = start.get("config") or payload.get("resolved_config") or {}
+    config = start.get("config") or payload.get("resolved_config") or a.job.get("script_config") or {}
     row = {
         "experiment": spec.name, "arm": req.arm, "seed": req.seed, "run_id": a.run_id,
         "attempt": a.planned.attempt, "round": req.round, "order": a.order, "source": req.source,
@@ -297,6 +305,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
         "wall_s": max(0.0, ended - started),
         "worker_runs_before": payload.get("worker_runs_before"),
         "attn_backend": (config.get("model") or {}).get("attn_backend"),
+        "script_sha256": a.job.get("script_sha256"),
     }
     keys = {"run_id": a.run_id, "experiment": spec.name, "arm": req.arm, "seed": req.seed}
     curve = [{**keys, **c} for c in payload.get("curve") or []]
@@ -352,6 +361,10 @@ class _Batch(tune.Callback):
         payload = {**a.node, **payload}  # a trial lost with its node still names the node
         row, curve, steps = build_row(self.spec, a, payload, self.driver)
         try:
+            if payload.get("script_log"):  # a script run's log (ablate.script_run), before its row
+                from ablate.script_run import write_log
+
+                write_log(self.store, self.spec.name, a.run_id, payload)
             self.store.write_run(row, curve, steps)
         except StoreError as e:
             self.store_errors.append(str(e))
@@ -409,6 +422,10 @@ def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any
     """Run the attempts as one Tune experiment, in order. Returns True if it was interrupted."""
     for a in attempts:
         a.job = _job(spec, a, opts)
+    if any(a.job.get("kind") == "script" for a in attempts):  # each script's text, once per sha256
+        from ablate.script_run import store_code
+
+        store_code(store, spec.name, [a.job for a in attempts])
     nodes = ray.nodes()
     # ONE bundle per run (all its GPUs on one node; + gpu_node for 8-GPU runs): ablate.placement
     resources = tune.PlacementGroupFactory([run_bundle(spec.resources, nodes)])
@@ -505,6 +522,9 @@ def run_experiment(spec: Spec, store: Store, address: str | None = None, *, prog
     """Every (arm, seed) of the spec (sequential specs: seed rounds), resumable."""
     progress = progress or NullProgress()
     store.write_bytes(spec.name, "spec.yaml", (spec.text or json.dumps(spec.model_dump())).encode())
+    from ablate.script import store_arms
+
+    store_arms(store, spec)  # script arms: each arm's identity, for tables and status (script_arms.json)
     store.clear_inflight(spec.name)  # markers left by a killed driver
     with ray_session(address):
         if not spec.sequential:

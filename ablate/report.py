@@ -93,8 +93,8 @@ def _runs_section(runs: pd.DataFrame, current: dict[str, str] | None = None) -> 
 def _environment_section(runs: pd.DataFrame) -> list[str]:
     out = []
     for col, what in (("torch_version", "torch"), ("gpu_model", "GPU"), ("triton_version", "triton"),
-                      ("git_commit", "git commit"), ("driver", "driver")):
-        if col not in runs:
+                      ("git_commit", "git commit"), ("driver", "driver"), ("script_sha256", "script sha256")):
+        if col not in runs or (col == "script_sha256" and not runs[col].notna().any()):
             continue
         counts = runs[col].astype(object).where(runs[col].notna(), "unknown").value_counts()
         out.append(f"- {what}: " + ", ".join(f"`{k}` ({v} runs)" for k, v in counts.items()))
@@ -158,7 +158,9 @@ def report_files(experiment: str, table: pd.DataFrame | str, settings: Settings,
         md += [str(spec["description"]), ""]
     trainer = spec.get("trainer") or {}
     if trainer or settings.target is not None:
-        what = [f"Trainer preset `{trainer.get('preset')}`"] if trainer else []
+        what = [f"Trainer preset `{trainer.get('preset')}`"] if trainer.get("preset") else []
+        if trainer.get("script"):  # a script experiment (ablate.script)
+            what.append(f"Training script `{trainer.get('script')}`")
         what.append(f"baseline arm `{settings.baseline}`")
         if settings.target is not None:
             what.append(f"target loss {settings.target:g}")

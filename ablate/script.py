@@ -209,8 +209,11 @@ def script_problems(spec: "Spec") -> list[str]:
             problems += more
             continue
         if spec._stored_scripts is not None:
-            if arm not in spec._stored_scripts:
-                problems.append(f"arms.{arm}: no record in the store's {STORED_ARMS}; fix: run the spec file again")
+            rec = spec._stored_scripts.get(arm)
+            if not (isinstance(rec, dict) and isinstance(rec.get("config_hash"), str)
+                    and isinstance(rec.get("overrides"), dict)):
+                problems.append(f"arms.{arm}: no valid record in the store's {STORED_ARMS}; fix: run the spec file "
+                                "again (ablate run writes it)")
             continue
         try:
             spec._scripts[arm] = _resolve(spec, arm)

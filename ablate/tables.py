@@ -98,10 +98,12 @@ def current_hashes(store: Any, experiment: str) -> dict[str, str]:
     if not raw:
         return {}
     from ablate.errors import SpecError
+    from ablate.script import read_stored
     from ablate.spec import parse_spec_text
 
-    try:
-        spec = parse_spec_text(raw.decode("utf-8", "replace"), source=f"{experiment}/spec.yaml")
+    try:  # script arms: their identity at the last run (script_arms.json), not today's files
+        spec = parse_spec_text(raw.decode("utf-8", "replace"), source=f"{experiment}/spec.yaml",
+                               stored_scripts=read_stored(store, experiment))
         return {arm: spec.config_hash(arm) for arm in spec.arms}
     except (SpecError, ValueError):
         return {}

@@ -7,11 +7,16 @@ In-process tests share one embedded Ray cluster (class-scoped fixture); the smok
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -159,6 +164,99 @@ class TestInProcess:
         while _procs_with("trainer.serve") and time.time() < end:
             time.sleep(0.2)
         assert _procs_with("trainer.serve") == []
+
+    def test_script_arms_run_through_ray_and_torchrun(self, tmp_path: Path) -> None:
+        """Script arms (a fake record script, tests/ablate/fixtures/script/train_gpt.py): each run in a
+        working directory of its own on the real Ray + torchrun path, progress as the log comes, the
+        log parsed into rows, curves and step times; a crash, a NaN and a truncated log; resume, an
+        edited patch is planned again; table, report and status as for trainer runs."""
+        from ablate.cli import app
+        from ablate.matrix import expand, plan
+        from ablate.orchestrate import run_experiment
+        from ablate.progress import NullProgress
+        from ablate.spec import load_spec
+
+        shutil.copytree(ROOT / "tests" / "ablate" / "fixtures" / "script", tmp_path / "fork")
+        (tmp_path / "data").mkdir()  # $DATA_PATH/data, as the record scripts read it
+        diff = "--- a/train_gpt.py\n+++ b/train_gpt.py\n@@ -25,3 +25,3 @@\n \n-LR = 0.02\n+LR = {lr}\n steps = int("
+        script = (tmp_path / "fork" / "train_gpt.py").read_text().splitlines(keepends=True)
+        assert script[25:27] == ["LR = 0.02\n", 'steps = int(os.environ.get("FAKE_STEPS", "6"))\n']
+        diff += script[26][len("steps = int("):]
+        (tmp_path / "lr.diff").write_text(diff.format(lr="0.03"))
+        path = tmp_path / "fork.yaml"
+        path.write_text(textwrap.dedent(f"""\
+            name: fork
+            trainer: {{script: fork/train_gpt.py, files: [fork/fake_kernels.py]}}
+            data_root: {tmp_path}
+            arms:
+              baseline: {{}}
+              lr: {{patch: lr.diff}}
+              nan: {{env: {{FAKE_NAN_AT: "4"}}}}
+              crash: {{env: {{FAKE_CRASH_AT: "3"}}}}
+              truncated: {{env: {{FAKE_TRUNCATE_AT: "5"}}}}
+            seeds: [1]
+            resources: {{gpus_per_run: 0, cpu_ranks_per_run: 1}}
+            """))
+
+        class Live(NullProgress):
+            def __init__(self) -> None:
+                self.val_updates: dict[str, list] = {}
+                self.finished_ids: list[str] = []
+
+            def update(self, run_id: str, metrics: dict) -> None:
+                if metrics.get("val_loss") is not None and run_id not in self.finished_ids:
+                    self.val_updates.setdefault(run_id, []).append(metrics["step"])
+
+            def finished(self, run_id: str, *a, **kw) -> None:
+                self.finished_ids.append(run_id)
+
+        store, live = Store(str(tmp_path / "store")), Live()
+        results = run_experiment(load_spec(path), store, progress=live)
+        assert [(r.request.arm, r.status) for r in results] == [
+            ("baseline", "ok"), ("lr", "ok"), ("nan", "diverged"), ("crash", "failed"), ("truncated", "failed")]
+        runs = store.runs("fork").set_index("run_id", drop=False)
+        by = {(r["arm"], r["seed"]): r for r in runs.to_dict("records")}
+        base, lr = by[("baseline", 1)], by[("lr", 1)]
+        assert (runs["source"] == "script").all() and (runs["world_size"] == 1).all() and (runs["launch_s"] > 0).all()
+        assert base["final_val_loss"] == pytest.approx(3.41) and lr["final_val_loss"] == pytest.approx(3.31)
+        assert base["steps"] == 6 and base["train_time_ms"] == 660.0 and base["peak_mem_mib"] == 12.0
+        assert base["torch_version"].startswith("2.") and base["python_version"] == platform.python_version()
+        sha = hashlib.sha256((tmp_path / "fork" / "train_gpt.py").read_bytes()).hexdigest()
+        assert {by[(a, 1)]["script_sha256"] for a in ("baseline", "nan", "crash", "truncated")} == {sha}
+        assert lr["script_sha256"] != sha and runs["config_hash"].nunique() == 5  # env is part of the identity
+        assert store.read_bytes("fork", f"scripts/{sha}.py") == (tmp_path / "fork" / "train_gpt.py").read_bytes()
+        log = store.read_bytes("fork", f"logs/{base['run_id']}.txt").decode()
+        assert log.startswith("=" * 100) and f"DATA_PATH={tmp_path} SEED=1 WORLD_SIZE=1" in log
+        assert "data_exists=True" in log and "step:6/6 val_loss:3.4100" in log
+        nan, crash, trunc = by[("nan", 1)], by[("crash", 1)], by[("truncated", 1)]
+        assert nan["error"].startswith("diverged: val_loss is nan at step 4/6") and math.isnan(nan["final_val_loss"])
+        assert crash["error"].startswith("exit code 1\nits log ends at step 3/6") and "fake crash at step 3" in crash["error"]
+        assert trunc["error"].startswith("the script exited 0 but its log ends at step 5/6")
+        curves, steps = store.curves("fork"), store.steps("fork")
+        assert curves[curves["run_id"] == base["run_id"]]["step"].tolist() == [0, 2, 4, 6]
+        assert steps[steps["run_id"] == base["run_id"]]["step_ms"].tolist() == [100, 110, 120, 100, 110, 120]
+        assert live.val_updates[base["run_id"]][-1] == 6  # val loss reached the progress as the log came
+
+        again = run_experiment(load_spec(path), store)  # resume: every identity has its outcome
+        assert all(r.reused for r in again) and len(store.runs("fork")) == 5
+        (tmp_path / "lr.diff").write_text(diff.format(lr="0.04"))  # an edited patch: that arm runs again
+        planned = plan(expand(load_spec(path)), store.runs("fork"), retries=0)
+        assert [(p.request.arm, p.state) for p in planned] == [
+            ("baseline", "done"), ("lr", "todo"), ("nan", "done"), ("crash", "exhausted"), ("truncated", "exhausted")]
+
+        res = CliRunner().invoke(app, ["table", "fork", "--store", store.uri, "--format", "md"])
+        assert res.exit_code == 0, res.output
+        rows = {line.split("|")[1].strip(): line for line in res.stdout.splitlines() if line.startswith("| ")}
+        assert rows["lr"].split("|")[2].strip() == "1" and "3.3100" in rows["lr"]
+        assert rows["baseline"].split("|")[2].strip() == "1" and "3.4100" in rows["baseline"]
+        assert "diverged 1/1" in rows["nan"] and rows["crash"].split("|")[2].strip().startswith("0")
+        res = CliRunner().invoke(app, ["report", "fork", "--store", store.uri])
+        assert res.exit_code == 0, res.output
+        report = store.read_bytes("fork", "report.md").decode()
+        assert "Training script `fork/train_gpt.py`" in report and f"`{sha}` (" in report
+        res = CliRunner().invoke(app, ["status", "fork", "--store", store.uri])
+        assert res.exit_code == 0 and "no longer validates" not in res.output, res.output
+        assert re.search(r"total\W+2\W+1\W+2\W+0\W+0\W+2\W", res.output), res.output  # ok, diverged, failed, ...
 
     def test_resource_request_no_node_can_hold_fails_fast(self, tmp_path: Path) -> None:
         from ablate.cli import app

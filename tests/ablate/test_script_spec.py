@@ -207,7 +207,7 @@ def test_stored_spec_needs_no_files(tmp_path: Path) -> None:
     assert back.overrides("wd-0.02") == spec.overrides("wd-0.02")
     with pytest.raises(SpecError, match="records/train_gpt.py"):  # without the record the files are needed
         parse_spec_text(path.read_text(), source="store/premul-o/spec.yaml")
-    with pytest.raises(SpecError, match="arms.wd-0.02: no record in the store's script_arms.json"):
+    with pytest.raises(SpecError, match="arms.wd-0.02: no valid record in the store's script_arms.json"):
         parse_spec_text(path.read_text(), stored_scripts={k: v for k, v in records.items() if k != "wd-0.02"})
 
 
