@@ -171,6 +171,10 @@ def _print_plan(spec: Spec, store) -> None:
               soft_wrap=True)
     out.print(f"runs: {len(reqs)} now, at most {rp['max_runs']} (+ retries); concurrency = whole bundles that "
               f"fit on the cluster's nodes", soft_wrap=True)
+    from ablate.script import describe
+
+    for line in describe(spec):  # script arms (ablate.script): how they run, each arm's code
+        out.print(line, soft_wrap=True, markup=False, highlight=False)
     out.print(f"store: {where}", soft_wrap=True)
 
 
@@ -214,7 +218,7 @@ def _minimal_table(store, spec: Spec) -> None:
 # --------------------------------------------------------------------------------------------
 @app.command()
 def validate(specs: List[Path] = typer.Argument(..., metavar="SPEC...", help="Spec files to check.")) -> None:
-    """Check spec files (keys, types, every trainer override) without running anything."""
+    """Check spec files (keys, types, every trainer override; scripts exist, patches apply) without running anything."""
     bad = 0
     for path in specs:
         try:

@@ -15,7 +15,9 @@ everything in one final report. The driver's Tune callback writes the run to the
 trial ends, so a killed driver loses at most the runs in flight. Tune never retries
 (max_failures=0): a failed attempt gets its own row, and the driver launches the next attempt in a
 new batch. A run whose loss went non-finite is `diverged` (`divergence`): an outcome of its config
-and seed, recorded once and never retried.
+and seed, recorded once and never retried. A script arm (your own train_gpt.py, ablate.script)
+takes the same path: its trial runs the script in a working directory of its own
+(ablate.script_run) and reports the same events and payload.
 """
 from __future__ import annotations
 

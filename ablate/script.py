@@ -43,7 +43,7 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Set by torchrun or ablate for every run (docs/spec.md); the data path comes from `data_root`.
 RESERVED_ENV = {
     "SEED": "ablate sets it to the run's seed (from `seeds:`)",
-    "DATA_PATH": "ablate sets it from `data_root:` (default: the project root)",
+    "DATA_PATH": "ablate sets it to the run's folder, whose data/ links to `data_root:`",
     "CUDA_VISIBLE_DEVICES": "Ray assigns the run's GPUs",
     "OMP_NUM_THREADS": "set from resources.cpus_per_run",
     **{k: "torchrun sets it" for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -326,6 +326,9 @@ def _resolve(spec: "Spec", arm: str) -> ScriptArm:
                             "the file beside the script (or in a folder under it)") from None
         if name == spath.name:
             raise _ArmError(f"{fwhere}: {p!r} is the script itself")
+        if name.split("/")[0] == "data":
+            raise _ArmError(f"{fwhere}: {p!r}: data/ in a run's folder is the link to `data_root:`; fix: move the "
+                            "file out of data/ or set data_root")
         files[name] = CodeFile(name, str(fpath), _read(fpath, f"{fwhere}: {p!r}"), "")
     texts = {spath.name: text, **{n: f.text for n, f in files.items()}}
     patches = fields.get("patch") or []
@@ -349,7 +352,7 @@ def _resolve(spec: "Spec", arm: str) -> ScriptArm:
         applied.append((p, sha256_text(ptext)))
     script = CodeFile(spath.name, str(spath), texts[spath.name], sha256_text(texts[spath.name]))
     code = tuple(CodeFile(n, f.path, texts[n], sha256_text(texts[n])) for n, f in sorted(files.items()))
-    _check_python(arm, script, code, root, where, bool(patches))
+    _check_python(arm, script, code, root, where, text if patches else None)
     env = {**t.env, **(fields.get("env") or {})}
     args = tuple(t.args) + tuple(fields.get("args") or ())
     overrides: dict[str, Any] = {"script": written}
@@ -364,18 +367,29 @@ def _resolve(spec: "Spec", arm: str) -> ScriptArm:
     return ScriptArm(arm, script, code, tuple(applied), env, args, overrides)
 
 
+def _parses(text: str, name: str) -> bool:
+    try:
+        ast.parse(text, filename=name)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
 def _check_python(arm: str, script: CodeFile, files: tuple[CodeFile, ...], root: Path, where: str,
-                  patched: bool) -> None:
-    """A .py script must parse, and a module it imports from its own folder must be in `files:`
-    (each run's folder holds only the script and its files)."""
+                  unpatched: str | None) -> None:
+    """Patches must not break a .py script that parsed, and a module the script imports from its
+    own folder must be in `files:` (each run's folder holds only the script and its files). A script
+    this Python cannot parse (e.g. syntax of a newer Python than the driver's) is not judged."""
     if not script.name.endswith(".py"):
         return
     try:
         tree = ast.parse(script.text, filename=script.name)
-    except SyntaxError as e:
-        after = " after its patches" if patched else ""
-        raise _ArmError(f"arms.{arm}: the script{after} is not valid Python ({script.name}, line {e.lineno}: "
-                        f"{e.msg}); fix: check the script{' and the patch' if patched else ''}") from None
+    except (SyntaxError, ValueError) as e:
+        if unpatched is not None and _parses(unpatched, script.name):
+            raise _ArmError(f"arms.{arm}: the script after its patches is not valid Python ({script.name}, line "
+                            f"{getattr(e, 'lineno', '?')}: {getattr(e, 'msg', e)}), though it was before them; fix: "
+                            "check the patch") from None
+        return
     have = {f.name for f in files}
     missing = []
     for node in ast.walk(tree):
@@ -392,6 +406,25 @@ def _check_python(arm: str, script: CodeFile, files: tuple[CodeFile, ...], root:
         raise _ArmError(f"{where}: the script imports {', '.join(m.split('/')[0].removesuffix('.py') for m in missing)} "
                         f"from its own folder ({root}), but each run's working directory holds only the script "
                         f"and `files:`; fix: files: [{', '.join(missing)}] (in trainer, or in the arm)")
+
+
+def describe(spec: "Spec") -> list[str]:
+    """Lines for `ablate run --dry-run`: how a script arm runs, and each arm's code."""
+    arms = [a for a in spec.arms if is_script_arm(spec, a)]
+    if not arms or spec._stored_scripts is not None:
+        return []
+    data = spec.data_root or "<project root>/data"
+    out = [f"script arms: each run is `torchrun --standalone --nproc_per_node={spec.resources.ranks} SCRIPT ARGS` in "
+           f"a working directory of its own (DATA_PATH) holding the arm's code and data/ → {data} (on the run's "
+           "node), with SEED=<seed> and the arm's env"]
+    for arm in arms:
+        sa = resolved(spec, arm)
+        extra = [f"{len(sa.patches)} patch(es)"] * bool(sa.patches) + [f"{len(sa.files)} file(s)"] * bool(sa.files)
+        extra += [f"env {' '.join(f'{k}={v}' for k, v in sa.env.items())}"] * bool(sa.env)
+        extra += [f"args {' '.join(sa.args)}"] * bool(sa.args)
+        out.append(f"  {arm}: {sa.script.path} → sha256 {sa.script.sha256[:16]}…"
+                   + (f" ({'; '.join(extra)})" if extra else ""))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ trainer runs (ablate.launch: process-tree guard, torchrun `--standalone`, Ray's 
 
     python -m torch.distributed.run --standalone --nproc_per_node=N train_gpt.py ARGS...
 
-with the arm's `env`, `DATA_PATH` (the spec's `data_root`, default the project root: a record
-script reads `$DATA_PATH/data/fineweb10B/...`), `SEED` (the run's seed; record scripts do not read
-it, so their runs are replicates), `ABLATE_RUN_ID`, `OMP_NUM_THREADS`, and the compile cache
-variables when resources.compile_cache_dir is set. stdout lines in the record format
+with the arm's `env`, `DATA_PATH` = the working directory, whose `data` is a link to the spec's
+`data_root` (default: `<project root>/data`), so a record script's `$DATA_PATH/data/fineweb10B/...`
+(and an older script's `data/fineweb10B/...`) is `<data_root>/fineweb10B/...`, the folder the
+full-size trainer specs read; `SEED` (the run's seed; record scripts do not read it, so their runs
+are replicates), `ABLATE_RUN_ID`, `OMP_NUM_THREADS`, and the compile cache variables when
+resources.compile_cache_dir is set. stdout lines in the record format
 (`step:N/M val_loss:X train_time:Tms step_avg:Sms`) are progress as they come; when the process
 ends, the log file the script wrote (`logs/<id>.txt`, named by its first stdout line, else the
 newest there; else its stdout lines) is parsed by ablate.importlogs.parse_log, the parser of
@@ -147,22 +149,21 @@ def trial(job: dict, opts: Any) -> None:
     from ablate.errors import LaunchError
     from ablate.launch import run_process
     from ablate.provenance import project_root
-    from ablate.spec import data_root_path
 
     here = os.getcwd() if os.access(os.getcwd(), os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix=f"ablate-{job['run_id']}-", dir=here)
     for f in job["code"]:
         path = Path(workdir, f["name"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f["text"])
+        path.write_text(f["text"], encoding="utf-8")
+    data = data_link(workdir, job["data_root"], project_root())
     env = dict(os.environ)  # CUDA_VISIBLE_DEVICES stays as Ray set it
     env.update(OMP_NUM_THREADS=str(job["omp_threads"]), PYTHONUNBUFFERED="1")
     if job.get("compile_cache_dir"):
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(job["compile_cache_dir"], "inductor")
         env["TRITON_CACHE_DIR"] = os.path.join(job["compile_cache_dir"], "triton")
     env.update(job["env"])
-    env.update(DATA_PATH=str(data_root_path(job["data_root"], project_root())), SEED=str(job["seed"]),
-               ABLATE_RUN_ID=job["run_id"])
+    env.update(DATA_PATH=workdir, SEED=str(job["seed"]), ABLATE_RUN_ID=job["run_id"])
     lines = RecordLines()
     last_step_report = [0.0]
 
@@ -187,6 +188,9 @@ def trial(job: dict, opts: Any) -> None:
         log_name, log_bytes = find_log(workdir, lines.logfile)
         payload.update(outcome(res, lines, log_name, log_bytes, job,
                                gpu_info(env.get("CUDA_VISIBLE_DEVICES") if job["gpus"] else None)))
+        if not payload["ok"] and not data.is_dir():  # the likely cause, named
+            payload["error"] = (payload["error"] or "") + (f"\nnote: data/ links to {data}, which does not exist on "
+                                                            f"{socket.gethostname()} (data_root in the spec)")
     except LaunchError as e:
         now = time.time()
         payload.update(ok=False, error=str(e), returncode=None, start=None, end=None, curve=[], steps=[],
@@ -194,6 +198,18 @@ def trial(job: dict, opts: Any) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     tune.report({"ablate_payload": json.dumps(payload)})
+
+
+def data_link(workdir: str, data_root: str | None, project_root: Path) -> Path:
+    """Link `<workdir>/data` to the data folder on this node: `data_root` (relative: under the
+    project root), default `<project root>/data`. Returns the target."""
+    from ablate.spec import data_root_path
+
+    target = data_root_path(data_root, project_root) if data_root else project_root / "data"
+    link = Path(workdir, "data")
+    if not link.exists() and not link.is_symlink():  # the arm's own code never holds data/ (ablate.script)
+        link.symlink_to(target, target_is_directory=True)
+    return target
 
 
 def find_log(workdir: str, named: str | None) -> tuple[str | None, bytes | None]:

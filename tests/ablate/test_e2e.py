@@ -177,7 +177,7 @@ class TestInProcess:
         from ablate.spec import load_spec
 
         shutil.copytree(ROOT / "tests" / "ablate" / "fixtures" / "script", tmp_path / "fork")
-        (tmp_path / "data").mkdir()  # $DATA_PATH/data, as the record scripts read it
+        (tmp_path / "shards" / "fineweb10B").mkdir(parents=True)  # data_root: $DATA_PATH/data in each run
         diff = "--- a/train_gpt.py\n+++ b/train_gpt.py\n@@ -25,3 +25,3 @@\n \n-LR = 0.02\n+LR = {lr}\n steps = int("
         script = (tmp_path / "fork" / "train_gpt.py").read_text().splitlines(keepends=True)
         assert script[25:27] == ["LR = 0.02\n", 'steps = int(os.environ.get("FAKE_STEPS", "6"))\n']
@@ -187,7 +187,7 @@ class TestInProcess:
         path.write_text(textwrap.dedent(f"""\
             name: fork
             trainer: {{script: fork/train_gpt.py, files: [fork/fake_kernels.py]}}
-            data_root: {tmp_path}
+            data_root: {tmp_path / "shards"}
             arms:
               baseline: {{}}
               lr: {{patch: lr.diff}}
@@ -226,8 +226,8 @@ class TestInProcess:
         assert lr["script_sha256"] != sha and runs["config_hash"].nunique() == 5  # env is part of the identity
         assert store.read_bytes("fork", f"scripts/{sha}.py") == (tmp_path / "fork" / "train_gpt.py").read_bytes()
         log = store.read_bytes("fork", f"logs/{base['run_id']}.txt").decode()
-        assert log.startswith("=" * 100) and f"DATA_PATH={tmp_path} SEED=1 WORLD_SIZE=1" in log
-        assert "data_exists=True" in log and "step:6/6 val_loss:3.4100" in log
+        assert log.startswith("=" * 100) and "SEED=1 WORLD_SIZE=1 allreduce=0 data=['fineweb10B']" in log
+        assert "step:6/6 val_loss:3.4100" in log
         nan, crash, trunc = by[("nan", 1)], by[("crash", 1)], by[("truncated", 1)]
         assert nan["error"].startswith("diverged: val_loss is nan at step 4/6") and math.isnan(nan["final_val_loss"])
         assert crash["error"].startswith("exit code 1\nits log ends at step 3/6") and "fake crash at step 3" in crash["error"]

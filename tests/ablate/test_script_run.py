@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ablate.launch import LaunchResult, run_process
-from ablate.script_run import RecordLines, code_path, find_log, outcome, script_command, store_code
+from ablate.script_run import RecordLines, code_path, data_link, find_log, outcome, script_command, store_code
 from ablate.store import Store
 
 FAKE = Path(__file__).resolve().parent / "fixtures" / "script"
@@ -160,7 +160,9 @@ def test_two_ranks_through_torchrun_and_the_guard(tmp_path: Path) -> None:
     work = tmp_path / "run"
     shutil.copytree(FAKE, work)
     lines, seen = RecordLines(), []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATA_PATH": str(tmp_path), "SEED": "1", "FAKE_NAN_AT": "4"}
+    (tmp_path / "shards" / "fineweb10B").mkdir(parents=True)
+    assert data_link(str(work), str(tmp_path / "shards"), tmp_path) == tmp_path / "shards"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATA_PATH": str(work), "SEED": "1", "FAKE_NAN_AT": "4"}
     res = run_process(script_command(2, "train_gpt.py", []), env=env, cwd=str(work), parse=lines,
                       on_event=seen.append)
     assert res.returncode == 0, res.stderr_tail
@@ -168,7 +170,24 @@ def test_two_ranks_through_torchrun_and_the_guard(tmp_path: Path) -> None:
     name, data = find_log(str(work), lines.logfile)
     p = outcome(res, lines, name, data, {**JOB, "gpus": 0})
     assert p["status"] == "diverged" and [c["step"] for c in p["curve"]] == [0, 2, 4, 6]
-    assert f"DATA_PATH={tmp_path} SEED=1 WORLD_SIZE=2 allreduce=1" in p["script_log"]  # both ranks joined
+    assert "SEED=1 WORLD_SIZE=2 allreduce=1 data=['fineweb10B']" in p["script_log"]  # both ranks joined
     assert p["curve"][0]["val_loss"] == pytest.approx(3.0 + 1.0 + 0.01 + 0.001)
     assert script_command(8, "train_gpt.py", ["--x"]) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           "--nproc_per_node=8", "train_gpt.py", "--x"]
+
+
+def test_live_events_of_a_real_record_log_match_the_import_parser() -> None:
+    """A record log's console lines (2026-07-17 record, tests/ablate/fixtures/record_log) fed as
+    stdout give the same curve and step times live as import-logs' parser gives from the file."""
+    from ablate.importlogs import parse_log
+
+    data = (Path(__file__).resolve().parent / "fixtures" / "record_log" / "fp8_9829ec4f.txt").read_bytes()
+    want = parse_log(data)
+    lines = RecordLines()
+    events = [e for e in map(lines, data.decode().splitlines(keepends=True)) if e]
+    curve = [{k: e[k] for k in ("step", "val_loss", "train_time_ms")} for e in events if e["event"] == "val"]
+    steps = [{k: e[k] for k in ("step", "step_ms", "train_time_ms")} for e in events if e["event"] == "step"]
+    assert curve == want.curve and len(curve) > 5
+    assert steps == want.steps and len(steps) > 1000
+    p = outcome(_res(), lines, None, None, JOB)  # no file: stdout alone gives the same result
+    assert p["ok"] and p["end"]["final_val_loss"] == want.final_val_loss and p["end"]["steps"] == want.last_step

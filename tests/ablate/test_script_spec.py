@@ -152,6 +152,8 @@ BAD = [
     ("sibling-import", SPEC, {"records__train_gpt.py": "import kernels_x\n" + SCRIPT, "records__kernels_x.py": "x = 1\n",
                               "my__no_smear.diff": NO_SMEAR.replace("@@ -3,4 +3,4 @@", "@@ -4,4 +4,4 @@")},
      ["trainer.script: the script imports kernels_x from its own folder", "fix: files: [kernels_x.py]"]),
+    ("file-in-data", SPEC.replace("nproc_per_node: 2}", "nproc_per_node: 2, files: [records/data/x.py]}"),
+     {"records__data__x.py": "x = 1\n"}, ["trainer.files: 'records/data/x.py': data/ in a run's folder is the link"]),
     ("file-outside", SPEC.replace("nproc_per_node: 2}", "nproc_per_node: 2, files: [my/helper.py]}"),
      {"my__helper.py": "x = 1\n"}, ["trainer.files: 'my/helper.py'", "is not in the script's folder"]),
 ]
@@ -216,6 +218,23 @@ def test_cli_validate_names_the_script_and_fails_with_exit_2(tmp_path: Path) -> 
     res = CliRunner().invoke(app, ["validate", str(path)])
     assert res.exit_code == 0, res.output
     assert "premul-o, script records/train_gpt.py, 4 arms" in res.output
+    sa = load_spec(path)._scripts["no-smear"]
+    res = CliRunner().invoke(app, ["run", str(path), "--dry-run", "--store", str(tmp_path / "store")],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and not (tmp_path / "store").exists(), res.output
+    assert f"no-smear: {sa.script.path} → sha256 {sa.script.sha256[:16]}… (1 patch(es))" in res.output
+    assert "data/ → <project root>/data" in res.output
     (tmp_path / "my" / "no_smear.diff").write_text("not a diff\n")
     res = CliRunner().invoke(app, ["validate", str(path)])
     assert res.exit_code == 2 and "arms.no-smear.patch: my/no_smear.diff: not a unified diff" in res.output
+
+
+def test_a_script_this_python_cannot_parse_is_not_judged(tmp_path: Path) -> None:
+    """The driver's Python may be older than the nodes' (a record ran 3.12 f-string syntax): a base
+    script that does not parse here is run as it is; only a patch that breaks a parsing script is an error."""
+    newer = SCRIPT.replace("wd = float(", "wd = f'{\"nested \" f\"{1}\"}' and float(") + "match = (\n"
+    spec = load_spec(make(tmp_path, **{"records__train_gpt.py": newer,
+                                       "my__no_smear.diff": NO_SMEAR.replace(
+                                           ' wd = float(os.environ.get("MUON_WD", "0.01"))',
+                                           " wd = f'{\"nested \" f\"{1}\"}' and float(os.environ.get(\"MUON_WD\", \"0.01\"))")}))
+    assert "smear = False" in spec._scripts["no-smear"].script.text
