@@ -10,11 +10,15 @@ Checks, per file in experiments/*.yaml:
 - `ablate run <spec> --dry-run` exits 0 and names every arm (skipped while ablate.cli is absent);
 - every `X_small.yaml` has a full-size `X.yaml` with the same arms, whose resolved configs differ
   only in model size, schedule length/batch, eval size and data/cache location;
-- the community-question specs follow the conventions of experiments/README.md.
+- the community-question specs follow the conventions of experiments/README.md;
+- a script spec (trainer.script, e.g. upstream_record.yaml) whose script the user obtains is
+  validated against a stand-in script made of its patches' preimages (so every patch is checked
+  to apply), and in place it fails with the spec's own instructions for obtaining the script.
 """
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,34 @@ def _raw(path: Path) -> dict[str, Any]:
     return data
 
 
+def _script(data: dict[str, Any]) -> str | None:
+    return (data.get("trainer") or {}).get("script")
+
+
+def _loadable(path: Path, tmp_path: Path) -> Path:
+    """The spec itself, or, for a script spec whose script is absent (users obtain it: trainer.obtain),
+    a copy of experiments/ in tmp_path with a stand-in script: the preimage (context and removed
+    lines) of every hunk of the spec's patches, so validation checks that each patch applies."""
+    data = _raw(path)
+    script = _script(data)
+    if script is None or (path.parent / script).exists():
+        return path
+    from ablate.patch import parse_patch
+
+    copy = tmp_path / "experiments"
+    shutil.copytree(EXP, copy)
+    chunks: list[str] = []
+    for arm in (data["arms"] or {}).values():
+        patches = (arm or {}).get("patch") or []
+        for p in [patches] if isinstance(patches, str) else patches:
+            for fp in parse_patch((path.parent / p).read_text(), p):
+                chunks += ["".join(h.old()) for h in fp.hunks]
+    (copy / script).parent.mkdir(parents=True, exist_ok=True)
+    (copy / script).write_text("# stand-in for the obtained script (tests/ablate/test_experiments.py)\n"
+                               + "".join(chunks))
+    return copy / path.name
+
+
 def _resolve(data: dict[str, Any], arm: str):
     """The arm's TrainConfig: preset → trainer.set → arm overrides."""
     trainer = data["trainer"]
@@ -84,20 +116,22 @@ def test_experiments_folder_holds_every_question() -> None:
 
 
 @pytest.mark.parametrize("path", SPECS, ids=_ids(SPECS))
-def test_spec_validates(path: Path) -> None:
+def test_spec_validates(path: Path, tmp_path: Path) -> None:
     try:
         from ablate.spec import load_spec
     except ImportError:
         load_spec = None
     data = _raw(path)
     if load_spec is not None:
-        spec = load_spec(path)
+        spec = load_spec(_loadable(path, tmp_path))
         assert spec.name == data["name"]
         assert list(spec.arms) == list(data["arms"])
         assert spec.baseline in spec.arms
     else:  # minimal check until ablate.spec exists
         assert re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", data["name"]), data["name"]
         assert "baseline" in data["arms"]
+    if _script(data):  # a script spec: no trainer config to resolve
+        return
     for arm in data["arms"]:
         try:
             _resolve(data, arm)
@@ -106,11 +140,15 @@ def test_spec_validates(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", SPECS, ids=_ids(SPECS))
-def test_arms_resolve_to_distinct_configs(path: Path) -> None:
+def test_arms_resolve_to_distinct_configs(path: Path, tmp_path: Path) -> None:
     data = _raw(path)
     hashes: dict[str, str] = {}
+    if _script(data):  # a script spec: its arms' code (script, patches, env, args) must differ
+        from ablate.spec import load_spec
+
+        spec = load_spec(_loadable(path, tmp_path))
     for arm in data["arms"]:
-        h = config_hash(_resolve(data, arm))
+        h = spec.config_hash(arm) if _script(data) else config_hash(_resolve(data, arm))
         assert h not in hashes.values(), (
             f"{path.name}: arm {arm!r} resolves to the same config as arm "
             f"{[a for a, x in hashes.items() if x == h][0]!r}")
@@ -202,6 +240,30 @@ def test_orientation_arms_keep_12_11_effective_lrs() -> None:
     assert _resolve(data, "attn-shape").optim.muon.orientation == "neuron"
 
 
+SCRIPT_SPECS = [p for p in SPECS if _script(_raw(p))]
+
+
+@pytest.mark.parametrize("path", SCRIPT_SPECS, ids=_ids(SCRIPT_SPECS))
+def test_script_spec_says_how_to_obtain_its_script(path: Path, tmp_path: Path) -> None:
+    """Without the script (which users obtain), validation names the missing file and quotes the
+    spec's trainer.obtain; with a stand-in, the arms are the script and its patched variants."""
+    from ablate.errors import SpecError
+    from ablate.spec import load_spec
+
+    data = _raw(path)
+    obtain = data["trainer"].get("obtain")
+    assert obtain and _script(data) in obtain.replace("experiments/", ""), "trainer.obtain must write the script"
+    copy = tmp_path / "bare"
+    shutil.copytree(EXP, copy, ignore=shutil.ignore_patterns(Path(_script(data)).name))
+    with pytest.raises(SpecError) as e:
+        load_spec(copy / path.name)
+    assert f"trainer.script={_script(data)!r}: no such file" in str(e.value)
+    assert f"fix: obtain it first: {obtain}" in str(e.value)
+    spec = load_spec(_loadable(path, tmp_path / "standin"))
+    assert all(spec.is_script_arm(a) for a in spec.arms)
+    assert spec.overrides(spec.baseline) == {"script": _script(data)}  # the baseline runs the script as it is
+
+
 def test_readme_lists_every_spec() -> None:
     text = (EXP / "README.md").read_text()
     for name in [p.name for p in SPECS] + ["smoke.yaml", "lr_mul_search.yaml"]:
@@ -216,8 +278,9 @@ def test_dry_run_expands(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
         pytest.skip(f"ablate.cli is not importable yet ({e}); the dry run is checked once it exists")
     from typer.testing import CliRunner
 
+    spec_path = _loadable(path, tmp_path / "standin")
     monkeypatch.chdir(tmp_path)  # anything a dry run writes by mistake lands here
-    result = CliRunner().invoke(app, ["run", str(path), "--dry-run"], env={"COLUMNS": "240"})
+    result = CliRunner().invoke(app, ["run", str(spec_path), "--dry-run"], env={"COLUMNS": "240"})
     out = result.output  # stdout and stderr as a terminal would show them (click ≥ 8.2)
     assert result.exit_code == 0, f"ablate run {path.name} --dry-run exited {result.exit_code}:\n{out}"
     data = _raw(path)
