@@ -52,6 +52,7 @@ RESERVED_ENV = {
 RESERVED_PREFIXES = ("ABLATE_", "TORCHELASTIC_")
 CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # from resources.compile_cache_dir
 STORED_ARMS = "script_arms.json"  # per experiment: the identity of each script arm at the last run
+MAX_CODE_BYTES = 16 << 20  # a script, patch or file larger than this is refused (each run carries its code)
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,10 @@ def _read(path: Path, what: str, hint: str = "") -> str:
     if not path.is_file():
         raise _ArmError(f"{what}: {path} is not a file")
     try:
+        size = path.stat().st_size
+        if size > MAX_CODE_BYTES:
+            raise _ArmError(f"{what}: {path} is {size / 2**20:.1f} MiB; scripts, patches and files up to "
+                            f"{MAX_CODE_BYTES >> 20} MiB are supported (each run carries its code); fix: check the path")
         data = path.read_bytes()
     except OSError as e:
         raise _ArmError(f"{what}: cannot read {path}: {e.strerror or e}; fix: check its permissions") from None

@@ -238,3 +238,11 @@ def test_a_script_this_python_cannot_parse_is_not_judged(tmp_path: Path) -> None
                                            ' wd = float(os.environ.get("MUON_WD", "0.01"))',
                                            " wd = f'{\"nested \" f\"{1}\"}' and float(os.environ.get(\"MUON_WD\", \"0.01\"))")}))
     assert "smear = False" in spec._scripts["no-smear"].script.text
+
+
+def test_oversized_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ablate.script
+
+    monkeypatch.setattr(ablate.script, "MAX_CODE_BYTES", 100)
+    msg = problems(make(tmp_path))
+    assert "trainer.script='records/train_gpt.py': " in msg and "MiB; scripts, patches and files up to 0 MiB" in msg
