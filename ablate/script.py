@@ -189,8 +189,9 @@ def script_problems(spec: "Spec") -> list[str]:
                         f"{t.preset!r}) would be compared with runs of the built-in trainer, another program; fix: "
                         "set trainer.allow_mixed: true to compare them anyway, or give the script its own "
                         "experiment (trainer: {script: ...})")
-    problems += _field_problems("trainer", {"env": t.env, "args": t.args, "files": t.files},
-                                spec.resources.compile_cache_dir)
+    trainer_bad = _field_problems("trainer", {"env": t.env, "args": t.args, "files": t.files},
+                                  spec.resources.compile_cache_dir)
+    problems += trainer_bad
     for arm in script_arms:
         fields = spec.arms[arm]
         unknown = [k for k in fields if k not in ARM_KEYS]
@@ -206,7 +207,7 @@ def script_problems(spec: "Spec") -> list[str]:
                             "in the arm (script: path/train_gpt.py) or make trainer.script the base script")
             continue
         more = _field_problems(f"arms.{arm}", fields, spec.resources.compile_cache_dir)
-        if unknown or more:
+        if unknown or more or trainer_bad:  # resolve only well-formed arms
             problems += more
             continue
         if spec._stored_scripts is not None:

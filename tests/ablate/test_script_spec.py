@@ -152,6 +152,8 @@ BAD = [
     ("sibling-import", SPEC, {"records__train_gpt.py": "import kernels_x\n" + SCRIPT, "records__kernels_x.py": "x = 1\n",
                               "my__no_smear.diff": NO_SMEAR.replace("@@ -3,4 +3,4 @@", "@@ -4,4 +4,4 @@")},
      ["trainer.script: the script imports kernels_x from its own folder", "fix: files: [kernels_x.py]"]),
+    ("trainer-files-not-paths", SPEC.replace("nproc_per_node: 2}", "nproc_per_node: 2, files: [3], env: {A: 1}}"), {},
+     ["trainer.files=[3]: expected a path or a list of paths", "trainer.env.A=1 (int): environment values are strings"]),
     ("file-in-data", SPEC.replace("nproc_per_node: 2}", "nproc_per_node: 2, files: [records/data/x.py]}"),
      {"records__data__x.py": "x = 1\n"}, ["trainer.files: 'records/data/x.py': data/ in a run's folder is the link"]),
     ("file-outside", SPEC.replace("nproc_per_node: 2}", "nproc_per_node: 2, files: [my/helper.py]}"),
