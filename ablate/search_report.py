@@ -185,11 +185,11 @@ def search_table(store: Any, experiment: str, fmt: str = "rich", baseline: str |
         from rich.table import Table
         from rich.text import Text
 
-        t = Table(title=title, caption="\n".join(notes), caption_justify="left")
+        t = Table(title=Text(title), caption=Text("\n".join(notes)), caption_justify="left")
         for i, h in enumerate(head):
-            t.add_column(h, justify="left" if i < 2 else "right")
-        for cells, r in zip(rows, df.to_dict("records")):
-            t.add_row(*cells, style="bold" if r["pareto"] or r["confirmed"] else None)
+            t.add_column(Text(h), justify="left" if i < 2 else "right")
+        for cells, r in zip(rows, df.to_dict("records")):  # Text: values are never read as markup
+            t.add_row(*(Text(str(c)) for c in cells), style="bold" if r["pareto"] or r["confirmed"] else None)
         parts: list[Any] = [t]
         parts.append(tables.format_table(conf, settings, "rich", f"{experiment}: confirmation") if len(conf)
                      else Text("No confirmation runs yet (confirm: in the spec runs them after the search)."))

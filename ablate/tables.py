@@ -321,15 +321,17 @@ def to_json(df: pd.DataFrame, settings: Settings, experiment: str) -> str:
 
 def to_rich(df: pd.DataFrame, settings: Settings, experiment: str):
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=f"{experiment}", caption="\n".join(notes(df, settings)), caption_justify="left")
+    # values as Text, never markup: an arm, host or note with "[...]" prints as written
+    t = Table(title=Text(f"{experiment}"), caption=Text("\n".join(notes(df, settings))), caption_justify="left")
     for i, name in enumerate(LAYOUT):
         t.add_column(name, justify="left" if i in (0, 11) else "right", no_wrap=i not in (11,))
     for row, r in zip(display_rows(df, settings.target), df.to_dict("records")):
         verdict = row[-1]
         style = "bold green" if any(w in verdict for w in ("faster", "lower loss")) else (
             "bold red" if any(w in verdict for w in ("slower", "higher loss")) else "")
-        t.add_row(*row[:-1], f"[{style}]{verdict}[/]" if style else verdict,
+        t.add_row(*(Text(str(c)) for c in row[:-1]), Text(verdict, style=style),
                   style="bold" if r["is_baseline"] else None)
     return t
 
