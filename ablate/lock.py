@@ -12,7 +12,8 @@ over. Writers of an experiment take it: `ablate run`, `ablate rm`, `ablate impor
 
 Taking the lock:
   * local paths: the lock file is created with a hard link of a complete temporary file, which
-    fails if the file exists (atomic; never a half-written lock);
+    fails if the file exists (atomic; never a half-written lock); a stale lock is first renamed
+    aside, which only one of several drivers taking it over at once can do;
   * object stores (S3, ...) have no create-if-absent in pyarrow: the driver PUTs its lock, waits
     `settle_s`, and reads it back; the token read back owns the experiment. Two drivers starting
     within the same instant could both read their own token; the heartbeat re-reads the lock
@@ -39,13 +40,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import pyarrow.fs as pafs
+
 from ablate import __version__
 from ablate.errors import AblateError, LockHeld, LockLost, StoreError
 
 LOCK_FILE = "lock.json"
 HEARTBEAT_S = 30.0  # how often the holder rewrites its heartbeat (and checks it still owns the lock)
 STALE_AFTER_S = 600.0  # a heartbeat older than this marks a crashed driver on any host
-SETTLE_S = 2.0  # object stores: wait between PUT and read-back (local replacement of a stale lock: 0.2 s)
+SETTLE_S = 2.0  # object stores: wait between PUT and read-back
 
 
 def _proc_start(pid: int) -> str | None:
@@ -203,7 +206,10 @@ class ExperimentLock:
 
 
 def _read(store: Any, experiment: str) -> LockInfo | None:
-    data = store.read_bytes(experiment, LOCK_FILE, max_bytes=64 * 1024)
+    return _info(store.read_bytes(experiment, LOCK_FILE, max_bytes=64 * 1024))
+
+
+def _info(data: bytes | None) -> LockInfo | None:
     if data is None:
         return None
     info = LockInfo.parse(data)
@@ -238,22 +244,32 @@ def acquire(store: Any, experiment: str, *, command: str = "", take_over: bool =
     LockHeld if another live driver holds it; StoreError if the store cannot be written."""
     me = LockInfo.mine(command)
     if settle_s is None:
-        settle_s = 0.2 if store.local else SETTLE_S
+        settle_s = SETTLE_S
     note = None
     for _ in range(3):  # a lock that vanishes while we look is retried
-        cur = _read(store, experiment)
+        raw = store.read_bytes(experiment, LOCK_FILE, max_bytes=64 * 1024)
+        cur = _info(raw)
         if cur is not None:
             why = cur.stale_reason(time.time(), stale_after_s)
             if why is None and not take_over:
                 raise _held_error(store, experiment, cur)
             note = (f"took over the lock of {cur.describe(time.time())}: "
                     + (why or "--take-over"))
+        exclusive = isinstance(store.fs, pafs.LocalFileSystem)
+        if cur is not None and exclusive:  # move the stale lock aside (only one taker gets it)
+            moved = store.move_aside(experiment, LOCK_FILE)
+            if moved is None:
+                continue  # another taker moved it first: look again
+            if moved != raw:  # a fresh lock of a faster taker: put it back
+                store.create_exclusive(experiment, LOCK_FILE, moved)
+                raise _held_error(store, experiment, _info(moved))  # type: ignore[arg-type]
+            cur = None
         created = None
         if cur is None:
             created = store.create_exclusive(experiment, LOCK_FILE, me.dump())
             if created is False:
                 continue  # another driver was faster: look at its lock
-        if created is None:  # replace a stale lock, or an object store: PUT, settle, read back
+        if created is None:  # an object store: PUT, settle, read back
             store.write_bytes(experiment, LOCK_FILE, me.dump())
             if settle_s:
                 time.sleep(settle_s)

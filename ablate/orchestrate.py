@@ -592,11 +592,12 @@ def prepare_experiment(spec: Spec, store: Store, progress: Any = None) -> None:
     store.clear_inflight(spec.name)
     tmp = store.clean_temporary(spec.name)
     dirs = clean_stale_tune_dirs()
-    if stale or tmp or dirs:
+    note = getattr(progress, "note", None)
+    if (stale or tmp or dirs) and note is not None:
         ids = ", ".join(str(m.get("run_id")) for m in stale[:5]) + (" ..." if len(stale) > 5 else "")
-        progress.note(f"cleaned up after a driver that was killed: {len(stale)} in-flight marker(s)"
-                      + (f" ({ids}; these runs start again)" if stale else "")
-                      + f", {tmp} temporary file(s), {len(dirs)} Tune scratch dir(s)")
+        note(f"cleaned up after a driver that was killed: {len(stale)} in-flight marker(s)"
+             + (f" ({ids}; these runs start again)" if stale else "")
+             + f", {tmp} temporary file(s), {len(dirs)} Tune scratch dir(s)")
 
 
 @contextlib.contextmanager
@@ -609,7 +610,7 @@ def held_lock(store: Store, experiment: str, lock: Any = None, take_over: bool =
     from ablate.lock import experiment_lock
 
     with experiment_lock(store, experiment, command=f"{__name__} (pid {os.getpid()})", take_over=take_over) as own:
-        if own.took_over and progress is not None:
+        if own.took_over and hasattr(progress, "note"):
             progress.note(own.took_over)
         yield own
 

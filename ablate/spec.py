@@ -27,7 +27,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ablate.errors import SpecError
-from ablate.names import ARM_RE, ARM_RULE, NAME_RE, NAME_RULE, is_arm, is_experiment  # noqa: F401 (re-exported)
+from ablate.names import ARM_RULE, NAME_RULE, is_arm, is_experiment
 from trainer.config import flatten as _trainer_flatten
 
 MAX_SPEC_BYTES = 1024 * 1024  # a spec is a few KB; this bounds what `validate` reads and parses

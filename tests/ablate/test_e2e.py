@@ -342,9 +342,19 @@ def test_resume_after_driver_is_killed(tmp_path: Path) -> None:
         assert time.time() < deadline, "orphaned trainer processes"
         time.sleep(0.5)
 
+    import tempfile
+
+    left = list(Path(tempfile.gettempdir()).glob(f"ablate-tune-{driver.pid}-*"))
+    assert left and (store_dir / "resume" / "lock.json").exists()  # what the killed driver left behind
     res = ablate("run", str(path), "--store", str(store_dir))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 runs already in the store, skipped" in res.stderr
+    # its stale lock was taken over, its marker and its Tune scratch dir cleaned up
+    assert f"took over the lock of host {os.uname().nodename}, pid {driver.pid}" in res.stderr
+    assert "its driver (pid" in res.stderr and "is no longer running" in res.stderr
+    assert "cleaned up after a driver that was killed: 1 in-flight marker(s)" in res.stderr
+    assert not any(p.exists() for p in left)
+    assert not (store_dir / "resume" / "lock.json").exists()  # released at the end
     runs = Store(str(store_dir)).runs("resume")
     assert len(runs) == 2 and (runs["status"] == "ok").all()
     assert runs.groupby(["arm", "seed"]).size().tolist() == [1, 1]  # no duplicate ok rows

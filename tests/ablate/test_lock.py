@@ -65,10 +65,15 @@ def test_second_driver_is_refused_with_the_holder_named(store: Store) -> None:
     assert held_by(store, "exp") is None
 
 
-def test_only_one_of_many_simultaneous_drivers_wins(store: Store) -> None:
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
+def test_only_one_of_many_simultaneous_drivers_wins(store: Store, stale: bool) -> None:
+    if stale:  # all of them take over the same dead driver's lock at once
+        _foreign_lock(store, "exp", same_machine=True, pid=_dead_pid())
     wins, refused = [], []
+    go = threading.Barrier(8)
 
     def one() -> None:
+        go.wait()
         try:
             wins.append(acquire(store, "exp", heartbeat_s=60))
         except LockHeld:
@@ -80,6 +85,7 @@ def test_only_one_of_many_simultaneous_drivers_wins(store: Store) -> None:
     for t in threads:
         t.join()
     assert len(wins) == 1 and len(refused) == 7
+    assert json.loads(store.read_bytes("exp", LOCK_FILE))["token"] == wins[0].info.token
     wins[0].release()
 
 
