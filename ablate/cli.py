@@ -180,7 +180,11 @@ def run(
     finally:
         lock.release()
     print_results_table(store, spec)
-    failed = [r for r in results if not r.ok]
+    diverged = [r for r in results if r.status == "diverged"]
+    if diverged:  # an outcome of the config (counted in the table), not a failure to retry
+        _say(err, f"{len(diverged)} of {len(results)} runs diverged (non-finite loss; not retried; counted in the "
+             "table):", "yellow", ", ".join(r.run_id or r.request.arm for r in diverged))
+    failed = [r for r in results if not r.ok and r.status != "diverged"]
     if failed:
         _say(err, f"{len(failed)} of {len(results)} runs have no ok result after {spec.retries} retries:",
              "bold red", "")
@@ -344,28 +348,37 @@ def status(experiment: str = typer.Argument(..., help="Experiment name (store fo
         known = ", ".join(store.experiments()) or "none"
         raise _fail(SpecError(f"experiment={experiment!r} is not in store {store.uri!r} (experiments: {known}); "
                               "fix: check the name or pass --store"))
+    missing_by_arm, search_note = {}, None
+    if spec is not None:
+        from ablate.matrix import missing_runs
+
+        try:
+            missing_by_arm, search_note = missing_runs(spec, df)
+        except (SpecError, ValueError) as e:
+            _say(err, "note:", "yellow", f"cannot plan the stored spec ({e}); 'missing' not shown")
     arms = list(spec.arms) if spec else sorted(set(df["arm"])) if len(df) else []
+    arms += [a for a in missing_by_arm if a not in arms]
     arms += sorted(set(df["arm"]) - set(arms)) if len(df) else []
     flying = {}
     for m in inflight:
         flying[m.get("arm")] = flying.get(m.get("arm"), 0) + 1
-    table = Table("arm", "ok", "failed", "cancelled", "in flight", "missing", title=Text(f"{experiment} ({store.uri})"))
-    totals = [0] * 5
+    statuses = ("ok", "diverged", "failed", "cancelled")
+    table = Table("arm", *statuses, "in flight", "missing", title=Text(f"{experiment} ({store.uri})"))
+    totals = [0] * (len(statuses) + 2)
     for arm in arms:
         sub = df[df["arm"] == arm] if len(df) else df
-        counts = [int((sub["status"] == s).sum()) if len(sub) else 0 for s in ("ok", "failed", "cancelled")]
+        counts = [int((sub["status"] == s).sum()) if len(sub) else 0 for s in statuses]
         missing = "-"
-        if spec is not None and arm in spec.arms:
-            h = spec.config_hash(arm)
-            seeds = range(spec.seeds.min) if spec.sequential else spec.max_seeds  # type: ignore[union-attr]
-            okseeds = set(sub[(sub["status"] == "ok") & (sub["config_hash"] == h)]["seed"]) if len(sub) else set()
-            missing = str(sum(s not in okseeds for s in seeds))
-            totals[4] += int(missing)
+        if arm in missing_by_arm:
+            missing = str(missing_by_arm[arm])
+            totals[-1] += missing_by_arm[arm]
         row = counts + [flying.get(arm, 0)]
-        totals[:4] = [t + v for t, v in zip(totals[:4], row)]
+        totals[:-1] = [t + v for t, v in zip(totals[:-1], row)]
         table.add_row(Text(str(arm)), *map(str, row), missing)
     table.add_row(Text("total", style="bold"), *map(str, totals))
     out.print(table)
+    if search_note:
+        out.print(search_note, markup=False, highlight=False, soft_wrap=True)
     for m in inflight:
         out.print(Text(f"in flight: {m.get('run_id')} (driver {m.get('driver_host')} pid {m.get('driver_pid')})"),
                   soft_wrap=True)

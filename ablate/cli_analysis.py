@@ -1,8 +1,9 @@
 """CLI commands for analysis: `ablate table`, `ablate report`, `ablate import-logs`.
 
     ablate table EXPERIMENT [--format rich|md|csv|json] [--store URI] [--baseline ARM] [--target LOSS]
+                            [--all-configs]
     ablate report EXPERIMENT [--store URI] [--baseline ARM] [--target LOSS]
-    ablate import-logs PATH... --experiment NAME --arm NAME [--store URI]
+    ablate import-logs PATH... --experiment NAME --arm NAME [--store URI] [--target LOSS]
 
 `register(app)` adds them to the main typer app (ablate/cli.py). Exit codes (ablate.errors.EXIT_CODES):
 0 success, 1 runtime failure (including any log file that could not be imported), 2 bad input
@@ -10,6 +11,8 @@
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -49,8 +52,15 @@ def _check_name(experiment: str) -> None:
 
 def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (store folder)")],
               fmt: Annotated[str, typer.Option("--format", "-f", help="rich, md, csv or json")] = "rich",
-              store: StoreOpt = "results", baseline: BaselineOpt = None, target: TargetOpt = None) -> None:
-    """Print the results table in the speedrun record layout."""
+              store: StoreOpt = "results", baseline: BaselineOpt = None, target: TargetOpt = None,
+              all_configs: Annotated[bool, typer.Option(
+                  "--all-configs", help="show each config of an arm as its own row (arm@config_hash); by "
+                  "default an arm counts only its current config's runs")] = False) -> None:
+    """Print the results table in the speedrun record layout.
+
+    Each arm counts only the runs of its current config (the stored spec's config hash; for arms
+    not in the spec, e.g. imported logs, the config of the arm's latest run); the table says how
+    many older runs it left out."""
     from ablate import tables
 
     _check_name(experiment)
@@ -58,14 +68,14 @@ def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (s
         typer.echo(f"error: --format {fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md", err=True)
         raise typer.Exit(code=EXIT_BAD_INPUT)
     try:
-        out = tables.render_table(_store(store), experiment, fmt, baseline, target)
+        out = tables.render_table(_store(store), experiment, fmt, baseline, target, all_configs)
     except (AblateError, ValueError) as e:
         raise _fail(e) from None
     if fmt == "rich":
         from rich.console import Console
 
-        console = Console()
-        if not console.is_terminal:      # CI logs, pipes: wide enough that the table is not truncated
+        console = Console()              # the table fits its width (ablate.tables.RichTable)
+        if not console.is_terminal and "COLUMNS" not in os.environ:   # CI logs, pipes: the wide layout
             console = Console(width=max(console.width, 200))
         console.print(out)
     else:
@@ -89,7 +99,10 @@ def report_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (
 def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files or folders of *.txt/*.log")],
                     experiment: Annotated[str, typer.Option("--experiment", help="experiment to import into")],
                     arm: Annotated[str, typer.Option("--arm", help="arm the runs belong to")],
-                    store: StoreOpt = "results") -> None:
+                    store: StoreOpt = "results",
+                    target: Annotated[Optional[float], typer.Option(
+                        "--target", help="target loss stored with the experiment, so `ablate table` shows "
+                        "p(<target) without flags (e.g. 3.28)")] = None) -> None:
     """Import speedrun-style text logs as runs (source=import)."""
     from ablate.importlogs import import_logs
     from ablate.lock import experiment_lock
@@ -102,10 +115,22 @@ def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files 
     if not is_arm(arm):
         typer.echo(f"error: --arm {arm!r} must match {ARM_RULE}; fix: e.g. --arm record", err=True)
         raise typer.Exit(code=EXIT_BAD_INPUT)
+    if target is not None and not math.isfinite(target):
+        typer.echo(f"error: --target {target} is not a finite loss; fix: e.g. --target 3.28", err=True)
+        raise typer.Exit(code=EXIT_BAD_INPUT)
     try:
         st = _store(store)
         with experiment_lock(st, experiment, command=f"ablate import-logs --experiment {experiment}"):
             results = import_logs(st, list(paths), experiment, arm)
+            if target is not None and any(not r.error for r in results):
+                from ablate.tables import read_spec, store_target
+
+                typer.echo(f"target loss {target:g} stored in {store_target(st, experiment, target)}")
+                spec_target = (read_spec(st, experiment) or {}).get("target_loss")
+                if spec_target is not None and float(spec_target) != target:
+                    typer.echo(f"note: the experiment's spec.yaml sets target_loss {spec_target}, which wins "
+                               "over the stored one; pass --target to `ablate table` to override both")
+        configs = _arm_configs(st, experiment, arm)
     except AblateError as e:
         raise _fail(e) from None
     if not results:
@@ -117,8 +142,23 @@ def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files 
     bad = sum(r.error for r in results)
     typer.echo(f"{len(results) - bad} of {len(results)} files imported or already present into "
                f"{experiment!r} (arm {arm!r}); {bad} failed")
+    if len(configs) > 1:
+        typer.echo(f"note: arm {arm!r} now holds logs of {len(configs)} different training scripts (config "
+                   f"hashes: {', '.join(f'{h} ({n} runs)' for h, n in configs)}); `ablate table` compares only "
+                   f"the current one (the latest imported, {configs[-1][0]}, unless the experiment's spec defines "
+                   "this arm); `--all-configs` shows each as a row, or import each script's logs as its own --arm")
     if bad:
         raise typer.Exit(code=EXIT_FAILED)
+
+
+def _arm_configs(store, experiment: str, arm: str) -> list[tuple[str, int]]:
+    """(config_hash, runs) of an arm, the current (latest) config last."""
+    runs = store.runs(experiment)
+    runs = runs[runs["arm"] == arm] if len(runs) else runs
+    if runs.empty:
+        return []
+    counts = runs.groupby("config_hash")["order"].agg(["size", "max"]).sort_values("max")
+    return [(str(h), int(n)) for h, n in zip(counts.index, counts["size"])]
 
 
 def register(app: typer.Typer) -> None:

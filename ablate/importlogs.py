@@ -9,7 +9,8 @@ the nvidia-smi block (date, driver, GPU names), another `=` line, then
 lines, and optionally `peak memory allocated: P MiB ...`.
 
 Each log becomes one run (source="import"): status "ok" when its last line reached N == M with a
-val_loss, "failed" with a reason otherwise. run_id = `<arm>-import-<first 16 hex of the log's
+val_loss, "diverged" when any val_loss is non-finite (nan/inf, as `ablate run` records it),
+"failed" with a reason otherwise. run_id = `<arm>-import-<first 16 hex of the log's
 sha256>`, so importing the same file again is a no-op; the seed is a stable index: the next
 free integer of the arm, in the order the paths were given. A file that is not such a log is
 reported with a clear error and skipped; the rest are still imported. Only regular files of at
@@ -137,10 +138,13 @@ def parse_log(data: bytes) -> ParsedLog:
                              "not a speedrun training log")
     kind, n, loss, t = last_line
     log.last_step, log.train_time_ms = n, t
-    if kind == "val" and n == log.total_steps and loss is not None and math.isfinite(loss):
-        log.status, log.final_val_loss = "ok", loss
+    bad = [c for c in log.curve if not math.isfinite(c["val_loss"])]
+    if bad:  # as ablate.orchestrate.divergence: a non-finite loss at any eval
+        more = f" (and {len(bad) - 1} later eval(s))" if len(bad) > 1 else ""
+        log.status = "diverged"
+        log.error = f"diverged: val_loss is {bad[0]['val_loss']} at step {bad[0]['step']}/{log.total_steps}{more}"
     elif kind == "val" and n == log.total_steps:
-        log.error = f"final val_loss is {loss} at step {n}/{log.total_steps} (diverged)"
+        log.status, log.final_val_loss = "ok", loss
     else:
         log.error = (f"log ends at step {n}/{log.total_steps} without a final val_loss line "
                      "(truncated, crashed or killed)")
@@ -191,7 +195,7 @@ class FileResult:
     path: str
     run_id: str | None = None
     seed: int | None = None
-    status: str | None = None        # the run's status ("ok"/"failed"), None if not imported
+    status: str | None = None        # the run's status ("ok"/"diverged"/"failed"), None if not imported
     note: str = ""                   # "imported", "already in the store", or the error
     error: bool = False              # True when the file could not be imported
 
@@ -259,7 +263,7 @@ def import_logs(store: Any, paths: list[str | Path], experiment: str, arm: str) 
         store.write_run(row, log.curve, log.steps)
         known_ids.add(res.run_id)
         res.seed = next_seed
-        res.note = "imported" + (f" as failed: {log.error}" if log.error else "")
+        res.note = "imported" + (f" as {log.status}: {log.error}" if log.error else "")
         next_seed += 1
         next_order += 1
     return results

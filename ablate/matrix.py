@@ -6,7 +6,8 @@ Order is seed-major with arms interleaved (seed 0: baseline, a, b; seed 1: basel
 so on a busy cluster baseline and variants alternate on the same nodes over time and node
 drift hits every arm alike. A run's identity is (arm, seed, config_hash): running a spec again
 skips identities that already have an `ok` row, retries failed ones while attempts remain, and
-runs an arm again when its overrides (hence its hash) changed.
+runs an arm again when its overrides (hence its hash) changed. A `diverged` row (non-finite loss)
+is an outcome like `ok`: that identity is not run again.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def seed_round(spec: Spec, seed_index: int) -> int:
 @dataclass
 class PlannedRun:
     request: RunRequest
-    state: str  # "done" (ok row exists), "exhausted" (no attempts left), "todo"
+    state: str  # "done" (an ok or diverged row exists), "exhausted" (no attempts left), "todo"
     attempt: int  # attempt number the next launch gets (1-based)
     attempts_left: int
     done_run_id: str | None = None
@@ -78,7 +79,9 @@ def plan(requests: list[RunRequest], runs_df, retries: int) -> list[PlannedRun]:
     """What to do with each request given the store's runs (pandas DataFrame, may be empty).
 
     Attempts are counted per identity across invocations: at most 1 + retries failed attempts;
-    cancelled attempts (driver interrupted) do not count against the budget."""
+    cancelled attempts (driver interrupted) do not count against the budget. An identity with an
+    `ok` row, else a `diverged` row (its loss went non-finite: retrying the same config and seed
+    would diverge again), is done; `done_run_id` names that row."""
     by_key: dict[tuple, list[dict]] = {}
     if runs_df is not None and len(runs_df):
         cols = ["arm", "seed", "config_hash", "status", "attempt", "run_id"]
@@ -87,7 +90,7 @@ def plan(requests: list[RunRequest], runs_df, retries: int) -> list[PlannedRun]:
     out = []
     for req in requests:
         prior = by_key.get(req.key, [])
-        ok = [r for r in prior if r["status"] == "ok"]
+        ok = [r for r in prior if r["status"] == "ok"] or [r for r in prior if r["status"] == "diverged"]
         failed = sum(r["status"] == "failed" for r in prior)
         attempt = max((int(r["attempt"]) for r in prior), default=0) + 1
         left = retries + 1 - failed
@@ -111,3 +114,46 @@ def resource_plan(spec: Spec) -> dict[str, Any]:
         "timeout_s": r.timeout_s,
         "max_runs": len(spec.arms) * len(spec.max_seeds),
     }
+
+
+DONE_STATUSES = ("ok", "diverged")  # outcomes: never run again
+
+
+def missing_runs(spec: Spec, runs_df) -> tuple[dict[str, int], str | None]:
+    """For `ablate status`: per arm, how many of its planned seeds have no outcome (ok or diverged
+    row of the arm's current config) yet, and a line about a search's progress (else None).
+
+    A plain spec plans `seeds` (a sequential one its first `min`) for every arm. A search spec
+    plans `seeds_per_trial` seeds for each suggestion `t<N>` that has runs, and the confirmation's
+    seeds (`confirm.first_seed`..) for the spec's arms and for each confirmed suggestion; its
+    `seeds:` field is not used."""
+    import pandas as pd
+
+    df = runs_df if runs_df is not None and len(runs_df) else pd.DataFrame(
+        columns=["arm", "seed", "config_hash", "status", "source"])
+    done = df[df["status"].isin(DONE_STATUSES)]
+
+    def missing(arm: str, seeds: Iterable[int], rows) -> int:
+        have = set(rows.loc[rows["arm"] == arm, "seed"].astype(int))
+        return sum(s not in have for s in seeds)
+
+    if spec.search is None:
+        seeds = range(spec.seeds.min) if spec.sequential else spec.max_seeds  # type: ignore[union-attr]
+        return {arm: missing(arm, seeds, done[done["config_hash"] == spec.config_hash(arm)]) for arm in spec.arms}, None
+    from ablate.search_space import parse_search
+
+    cfg = parse_search(spec.search, preset=spec.trainer.preset, base_overrides=spec.overrides(spec.baseline))
+    confirm = range(cfg.confirm.first_seed, cfg.confirm.first_seed + cfg.confirm.seeds) if cfg.confirm else range(0)
+    source = df["source"] if "source" in df else pd.Series("ablate", index=df.index)
+    search_done, conf_done = done[source.loc[done.index] == "search"], done[source.loc[done.index] != "search"]
+    out = {arm: missing(arm, confirm, conf_done[conf_done["config_hash"] == spec.config_hash(arm)])
+           for arm in spec.arms} if cfg.confirm else {}
+    trials = sorted(set(df.loc[source == "search", "arm"]), key=lambda a: (len(a), a))
+    confirmed = set(df.loc[source != "search", "arm"]) - set(spec.arms)
+    for arm in trials + sorted(confirmed - set(trials)):
+        out[arm] = missing(arm, cfg.seeds(), search_done) if arm in trials else 0
+        if arm in confirmed:
+            out[arm] += missing(arm, confirm, conf_done)
+    note = (f"search: {len(trials)} of {cfg.trials} suggestions have runs ({cfg.seeds_per_trial} seeds each); "
+            + (f"confirmation on seeds {confirm.start}..{confirm.stop - 1}" if cfg.confirm else "no confirmation"))
+    return out, note

@@ -15,14 +15,17 @@ everything in one final report. The driver's Tune callback writes the run to the
 trial ends, so a killed driver loses at most the runs in flight. Tune never retries
 (max_failures=0): a failed attempt gets its own row, and the driver launches the next attempt in a
 new batch; a run the trainer rejected as bad input (exit 2: config, data, world size) is not
-retried. The first store write that fails, or losing the experiment lock (ablate.lock), stops
-the batch at once: the runs in flight are cancelled and nothing else starts.
+retried. A run whose loss went non-finite is `diverged` (`divergence`): an outcome of its config
+and seed, recorded once and never retried. The first store write that fails, or losing the
+experiment lock (ablate.lock), stops the batch at once: the runs in flight are cancelled and
+nothing else starts.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -50,6 +53,8 @@ from ablate.store import Store
 
 log = logging.getLogger("ablate")
 
+# `error` event types that mean the loss diverged (a status, not a failure to retry)
+DIVERGENCE_ERRORS = ("Diverged", "DivergenceError", "NonFiniteLoss")
 # Ray's own console output: quiet (the driver shows its own progress). Set before Tune starts.
 _RAY_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 # `error` event types of the trainer's input errors (trainer.train.INPUT_ERRORS, and argparse's
@@ -76,7 +81,7 @@ class RunResult:
     """The outcome of one request. `row` is the runs row (written now, or found in the store)."""
 
     request: RunRequest
-    status: str  # "ok" | "failed" | "cancelled" | "not-run"
+    status: str  # "ok" | "diverged" | "failed" | "cancelled" | "not-run"
     run_id: str | None = None
     row: dict | None = None
     attempts: int = 0  # attempts launched by this call
@@ -208,6 +213,7 @@ def _trial(job: dict, opts: LaunchOptions) -> None:
         payload.update(
             ok=res.ok, error=res.error_text(), returncode=res.returncode, start=start, end=res.last("end"),
             error_type=None if res.ok or res.stopped else err_event.get("type"),
+            error_event=res.last("error"),
             curve=[{k: e.get(k) for k in ("step", "val_loss", "train_time_ms")} for e in res.curve],
             steps=[{k: e.get(k) for k in ("step", "step_ms", "train_time_ms")} for e in res.steps],
             started_at=res.started_at, start_event_at=res.start_event_at, ended_at=res.ended_at,
@@ -277,6 +283,28 @@ def is_input_error(payload: dict) -> bool:
     return not payload.get("ok") and payload.get("error_type") in INPUT_ERROR_TYPES
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def divergence(payload: dict) -> str | None:
+    """Why an attempt diverged, or None. Diverged = the loss went non-finite: a `val` event whose
+    val_loss is null/NaN/inf (the trainer writes non-finite floats as null) at any eval, an `end`
+    event without a finite final_val_loss, or a trainer `error` event of a divergence type
+    (DIVERGENCE_ERRORS). Deterministic for a given config and seed, so never retried."""
+    bad = [c.get("step") for c in payload.get("curve") or [] if not _finite(c.get("val_loss"))]
+    if bad:
+        more = f" (and {len(bad) - 1} later eval(s))" if len(bad) > 1 else ""
+        return f"diverged: val_loss is not finite at step {bad[0]}{more}"
+    end = payload.get("end")
+    if end and not _finite(end.get("final_val_loss")):
+        return "diverged: the `end` event has no finite final_val_loss"
+    err = payload.get("error_event") or {}
+    if err.get("type") in DIVERGENCE_ERRORS:
+        return f"diverged: {err.get('type')}: {err.get('message', '')}".rstrip(": ")
+    return None
+
+
 def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dict, list[dict], list[dict]]:
     """The runs row (schema v1) and the curve/step rows of one finished attempt."""
     req, r = a.request, spec.resources
@@ -285,10 +313,13 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
     env = start.get("env") or {}
     started, ended = payload.get("started_at") or time.time(), payload.get("ended_at") or time.time()
     status = payload.get("status") or ("ok" if payload.get("ok") else "failed")
-    config = start.get("config") or payload.get("resolved_config") or {}
     error = None if status == "ok" else (payload.get("error") or "unknown error")
-    if status == "failed" and is_input_error(payload):
+    diverged = divergence(payload) if status in ("ok", "failed") else None
+    if diverged:
+        status, error = "diverged", diverged + (f"\n{error}" if error else "")
+    elif status == "failed" and is_input_error(payload):
         error = f"input error (not retried): {error}"
+    config = start.get("config") or payload.get("resolved_config") or {}
     row = {
         "experiment": spec.name, "arm": req.arm, "seed": req.seed, "run_id": a.run_id,
         "attempt": a.planned.attempt, "round": req.round, "order": a.order, "source": req.source,
@@ -529,8 +560,10 @@ def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: 
         progress.skipped(sum(p.state == "done" for p in planned), sum(p.state == "exhausted" for p in planned))
         rows = {r["run_id"]: r for r in runs_df.to_dict("records")} if len(runs_df) else {}
         for p in planned:
-            if p.state == "done":
-                results[p.request.key] = RunResult(p.request, "ok", p.done_run_id, rows.get(p.done_run_id), reused=True)
+            if p.state == "done":  # an ok or a diverged row: both are outcomes
+                row = rows.get(p.done_run_id)
+                results[p.request.key] = RunResult(p.request, (row or {}).get("status") or "ok", p.done_run_id, row,
+                                                   reused=True)
             elif p.state == "exhausted":
                 last = p.request.run_id(p.attempt - 1)
                 results[p.request.key] = RunResult(p.request, "failed", last, rows.get(last), reused=True)
@@ -561,7 +594,11 @@ def _arms_to_continue(store: Store, spec: Spec) -> list[str]:
         from ablate.sequential import arms_to_continue
     except ImportError:
         return list(spec.arms)
-    keep = list(arms_to_continue(store.runs(spec.name), spec))
+    runs = store.runs(spec.name)
+    if len(runs):  # each arm's current config only (runs of an earlier override are another experiment)
+        current = {arm: spec.config_hash(arm) for arm in spec.arms}
+        runs = runs[runs["config_hash"] == runs["arm"].map(current)]
+    keep = list(arms_to_continue(runs, spec))
     if keep and spec.baseline not in keep:
         keep.append(spec.baseline)  # variants are compared seed-by-seed with the baseline
     return [a for a in spec.arms if a in keep]

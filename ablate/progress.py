@@ -34,7 +34,7 @@ class RunProgress(NullProgress):
         self.console = console or Console(stderr=True)
         self.live_mode = self.console.is_terminal
         self.title = title
-        self.total = self.done = self.failed = 0
+        self.total = self.done = self.failed = self.diverged = 0
         self.t0 = time.time()
         self.running: dict[str, dict] = {}
         self._bar = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
@@ -56,7 +56,8 @@ class RunProgress(NullProgress):
             self._live.__exit__(*exc)
             self._live = None
         elif self.total:  # nothing was planned (e.g. a pre-flight error): no "finished 0/0" line
-            self._line(f"finished: {self.done}/{self.total} runs, {self.failed} failed, "
+            div = f", {self.diverged} diverged" if self.diverged else ""
+            self._line(f"finished: {self.done}/{self.total} runs, {self.failed} failed{div}, "
                        f"{time.time() - self.t0:.1f} s")
 
     # ---- events --------------------------------------------------------------------------
@@ -98,12 +99,16 @@ class RunProgress(NullProgress):
 
     def finished(self, run_id: str, status: str, final_val_loss: float | None = None,
                  wall_s: float | None = None, retries_left: int = 0, error: str | None = None) -> None:
-        """A run attempt ended. A failed attempt that will be retried does not count as done.
-        A failed or cancelled attempt's line ends with the first line of its error."""
+        """A run attempt ended. A failed attempt that will be retried does not count as done; a
+        diverged one (non-finite loss) is done: it is an outcome, never retried. A failed,
+        cancelled or diverged attempt's line ends with the first line of its error."""
         self.running.pop(run_id, None)
         note = f"(retrying, {retries_left} attempt(s) left)" if status == "failed" and retries_left else ""
         if status == "ok":
             self.done += 1
+        elif status == "diverged":
+            self.done += 1
+            self.diverged += 1
         elif status == "failed" and not retries_left:
             self.done += 1
             self.failed += 1

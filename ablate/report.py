@@ -2,11 +2,14 @@
 
     ablate report EXPERIMENT [--store URI] [--baseline ARM] [--target LOSS]
 
-report.md holds the results table (the same as `ablate table --format md`), the figures of
-`ablate/plots.py`, every run with its status and provenance, failed runs with their errors,
+report.md holds the results table (the same as `ablate table --format md`; for a search
+experiment its trials listing and the confirmation's table), the figures of `ablate/plots.py`,
+every run with its status, config and provenance, runs without an ok result with their errors,
 step-time stalls, and warnings when runs mix torch versions or GPU models (time comparisons
-across them are not like for like). `report_files` is the pure part (frames in, bytes out);
-`write_report` reads the store and writes through `Store.write_bytes`.
+across them are not like for like). Works on `ablate run`, imported (`ablate import-logs`),
+search and mixed experiments. The figures show the runs the table compares (each arm's current
+config; a search without confirmation: its best suggestions). `report_files` is the pure part
+(frames in, bytes out); `write_report` reads the store and writes through `Store.write_bytes`.
 """
 from __future__ import annotations
 
@@ -17,47 +20,72 @@ from typing import Any
 import pandas as pd
 
 from ablate import __version__, plots
-from ablate.tables import Settings, analyse, read_spec, to_markdown
+from ablate.tables import (AnalysisError, Settings, analyse_runs, current_hashes, experiment_settings, read_spec,
+                           select_configs, to_markdown)
 
 FIGURES = {
     "curves_step.png": "Val loss against step (mean ± 95% CI over seeds)",
     "curves_time.png": "Val loss against training time (mean ± 95% CI over seeds)",
-    "finals.png": "Final val loss and train time of every run (bar: arm mean)",
+    "finals.png": "Final val loss and train time of every run (bar: arm mean ± 95% CI; n per arm)",
     "step_times.png": "Step time of every run (× marks stalls)",
 }
 MAX_STALLS_LISTED = 10
+MAX_SEARCH_ARMS_DRAWN = 8   # a search without confirmation: figures of its best suggestions
+
+
+def _missing(v: Any) -> bool:
+    """None, NaN, NaT or pd.NA (pandas 3 reads a null string as NaN)."""
+    if v is None:
+        return True
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def _cell(v: Any, fmt: str = "") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)) or v is pd.NaT:
+    if _missing(v):
         return "—"
-    try:
-        if pd.isna(v):
-            return "—"
-    except (TypeError, ValueError):
-        pass
     return format(v, fmt) if fmt else str(v).replace("|", "\\|")
 
 
-def _runs_section(runs: pd.DataFrame) -> list[str]:
-    lines = ["| Arm | Seed | Round | Status | Loss | Time (s) | Steps | Node | GPU | torch | Source | Run id |",
-             "|---|---:|---:|---|---:|---:|---:|---|---|---|---|---|"]
+def _host(r: dict) -> str | None:
+    host = r.get("hostname")
+    if not _missing(host) and str(host):
+        return str(host)
+    node = r.get("node_id")
+    if _missing(node) or not str(node):
+        return None
+    node = str(node)
+    return node[:12] + "…" if len(node) > 16 else node  # Ray node ids are 56 hex characters
+
+
+def _runs_section(runs: pd.DataFrame, current: dict[str, str] | None = None) -> list[str]:
+    """Every run; `current` (arm → config hash the table compares) marks runs of other configs."""
+    current = current or {}
+    lines = ["| Arm | Seed | Round | Status | Loss | Time (s) | Steps | Config | Host | GPU | torch | Source "
+             "| Run id |",
+             "|---|---:|---:|---|---:|---:|---:|---|---|---|---|---|---|"]
     for r in runs.to_dict("records"):
-        node = r.get("node_id") or r.get("hostname")
-        if node and len(node) > 16:  # Ray node ids are 56 hex characters; a prefix identifies them
-            node = node[:12] + "…"
-        t = r["train_time_ms"] / 1000.0 if r.get("train_time_ms") is not None and pd.notna(r["train_time_ms"]) else None
-        gpu = r.get("gpu_model")
-        if gpu and r.get("gpu_count"):
-            gpu = f"{r['gpu_count']}× {gpu}"
+        t = None if _missing(r.get("train_time_ms")) else float(r["train_time_ms"]) / 1000.0
+        gpu = None if _missing(r.get("gpu_model")) else str(r["gpu_model"])
+        if gpu and not _missing(r.get("gpu_count")) and r["gpu_count"]:
+            gpu = f"{int(r['gpu_count'])}× {gpu}"
+        h = r.get("config_hash")
+        config = None if _missing(h) else f"`{h}`" + (" (older)" if r["arm"] in current and current[r["arm"]] != h
+                                                       else "")
         lines.append(f"| {_cell(r['arm'])} | {_cell(r['seed'])} | {_cell(r.get('round'))} | {_cell(r['status'])} | "
-                     f"{_cell(r.get('final_val_loss'), '.4f')} | {_cell(t, '.3f')} | {_cell(r.get('steps'))} | "
-                     f"{_cell(node)} | {_cell(gpu)} | {_cell(r.get('torch_version'))} | {_cell(r.get('source'))} | "
-                     f"`{r['run_id']}` |")
+                     f"{_cell(r.get('final_val_loss'), '.4f')} | {_cell(t, '.4f')} | {_cell(r.get('steps'))} | "
+                     f"{config or '—'} | {_cell(_host(r))} | {_cell(gpu)} | {_cell(r.get('torch_version'))} | "
+                     f"{_cell(r.get('source'))} | `{r['run_id']}` |")
+    if any("(older)" in line for line in lines[2:]):
+        lines += ["", "Runs marked (older) ran a config other than their arm's current one and are not in the "
+                  "table (`ablate table --all-configs` shows them)."]
     failed = runs[runs["status"] != "ok"]
     if len(failed):
-        lines += ["", "### Runs that did not finish", ""]
-        lines += [f"- `{r['run_id']}` ({r['status']}): {r.get('error') or 'no error recorded'}"
+        lines += ["", "### Runs without an ok result (diverged, failed, cancelled)", ""]
+        lines += [f"- `{r['run_id']}` ({r['status']}): " +
+                  (str(r.get("error")) if not _missing(r.get("error")) and str(r.get("error")) else "no error recorded")
                   for r in failed.to_dict("records")]
     return lines
 
@@ -68,7 +96,7 @@ def _environment_section(runs: pd.DataFrame) -> list[str]:
                       ("git_commit", "git commit"), ("driver", "driver")):
         if col not in runs:
             continue
-        counts = runs[col].fillna("unknown").value_counts()
+        counts = runs[col].astype(object).where(runs[col].notna(), "unknown").value_counts()
         out.append(f"- {what}: " + ", ".join(f"`{k}` ({v} runs)" for k, v in counts.items()))
     warn = []
     ok = runs[runs["status"] == "ok"]
@@ -77,6 +105,10 @@ def _environment_section(runs: pd.DataFrame) -> list[str]:
             warn.append(f"**Warning:** ok runs mix {ok[col].dropna().nunique()} {what}; train time differs "
                         "between them by up to ~1 s, so time Δ compares unlike things unless each arm ran on "
                         "all of them equally (blocked analysis).")
+    if "gpu_count" in ok and ok["gpu_count"].dropna().nunique() > 1:
+        counts = ", ".join(str(int(g)) for g in sorted(set(ok["gpu_count"].dropna())))
+        warn.append(f"**Warning:** ok runs mix GPU counts ({counts}); their train times differ many-fold, so "
+                    "times are only comparable within one GPU count.")
     return out + ([""] + warn if warn else [])
 
 
@@ -84,26 +116,40 @@ def _stalls_section(steps: pd.DataFrame) -> list[str]:
     if steps.empty:
         return ["No step times recorded."]
     st = plots.stalls(steps)
+    rule = (f"{plots.STALL_FACTOR:g}× the median of the {plots.STALL_WINDOW} logged steps around them (each "
+            "batch-size stage against itself; step 1 excluded)")
     if st.empty:
-        return [f"No step slower than {plots.STALL_FACTOR:g}× its run's median (step 1 excluded)."]
-    med = steps[steps["step"] > 1].groupby("run_id")["step_ms"].median()
-    st = st.assign(ratio=st["step_ms"] / st["run_id"].map(med)).sort_values("ratio", ascending=False)
-    lines = [f"{len(st)} steps slower than {plots.STALL_FACTOR:g}× their run's median "
-             f"({st['run_id'].nunique()} runs); the {min(len(st), MAX_STALLS_LISTED)} worst:", "",
-             "| Run id | Step | Step time (ms) | × median |", "|---|---:|---:|---:|"]
+        return [f"No step slower than {rule}."]
+    st = st.assign(ratio=st["step_ms"] / st["ref_ms"]).sort_values("ratio", ascending=False, kind="stable")
+    lines = [f"{len(st)} steps slower than {rule}, in {st['run_id'].nunique()} runs; the "
+             f"{min(len(st), MAX_STALLS_LISTED)} worst:", "",
+             "| Run id | Step | Step time (ms) | × local median |", "|---|---:|---:|---:|"]
     lines += [f"| `{r['run_id']}` | {r['step']} | {r['step_ms']:.1f} | {r['ratio']:.1f} |"
               for r in st.head(MAX_STALLS_LISTED).to_dict("records")]
     return lines
 
 
-def report_files(experiment: str, table: pd.DataFrame, settings: Settings, runs: pd.DataFrame,
-                 curves: pd.DataFrame, steps: pd.DataFrame, spec: dict | None = None) -> dict[str, bytes]:
-    """Every file of the report by name: report.md and the PNGs."""
+def report_files(experiment: str, table: pd.DataFrame | str, settings: Settings, runs: pd.DataFrame,
+                 curves: pd.DataFrame, steps: pd.DataFrame, spec: dict | None = None,
+                 figure_runs: pd.DataFrame | None = None, current: dict[str, str] | None = None) -> dict[str, bytes]:
+    """Every file of the report by name: report.md and the PNGs.
+
+    `table` is the analysed table (or its Markdown, e.g. a search's listing); the figures draw
+    `figure_runs` (default: `runs`) and their curves/steps; the runs section lists every run."""
+    fig_runs = runs if figure_runs is None else figure_runs
+    ids = set(fig_runs["run_id"]) if len(fig_runs) else set()
+    fig_curves = curves[curves["run_id"].isin(ids)].copy() if len(curves) else curves
+    fig_steps = steps[steps["run_id"].isin(ids)].copy() if len(steps) else steps
+    if len(fig_runs):  # labels as in the table (arm@hash rows keep their own label)
+        label = dict(zip(fig_runs["run_id"], fig_runs["arm"]))
+        for df in (fig_curves, fig_steps):
+            if len(df):
+                df["arm"] = df["run_id"].map(label)
     files = {
-        "curves_step.png": plots.to_png(plots.curves_figure(curves, runs, "step", settings.baseline)),
-        "curves_time.png": plots.to_png(plots.curves_figure(curves, runs, "time", settings.baseline)),
-        "finals.png": plots.to_png(plots.finals_figure(runs, settings.target, settings.baseline)),
-        "step_times.png": plots.to_png(plots.step_times_figure(steps, runs, settings.baseline)),
+        "curves_step.png": plots.to_png(plots.curves_figure(fig_curves, fig_runs, "step", settings.baseline)),
+        "curves_time.png": plots.to_png(plots.curves_figure(fig_curves, fig_runs, "time", settings.baseline)),
+        "finals.png": plots.to_png(plots.finals_figure(fig_runs, settings.target, settings.baseline)),
+        "step_times.png": plots.to_png(plots.step_times_figure(fig_steps, fig_runs, settings.baseline)),
     }
     spec = spec or {}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -111,22 +157,52 @@ def report_files(experiment: str, table: pd.DataFrame, settings: Settings, runs:
     if spec.get("description"):
         md += [str(spec["description"]), ""]
     trainer = spec.get("trainer") or {}
-    if trainer:
-        md += [f"Trainer preset `{trainer.get('preset')}`; baseline arm `{settings.baseline}`"
-               + (f"; target loss {settings.target:g}" if settings.target is not None else "") + ".", ""]
+    if trainer or settings.target is not None:
+        what = [f"Trainer preset `{trainer.get('preset')}`"] if trainer else []
+        what.append(f"baseline arm `{settings.baseline}`")
+        if settings.target is not None:
+            what.append(f"target loss {settings.target:g}")
+        md += ["; ".join(what) + ".", ""]
+    results = table if isinstance(table, str) else to_markdown(table, settings)
     md += [f"Generated {now} by ablate {__version__}. How to read the numbers: docs/statistics.md.", "",
-           "## Results", "", to_markdown(table, settings).rstrip(), "", "## Figures", ""]
+           "## Results", "", results.rstrip(), "", "## Figures", ""]
     md += [f"![{title}]({name})\n" for name, title in FIGURES.items()]
-    md += ["## Runs", ""] + _runs_section(runs) + ["", "## Step-time stalls", ""] + _stalls_section(steps)
+    md += ["## Runs", ""] + _runs_section(runs, current) + ["", "## Step-time stalls", ""] + _stalls_section(steps)
     md += ["", "## Environment", ""] + _environment_section(runs) + [""]
     files["report.md"] = "\n".join(md).encode()
     return files
 
 
+def _best_search_runs(runs: pd.DataFrame, n: int = MAX_SEARCH_ARMS_DRAWN) -> pd.DataFrame:
+    """The runs of the n suggestions with the lowest mean final loss over their ok seeds."""
+    ok = runs[runs["status"] == "ok"]
+    best = ok.groupby("arm")["final_val_loss"].mean().sort_values(kind="stable").head(n).index
+    return runs[runs["arm"].isin(set(best))]
+
+
 def write_report(store: Any, experiment: str, baseline: str | None = None,
                  target: float | None = None) -> dict[str, str]:
     """Analyse the experiment and write report.md and the PNGs; returns name → path/URI."""
-    table, settings = analyse(store, experiment, baseline, target)
-    files = report_files(experiment, table, settings, store.runs(experiment), store.curves(experiment),
-                         store.steps(experiment), read_spec(store, experiment))
+    from ablate.search_report import is_search_experiment, search_table
+
+    runs = store.runs(experiment)
+    if runs.empty:
+        known = ", ".join(store.experiments()) or "none"
+        raise AnalysisError(f"experiment {experiment!r} has no runs in this store (experiments: {known}); "
+                            "fix: check the name or pass --store URI")
+    settings = experiment_settings(store, experiment, baseline, target)
+    current = current_hashes(store, experiment)
+    compared = runs[runs["source"] != "search"] if "source" in runs else runs
+    if is_search_experiment(store, experiment):
+        table: pd.DataFrame | str = search_table(store, experiment, "md", baseline, target)
+    else:
+        table = analyse_runs(compared, settings, current)
+    if len(compared):
+        sel = select_configs(compared, current, False, settings.baseline)
+        fig_runs = sel.runs
+        current = {**sel.hashes, **current}
+    else:
+        fig_runs = _best_search_runs(runs)
+    files = report_files(experiment, table, settings, runs, store.curves(experiment), store.steps(experiment),
+                         read_spec(store, experiment), figure_runs=fig_runs, current=current)
     return {name: store.write_bytes(experiment, name, data) for name, data in files.items()}

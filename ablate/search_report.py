@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,7 @@ def trial_rows(runs: pd.DataFrame, cfg: SearchConfig, study: Any = None) -> pd.D
                 pass
         else:
             state = "COMPLETE" if len(ok) >= cfg.seeds_per_trial else (
-                "FAIL" if (mine["status"] == "failed").any() else "INCOMPLETE")
+                "FAIL" if mine["status"].isin(["failed", "diverged"]).any() else "INCOMPLETE")
             params = json.loads(mine["overrides_json"].iloc[0]) if len(mine) else {}
         row["state"] = state
         for key in cfg.space:
@@ -142,7 +143,7 @@ def _display(df: pd.DataFrame, cfg: SearchConfig) -> tuple[list[str], list[list[
         cells = [f"t{r['trial']}", r["state"]] + [_cell(r[k], p) for k, p in cfg.space.items()]
         cells += [str(r["n"]), tables._num(r["loss_mean"], ".4f"), tables._num(r["loss_std"], ".4f")]
         if cfg.multi_objective:
-            cells += [tables._num(r["time_mean"], ".3f"), tables._num(r["time_std"], ".3f"),
+            cells += [tables._num(r["time_mean"], ".4f"), tables._num(r["time_std"], ".4f"),
                       "*" if r["pareto"] else ""]
         cells += ["✓" if r["confirmed"] else ""]
         rows.append(cells)
@@ -160,10 +161,39 @@ def _notes(df: pd.DataFrame, cfg: SearchConfig) -> list[str]:
     return out
 
 
+class TrialListing(tables.Fitted):
+    """The trial listing for a console of any width, numbers never cut: one table when it fits;
+    else the outcomes (trial, state, n, μ, σ, ...) and the parameters as two tables; else one
+    small table per trial."""
+
+    def __init__(self, title: str, head: list[str], rows: list[list[str]], bold: list[bool], n_params: int,
+                 notes: list[str]) -> None:
+        self.title, self.head, self.rows, self.bold, self.notes = title, head, rows, bold, notes
+        self.params = list(range(2, 2 + n_params))
+
+    def _grid(self, cols: list[int], title: str, narrow: bool = False):
+        """`narrow`: parameter headers on two lines ("lr_mul." / "attn"), no outer border."""
+        head = [self.head[i].rsplit(".", 1)[0] + ".\n" + self.head[i].rsplit(".", 1)[1]
+                if narrow and i in self.params and "." in self.head[i] else self.head[i] for i in cols]
+        return tables.rich_grid(title, head, [[r[i] for i in cols] for r in self.rows],
+                                bold=self.bold, left=[0, 1] if 1 in cols else [0], compact=narrow)
+
+    def layouts(self) -> list[tuple[list[Any], list[Any]]]:
+        from rich.text import Text
+
+        notes = [Text(n, style="dim") for n in self.notes]
+        every = list(range(len(self.head)))
+        outcome = [i for i in every if i not in self.params]
+        return [([self._grid(every, self.title)], notes),
+                ([self._grid(every, self.title, narrow=True)], notes),
+                ([self._grid(outcome, self.title), self._grid([0, *self.params], "parameters", True)], notes),
+                (tables.rich_cards(self.title, self.head, self.rows, self.bold), notes)]
+
+
 def search_table(store: Any, experiment: str, fmt: str = "rich", baseline: str | None = None,
-                 target: float | None = None) -> Any:
+                 target: float | None = None, all_configs: bool = False) -> Any:
     """Trial listing + confirmation table: a rich Group for "rich", a str for md/csv/json.
-    `baseline` / `target` override the spec's for the confirmation table, as in `ablate table`."""
+    `baseline` / `target` / `all_configs` apply to the confirmation table, as in `ablate table`."""
     if fmt not in tables.FORMATS:
         raise tables.AnalysisError(f"format={fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md")
     spec = tables.read_spec(store, experiment)
@@ -174,23 +204,19 @@ def search_table(store: Any, experiment: str, fmt: str = "rich", baseline: str |
     runs = store.runs(experiment)
     df = trial_rows(runs, cfg, _study(store, experiment))
     conf_runs = runs[runs["source"] != "search"] if len(runs) else runs
-    settings = tables.settings_from_spec(spec, baseline, target)
-    conf = tables.table_from_runs(conf_runs, settings.baseline, settings.target, settings.alternative,
-                                  settings.correction, alpha=settings.alpha) if len(conf_runs) else pd.DataFrame()
+    settings = tables.experiment_settings(store, experiment, baseline, target, all_configs)
+    settings = replace(settings, sequential=None)  # the confirmation is a fixed design
+    conf = tables.analyse_runs(conf_runs, settings, tables.current_hashes(store, experiment)) \
+        if len(conf_runs) else pd.DataFrame()
     head, rows = _display(df, cfg) if len(df) else ([], [])
     notes = _notes(df, cfg)
     title = f"{experiment}: search trials"
     if fmt == "rich":
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        t = Table(title=Text(title), caption=Text("\n".join(notes)), caption_justify="left")
-        for i, h in enumerate(head):
-            t.add_column(Text(h), justify="left" if i < 2 else "right")
-        for cells, r in zip(rows, df.to_dict("records")):  # Text: values are never read as markup
-            t.add_row(*(Text(str(c)) for c in cells), style="bold" if r["pareto"] or r["confirmed"] else None)
-        parts: list[Any] = [t]
+        bold = [bool(r["pareto"] or r["confirmed"]) for r in df.to_dict("records")]
+        parts: list[Any] = [TrialListing(title, head, rows, bold, len(cfg.space), notes)]
         parts.append(tables.format_table(conf, settings, "rich", f"{experiment}: confirmation") if len(conf)
                      else Text("No confirmation runs yet (confirm: in the spec runs them after the search)."))
         return Group(*parts)

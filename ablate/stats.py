@@ -4,7 +4,7 @@ the speedrun target rule, multiple-comparison corrections and runs-needed estima
     python -m pytest tests/ablate/test_stats.py -q
 
 Pure functions of numbers (numpy arrays) plus `pair_runs`, which reads the runs frame's
-`order`/`round`/`seed`/`node_id` columns to form blocks. Every formula is written out in
+`order`/`round`/`seed`/`hostname`/`gpu_uuids` columns to form blocks. Every formula is written out in
 docs/statistics.md; tests compare each one with scipy/statsmodels on fixed data.
 Conventions: Δ = mean(arm) − mean(baseline); "less" means the arm is lower (better) than the
 baseline; CIs are two-sided at `confidence` unless the alternative is one-sided.
@@ -271,11 +271,20 @@ def runs_needed_paired(delta: float, sd_diff: float, alpha: float, power: float 
 
 # ---------------------------------------------------------------- blocked analysis
 
+def machine(df: pd.DataFrame) -> pd.Series:
+    """Where each run ran, as a key that survives a resumed experiment: `hostname` plus the run's
+    GPU UUIDs (`gpu_uuids`, "" on CPU), e.g. "gpu-node-3|GPU-1a2b...,GPU-3c4d...". None when the
+    host is unknown (imported logs). Not Ray's `node_id`: a resumed experiment starts a new Ray
+    session whose nodes get new ids, which would split the blocks of identical data."""
+    host = df["hostname"] if "hostname" in df else pd.Series(None, index=df.index, dtype=object)
+    gpus = df["gpu_uuids"] if "gpu_uuids" in df else pd.Series("", index=df.index, dtype=object)
+    out = [f"{h}|{','.join(sorted(g.split(','))) if isinstance(g, str) else ''}" if isinstance(h, str) and h
+           else None for h, g in zip(host, gpus)]
+    return pd.Series(out, index=df.index, dtype=object)
+
+
 def _block_keys(df: pd.DataFrame) -> pd.DataFrame:
-    node = df["node_id"] if "node_id" in df else pd.Series(None, index=df.index, dtype=object)
-    if "hostname" in df:
-        node = node.where(node.notna(), df["hostname"])
-    out = pd.DataFrame({"node": node, "round": df.get("round"), "seed": df.get("seed"),
+    out = pd.DataFrame({"node": machine(df), "round": df.get("round"), "seed": df.get("seed"),
                         "order": df.get("order", pd.Series(range(len(df)), index=df.index))},
                        index=df.index)
     return out
@@ -284,8 +293,8 @@ def _block_keys(df: pd.DataFrame) -> pd.DataFrame:
 def pair_runs(arm_runs: pd.DataFrame, base_runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
     """Index pairs (arm row, baseline row) for the blocked analysis, or None if it does not apply.
 
-    A pair is one ok run of each arm with the same (node, round, seed), node being `node_id`
-    (falling back to `hostname`): the two ran interleaved on the same machine with the same
+    A pair is one ok run of each arm with the same (machine, round, seed), machine being the
+    host and its GPUs (`machine`): the two ran interleaved on the same hardware with the same
     seed. Where a key holds several runs of an arm the earliest launched (`order`) is used.
     The analysis applies when there are at least MIN_PAIRS pairs covering at least
     MIN_PAIR_COVERAGE of the smaller arm's ok runs.

@@ -95,7 +95,7 @@ CURVES_SCHEMA = pa.schema(_KEYS + [_f("step", pa.int64(), False), _f("val_loss",
 STEPS_SCHEMA = pa.schema(_KEYS + [_f("step", pa.int64(), False), _f("step_ms", pa.float64()),
                                   _f("train_time_ms", pa.float64())])
 SCHEMAS = {"runs": RUNS_SCHEMA, "curves": CURVES_SCHEMA, "steps": STEPS_SCHEMA}
-RUN_STATUSES = ("ok", "failed", "cancelled")
+RUN_STATUSES = ("ok", "failed", "cancelled", "diverged")  # docs/store.md, "runs columns"
 
 
 def _with_meta(schema: pa.Schema, dataset: str) -> pa.Schema:

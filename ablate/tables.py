@@ -1,12 +1,17 @@
 """The results table in the speedrun record layout: rich, Markdown, CSV or JSON.
 
     ablate table EXPERIMENT [--format rich|md|csv|json] [--store URI] [--baseline ARM] [--target LOSS]
+                            [--all-configs]
 
     Arm | Runs | Time μ | Time σ | Time Δ | Time p | Loss μ | Loss σ | Loss Δ | Loss p | p(<target) | Verdict
 
 `table_from_runs` is the pure analysis (a runs DataFrame in, one numeric row per arm out);
 `format_table` renders it; `render_table`/`print_table` read the store and the experiment's
-spec.yaml (baseline, target_loss, analysis, sequential seeds). Formulas: docs/statistics.md.
+spec.yaml (baseline, target_loss, analysis, sequential seeds) and settings.json (a target stored
+by `ablate import-logs --target`). Each arm counts only the runs of its current config
+(`select_configs`); `--all-configs` shows every config of an arm as its own row. Times in md and
+rich have 4 decimals like the record tables (132.7217 s); CSV and JSON keep full precision.
+Formulas: docs/statistics.md.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -30,9 +35,11 @@ POWER = 0.8
 SUGGEST_UP_TO = 64        # the verdict suggests more runs only up to this many runs per arm
 LAYOUT = ["Arm", "Runs", "Time μ", "Time σ", "Time Δ", "Time p", "Loss μ", "Loss σ", "Loss Δ", "Loss p",
           "p(<target)", "Verdict"]
-CSV_COLUMNS = ["arm", "runs", "failed", "time_mean_s", "time_std_s", "time_delta_s", "time_p", "loss_mean",
-               "loss_std", "loss_delta", "loss_p", "p_below_target", "method", "verdict"]
+CSV_COLUMNS = ["arm", "config_hash", "runs", "diverged", "failed", "cancelled", "left_out_runs", "time_mean_s",
+               "time_std_s", "time_delta_s", "time_p", "loss_mean", "loss_std", "loss_delta", "loss_p",
+               "p_below_target", "method", "verdict"]
 METRICS = {"time": "time_s", "loss": "final_val_loss"}
+SETTINGS_FILE = "settings.json"   # per experiment, next to spec.yaml: {"target_loss": ...} (import-logs --target)
 
 
 class AnalysisError(AblateError):
@@ -49,18 +56,55 @@ class Settings:
     correction: str = "holm"
     alpha: float = 0.05
     sequential: SeqPlan | None = None
+    all_configs: bool = False   # every config of an arm as its own row (default: the current one only)
 
 
-def settings_from_spec(spec: dict | None, baseline: str | None = None, target: float | None = None) -> Settings:
-    """Analysis settings from a spec.yaml mapping (None: defaults); flags win over the spec."""
+def settings_from_spec(spec: dict | None, baseline: str | None = None, target: float | None = None,
+                       stored: dict | None = None, all_configs: bool = False) -> Settings:
+    """Analysis settings from a spec.yaml mapping (None: defaults) and the experiment's stored
+    settings.json (`stored`); flags win over the spec, the spec over settings.json."""
     spec = spec if isinstance(spec, dict) else {}
+    stored = stored if isinstance(stored, dict) else {}
     analysis = spec.get("analysis") or {}
     base = baseline or spec.get("baseline") or "baseline"
-    tgt = target if target is not None else spec.get("target_loss")
+    tgt = target if target is not None else spec.get("target_loss", stored.get("target_loss"))
     alt = stats.check_alternative(analysis.get("alternative", "two-sided"))
     corr = stats.check_correction(analysis.get("correction", "holm"))
     return Settings(base, None if tgt is None else float(tgt), alt, corr, float(analysis.get("alpha", 0.05)),
-                    plan_from_mapping(spec, base, tgt))
+                    plan_from_mapping(spec, base, tgt), all_configs)
+
+
+def read_settings(store: Any, experiment: str) -> dict:
+    """The experiment's settings.json ({} when absent or unreadable as a JSON object)."""
+    raw = store.read_bytes(experiment, SETTINGS_FILE)
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        raise AnalysisError(f"{experiment}/{SETTINGS_FILE} in the store is not valid JSON; fix: delete it and "
+                            "import again with --target, or pass --target") from None
+    return data if isinstance(data, dict) else {}
+
+
+def store_target(store: Any, experiment: str, target: float) -> str:
+    """Record the experiment's target loss in settings.json (used when spec.yaml sets none)."""
+    data = {**read_settings(store, experiment), "target_loss": float(target)}
+    return store.write_bytes(experiment, SETTINGS_FILE, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def current_hashes(store: Any, experiment: str) -> dict[str, str]:
+    """arm → config_hash of the stored spec.yaml's arms ({} without a spec, or when it no longer
+    validates: then every arm's latest config counts, as for arms not in the spec)."""
+    raw = store.read_bytes(experiment, "spec.yaml")
+    if not raw:
+        return {}
+    from ablate.errors import SpecError
+    from ablate.spec import parse_spec_text
+
+    try:
+        spec = parse_spec_text(raw.decode("utf-8", "replace"), source=f"{experiment}/spec.yaml")
+        return {arm: spec.config_hash(arm) for arm in spec.arms}
+    except (SpecError, ValueError):
+        return {}
 
 
 def read_spec(store: Any, experiment: str) -> dict | None:
@@ -86,6 +130,52 @@ def _arm_order(runs: pd.DataFrame, baseline: str) -> list[str]:
     return ([baseline] if baseline in arms else []) + [a for a in arms if a != baseline]
 
 
+@dataclass(frozen=True)
+class ConfigSelection:
+    """Which runs a table compares: `runs` (arm relabelled `arm@hash` for other configs in
+    all-configs mode), the row labels in order, each label's config hash, and per arm the runs and
+    configs left out (default mode)."""
+
+    runs: pd.DataFrame
+    labels: list[str]
+    hashes: dict[str, str]
+    left_out: dict[str, tuple[int, int]]
+
+
+def select_configs(runs: pd.DataFrame, current: Mapping[str, str] | None = None, all_configs: bool = False,
+                   baseline: str = "baseline") -> ConfigSelection:
+    """Per arm, the runs of its current config: `current[arm]` (the spec's hash), else the config of
+    the arm's latest run (highest `order`: arms not in the spec, imported logs). Runs of other
+    configs of the arm (an edited override, another script) are left out and counted; with
+    `all_configs` each of them is a row of its own labelled `arm@config_hash`, placed after the arm."""
+    arms = _arm_order(runs, baseline) if len(runs) else []
+    if runs.empty or "config_hash" not in runs:
+        return ConfigSelection(runs, arms, {}, {})
+    current = current or {}
+    ordered = runs.sort_values("order", kind="mergesort") if "order" in runs else runs
+    keep, labels, hashes, left_out = [], [], {}, {}
+    for arm in arms:
+        sub = ordered[ordered["arm"] == arm]
+        cur = current.get(arm) or sub["config_hash"].iloc[-1]
+        mine = sub["config_hash"] == cur
+        labels.append(arm)
+        hashes[arm] = cur
+        keep.append(sub[mine])
+        others = list(dict.fromkeys(sub.loc[~mine, "config_hash"]))
+        if not others:
+            continue
+        if all_configs:
+            for h in others:
+                label = f"{arm}@{h}"
+                labels.append(label)
+                hashes[label] = h
+                keep.append(sub[sub["config_hash"] == h].assign(arm=label))
+        else:
+            left_out[arm] = (int((~mine).sum()), len(others))
+    kept = pd.concat(keep) if keep else runs.iloc[:0]
+    return ConfigSelection(kept, labels, hashes, left_out)
+
+
 def _fmt_p(p: float) -> str:
     return "p<0.0001" if p < 0.0001 else f"p={p:.4f}"
 
@@ -107,34 +197,45 @@ def _metric_phrase(metric: str, delta: float, p: float, alpha: float, more: int 
 
 def table_from_runs(runs_df: pd.DataFrame, baseline: str = "baseline", target: float | None = None,
                     alternative: str = "two-sided", correction: str = "holm", *, alpha: float = 0.05,
-                    confidence: float = 0.95, sequential: SeqPlan | None = None) -> pd.DataFrame:
+                    confidence: float = 0.95, sequential: SeqPlan | None = None,
+                    current: Mapping[str, str] | None = None, all_configs: bool = False) -> pd.DataFrame:
     """One row per arm (baseline first): summaries, comparisons with the baseline, verdict.
 
-    Only status "ok" runs enter the statistics; failed/cancelled runs are counted. p columns are
-    adjusted across arms by `correction` (raw values in *_p_raw). With `sequential`, *_p_raw are
+    Each arm counts only its current config's runs (`select_configs`; `current` maps arm → the
+    spec's config hash); left-out runs are counted in `left_out_runs`/`left_out_configs`, or with
+    `all_configs` shown as rows `arm@hash`. Only status "ok" runs enter the statistics;
+    diverged/failed/cancelled runs are counted (diverged ones in the verdict too). p columns are
+    adjusted across rows by `correction` (raw values in *_p_raw). With `sequential`, *_p_raw are
     the group-sequential p-values of `ablate.sequential` instead of fixed-sample ones.
     """
     stats.check_alternative(alternative)
     stats.check_correction(correction)
     if runs_df.empty:
         return pd.DataFrame()
-    runs = runs_df.copy()
+    sel = select_configs(runs_df, current, all_configs, baseline)
+    runs = sel.runs.copy()
     runs["time_s"] = runs["train_time_ms"].astype(float) / 1000.0
     ok = runs[runs["status"] == "ok"]
-    arms = _arm_order(runs, baseline)
+    arms = sel.labels
     base_ok = ok[ok["arm"] == baseline]
     others = [a for a in arms if a != baseline and baseline in arms]
     m = len(others)
     level = alpha / m if (correction != "none" and m > 1) else alpha
-    outcomes = arm_outcomes(runs_df, sequential) if sequential is not None else {}
+    outcomes = arm_outcomes(sel.runs, sequential) if sequential is not None else {}
 
     rows = []
     for arm in arms:
         a_ok = ok[ok["arm"] == arm]
         status = runs.loc[runs["arm"] == arm, "status"]
-        row: dict[str, Any] = {"arm": arm, "is_baseline": arm == baseline, "runs": len(a_ok),
+        out_runs, out_configs = sel.left_out.get(arm, (0, 0))
+        row: dict[str, Any] = {"arm": arm, "config_hash": sel.hashes.get(arm, ""), "is_baseline": arm == baseline,
+                               "runs": len(a_ok), "diverged": int((status == "diverged").sum()),
                                "failed": int((status == "failed").sum()),
-                               "cancelled": int((status == "cancelled").sum())}
+                               "cancelled": int((status == "cancelled").sum()),
+                               "left_out_runs": out_runs, "left_out_configs": out_configs,
+                               "baseline_runs": len(base_ok)}
+        if "gpu_count" in a_ok:  # world sizes pooled in one arm make its time μ/σ meaningless (notes)
+            row["gpu_counts"] = ",".join(str(int(g)) for g in sorted(set(a_ok["gpu_count"].dropna())))
         pairs = stats.pair_runs(a_ok, base_ok) if arm in others else None
         row["n_pairs"] = len(pairs[0]) if pairs is not None else 0
         for metric, col in METRICS.items():
@@ -186,17 +287,24 @@ def _verdict(r: dict, alpha: float, target: float | None, sequential: bool, has_
     parts = []
     if r["is_baseline"]:
         parts.append("baseline")
+    if r.get("diverged"):  # a loss that went non-finite is a result about the config: say it first
+        parts.append(f"diverged {r['diverged']}/{r['diverged'] + r['runs']}")
+    if r["is_baseline"]:
+        pass
     elif not has_baseline:
         if n_arms > 1:
             parts.append("no baseline to compare with")
     elif r["runs"] < 2:
         parts.append("needs ≥ 2 ok runs")
+    elif r.get("baseline_runs", 2) < 2:
+        parts.append("baseline needs ≥ 2 ok runs")
     else:
+        start = len(parts)
         for metric in ("time", "loss"):
             parts.append(_metric_phrase(metric, r[f"{metric}_delta"], r[f"{metric}_p"], alpha,
                                         _more_runs(r, metric), sequential, r.get(f"{metric}_decision")))
-        if all(p.startswith("no detectable") for p in parts):
-            parts = ["no detectable change"]
+        if all(p.startswith("no detectable") for p in parts[start:]):
+            parts[start:] = ["no detectable change"]
     if target is not None and math.isfinite(r["p_target"]):
         if r["p_target"] < stats.TARGET_ALPHA:
             parts.append(f"below target, {_fmt_p(r['p_target'])}")
@@ -208,9 +316,13 @@ def _verdict(r: dict, alpha: float, target: float | None, sequential: bool, has_
 # ---------------------------------------------------------------- rendering
 
 def _num(x: float, spec: str, signed: bool = False) -> str:
+    """x formatted with `spec`; "—" for NaN/None; a value that rounds to zero is "0.0000", never "-0.0000"."""
     if x is None or not math.isfinite(x):
         return "—"
-    return format(x, ("+" if signed else "") + spec)
+    text = format(x, ("+" if signed else "") + spec)
+    if float(text) == 0:
+        text = format(0.0, spec)
+    return text
 
 
 def _p(x: float) -> str:
@@ -220,16 +332,16 @@ def _p(x: float) -> str:
 
 
 def _runs_cell(r: dict) -> str:
-    extra = [f"+{r[k]} {k}" for k in ("failed", "cancelled") if r[k]]
+    extra = [f"+{r[k]} {k}" for k in ("diverged", "failed", "cancelled") if r.get(k)]
     return f"{r['runs']}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def display_rows(df: pd.DataFrame, target: float | None) -> list[list[str]]:
-    """Cells of the record layout, as strings (time 3 decimals in s, loss and p 4 decimals)."""
+    """Cells of the record layout, as strings: times in s, loss and p with 4 decimals (132.7217)."""
     out = []
     for r in df.to_dict("records"):
-        out.append([r["arm"], _runs_cell(r), _num(r["time_mean"], ".3f"), _num(r["time_std"], ".3f"),
-                    _num(r["time_delta"], ".3f", True), _p(r["time_p"]), _num(r["loss_mean"], ".4f"),
+        out.append([r["arm"], _runs_cell(r), _num(r["time_mean"], ".4f"), _num(r["time_std"], ".4f"),
+                    _num(r["time_delta"], ".4f", True), _p(r["time_p"]), _num(r["loss_mean"], ".4f"),
                     _num(r["loss_std"], ".4f"), _num(r["loss_delta"], ".4f", True), _p(r["loss_p"]),
                     _p(r["p_target"]) if target is not None else "—", r["verdict"]])
     return out
@@ -248,14 +360,16 @@ def notes(df: pd.DataFrame, settings: Settings) -> list[str]:
     else:
         kind = {"two-sided": "two-sided", "less": "one-sided (arm < baseline)",
                 "greater": "one-sided (arm > baseline)"}[settings.alternative]
-        corr = {"holm": f"Holm-adjusted over {len(others)} arm(s)", "bh": f"Benjamini–Hochberg-adjusted over "
-                f"{len(others)} arm(s)", "none": "not adjusted"}[settings.correction]
+        what = "row(s)" if settings.all_configs else "arm(s)"
+        corr = {"holm": f"Holm-adjusted over {len(others)} {what}", "bh": f"Benjamini–Hochberg-adjusted over "
+                f"{len(others)} {what}", "none": "not adjusted"}[settings.correction]
         out.append(f"Time = train_time in seconds; Δ = arm − `{settings.baseline}`; p: Welch t-test (paired where "
                    f"blocked), {kind}, "
                    f"{corr}; significant at α = {settings.alpha:g}. Only ok runs count.")
         paired = others[others["time_method"] == "paired"]
         if len(paired):
-            out.append("Blocked analysis (paired t-test, Δ and p over runs with the same node, round and seed) for: " +
+            out.append("Blocked analysis (paired t-test, Δ and p over runs with the same machine (host and GPUs), "
+                       "round and seed) for: " +
                        ", ".join(f"{a} ({n} pairs)" for a, n in zip(paired["arm"], paired["n_pairs"])) + ".")
         if settings.sequential is not None:
             s = settings.sequential
@@ -268,6 +382,24 @@ def notes(df: pd.DataFrame, settings: Settings) -> list[str]:
     if settings.target is not None:
         out.append(f"p(<target): scipy.stats.ttest_1samp(losses, {settings.target:g}, alternative=\"less\"), "
                    f"not adjusted; a record needs p < {stats.TARGET_ALPHA:g}.")
+    if "diverged" in df and df["diverged"].sum():
+        out.append("Diverged runs (a non-finite loss at some eval) are counted (\"diverged d/n\" of the runs that "
+                   "finished), not averaged: μ, σ, Δ and p are over the ok runs only.")
+    if "gpu_counts" in df and df["gpu_counts"].str.contains(",", regex=False).any():
+        mixed = df[df["gpu_counts"].str.contains(",", regex=False)]
+        out.append("Warning: ok runs with different GPU counts are pooled in " +
+                   ", ".join(f"{a} ({g.replace(',', ', ')} GPUs)" for a, g in zip(mixed["arm"], mixed["gpu_counts"])) +
+                   ": their time μ and σ mix unlike runs; import or run each GPU count as its own arm.")
+    if "left_out_runs" in df and df["left_out_runs"].sum():
+        left = df[df["left_out_runs"] > 0]
+        out.append("Only each arm's current config counts (the spec's config hash; for arms not in the spec, "
+                   "their latest run's). Left out: " +
+                   ", ".join(f"{a} ({n} run(s) of {k} older config(s))" for a, n, k in
+                             zip(left["arm"], left["left_out_runs"], left["left_out_configs"])) +
+                   "; `ablate table --all-configs` shows each config as its own row.")
+    if settings.all_configs and "config_hash" in df and df["arm"].str.contains("@", regex=False).any():
+        out.append("All configs: a row `arm@hash` holds an arm's runs of a config other than its current one "
+                   "(compared with the current baseline).")
     return out
 
 
@@ -280,25 +412,26 @@ def to_markdown(df: pd.DataFrame, settings: Settings) -> str:
     return text + ("\n\n" + "\n".join(f"- {n}" for n in foot) if foot else "") + "\n"
 
 
+def _full(x: Any) -> str:
+    """A number at full precision (the shortest text that reads back as the same float); "" for NaN."""
+    if x is None:
+        return ""
+    x = float(x)
+    return repr(x) if math.isfinite(x) else ""
+
+
 def to_csv(df: pd.DataFrame, settings: Settings) -> str:
+    """One line per row, every number at full precision (p too: 3.1e-07, not "<0.0001")."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in df.to_dict("records"):
-        w.writerow([r["arm"], r["runs"], r["failed"], _plain(r["time_mean"], 3), _plain(r["time_std"], 3),
-                    _plain(r["time_delta"], 3), _plain_p(r["time_p"]), _plain(r["loss_mean"], 4),
-                    _plain(r["loss_std"], 4), _plain(r["loss_delta"], 4), _plain_p(r["loss_p"]),
-                    _plain_p(r["p_target"]), r["loss_method"], r["verdict"]])
+        w.writerow([r["arm"], r.get("config_hash", ""), r["runs"], r.get("diverged", 0), r["failed"],
+                    r.get("cancelled", 0), r.get("left_out_runs", 0), _full(r["time_mean"]), _full(r["time_std"]),
+                    _full(r["time_delta"]), _full(r["time_p"]), _full(r["loss_mean"]), _full(r["loss_std"]),
+                    _full(r["loss_delta"]), _full(r["loss_p"]), _full(r["p_target"]), r["loss_method"],
+                    r["verdict"]])
     return buf.getvalue()
-
-
-def _plain(x: float, digits: int) -> str:
-    return "" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def _plain_p(x: float) -> str:
-    """p to 4 decimals; below 0.0001 written "<0.0001" (never a false 0.0000)."""
-    return "" if x is None or not math.isfinite(x) else _p(x)
 
 
 def _json_value(v: Any) -> Any:
@@ -307,7 +440,7 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, (int, np.integer)):
         return int(v)
     if isinstance(v, (float, np.floating)):
-        return float(f"{float(v):.10g}") if math.isfinite(v) else None
+        return float(v) if math.isfinite(v) else None     # full precision; NaN → null
     return v
 
 
@@ -319,25 +452,128 @@ def to_json(df: pd.DataFrame, settings: Settings, experiment: str) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-def to_rich(df: pd.DataFrame, settings: Settings, experiment: str):
+def _verdict_style(verdict: str) -> str:
+    if any(w in verdict for w in ("faster", "lower loss")) and not any(w in verdict for w in ("slower", "higher loss")):
+        return "bold green"
+    if any(w in verdict for w in ("slower", "higher loss", "diverged")):
+        return "bold red"
+    return ""
+
+
+class Fitted:
+    """A rich renderable that shows, at render time, the first of its `layouts()` whose tables fit
+    the console width (the last one otherwise), so that no number is ever cut ("4.…"). A layout is
+    (tables, lines below them); only the tables are measured, the lines wrap on words."""
+
+    def layouts(self) -> list[tuple[list[Any], list[Any]]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _width(console, options, parts: list[Any]) -> int:
+        from rich.measure import Measurement
+
+        wide = options.update(max_width=100_000)
+        return max((Measurement.get(console, wide, p).maximum for p in parts), default=0)
+
+    def __rich_console__(self, console, options):
+        layouts = self.layouts()
+        for i, (parts, below) in enumerate(layouts):
+            if i == len(layouts) - 1 or self._width(console, options, parts) <= options.max_width:
+                yield from parts
+                yield from below
+                return
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        layouts = self.layouts()
+        return Measurement(self._width(console, options, layouts[-1][0]), self._width(console, options, layouts[0][0]))
+
+
+def rich_grid(title: str, head: list[str], rows: list[list[str]], *, bold: list[bool] | None = None,
+              left: Iterable[int] = (0,), styles: dict[int, Any] | None = None, compact: bool = False):
+    """A rich Table whose cells are plain text (never markup) and never wrap or get cut, except the
+    first column, which folds if it must. Columns in `left` are left-aligned, the rest right-aligned;
+    `styles` maps a column index to a function cell → style; `bold` marks rows; `compact` drops
+    the outer border (4 columns narrower)."""
     from rich.table import Table
     from rich.text import Text
 
-    # values as Text, never markup: an arm, host or note with "[...]" prints as written
-    t = Table(title=Text(f"{experiment}"), caption=Text("\n".join(notes(df, settings))), caption_justify="left")
-    for i, name in enumerate(LAYOUT):
-        t.add_column(name, justify="left" if i in (0, 11) else "right", no_wrap=i not in (11,))
-    for row, r in zip(display_rows(df, settings.target), df.to_dict("records")):
-        verdict = row[-1]
-        style = "bold green" if any(w in verdict for w in ("faster", "lower loss")) else (
-            "bold red" if any(w in verdict for w in ("slower", "higher loss")) else "")
-        t.add_row(*(Text(str(c)) for c in row[:-1]), Text(verdict, style=style),
-                  style="bold" if r["is_baseline"] else None)
+    styles = styles or {}
+    # title, headers and cells as Text, never markup: a name, host or note with "[...]" prints as written
+    t = Table(title=Text(title) if title else None, show_edge=not compact, pad_edge=not compact)
+    for i, name in enumerate(head):
+        width = max([len(line) for line in name.split("\n")] + [len(r[i]) for r in rows])
+        if i == 0:
+            t.add_column(Text(name), overflow="fold")
+        else:
+            t.add_column(Text(name), justify="left" if i in set(left) else "right", no_wrap=True, min_width=width)
+    for k, row in enumerate(rows):
+        t.add_row(*[Text(c, style=styles[i](c) if i in styles else "") for i, c in enumerate(row)],
+                  style="bold" if bold and bold[k] else None)
     return t
 
 
+def rich_cards(title: str, head: list[str], rows: list[list[str]], bold: list[bool] | None = None) -> list[Any]:
+    """Narrow consoles: one small two-column table per row (its first cell as the title)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[Any] = [Text(title, style="bold")] if title else []
+    for k, row in enumerate(rows):
+        t = Table(title=Text(row[0], style="bold" if bold and bold[k] else ""), show_header=False,
+                  title_justify="left")
+        t.add_column(no_wrap=True)
+        t.add_column(justify="right", no_wrap=True)
+        for name, cell in zip(head[1:], row[1:]):
+            t.add_row(Text(name), Text(cell))
+        out.append(t)
+    return out
+
+
+class RichTable(Fitted):
+    """The results table for a console of any width, numbers never cut: the whole record layout
+    when each arm fits on one line; else the numbers with the verdicts listed below the table;
+    else a time table and a loss table, verdicts below; on very narrow consoles one small table per
+    arm. Notes follow. (`columns` lists the layout's headers.)"""
+
+    def __init__(self, df: pd.DataFrame, settings: Settings, title: str = "") -> None:
+        self.rows = display_rows(df, settings.target)
+        self.baseline = [bool(r["is_baseline"]) for r in df.to_dict("records")]
+        self.notes = notes(df, settings)
+        self.title = title
+        self.target = settings.target is not None
+        self.columns = list(LAYOUT)
+
+    def _pick(self, cols: list[int]) -> tuple[list[str], list[list[str]]]:
+        return [LAYOUT[i] for i in cols], [[row[i] for i in cols] for row in self.rows]
+
+    def _table(self, cols: list[int], title: str | None = None):
+        head, rows = self._pick(cols)
+        verdict = [cols.index(11)] if 11 in cols else []
+        return rich_grid(self.title if title is None else title, head, rows, bold=self.baseline,
+                         left=[0, *verdict], styles={i: _verdict_style for i in verdict})
+
+    def layouts(self) -> list[tuple[list[Any], list[Any]]]:
+        from rich.text import Text
+
+        target = [10] if self.target else []
+        numbers = list(range(1, 10)) + target
+        notes = [Text(n, style="dim") for n in self.notes]
+        below = [Text.assemble((f"{row[0]}: ", "bold"), (row[11], _verdict_style(row[11]))) for row in self.rows]
+        return [([self._table(list(range(12)))], notes),
+                ([self._table([0] + numbers)], below + notes),
+                ([self._table([0, 1, 2, 3, 4, 5], f"{self.title}: time (s)".lstrip(": ")),
+                  self._table([0, 6, 7, 8, 9] + target, f"{self.title}: loss".lstrip(": "))], below + notes),
+                (rich_cards(self.title, *self._pick([0] + numbers), self.baseline), below + notes)]
+
+
+def to_rich(df: pd.DataFrame, settings: Settings, experiment: str) -> RichTable:
+    return RichTable(df, settings, experiment)
+
+
 def format_table(df: pd.DataFrame, settings: Settings, fmt: str = "rich", experiment: str = ""):
-    """Render an analysed table: a rich Table for "rich", a str for md/csv/json."""
+    """Render an analysed table: a rich renderable (RichTable) for "rich", a str for md/csv/json."""
     if fmt == "md":
         return to_markdown(df, settings)
     if fmt == "csv":
@@ -349,9 +585,23 @@ def format_table(df: pd.DataFrame, settings: Settings, fmt: str = "rich", experi
     raise AnalysisError(f"format={fmt!r} is not one of {', '.join(FORMATS)}; fix: --format md")
 
 
-def analyse(store: Any, experiment: str, baseline: str | None = None,
-            target: float | None = None) -> tuple[pd.DataFrame, Settings]:
-    """Read runs and spec.yaml from the store and analyse them."""
+def experiment_settings(store: Any, experiment: str, baseline: str | None = None, target: float | None = None,
+                        all_configs: bool = False) -> Settings:
+    """Settings from the stored spec.yaml and settings.json, overridden by the flags."""
+    return settings_from_spec(read_spec(store, experiment), baseline, target, read_settings(store, experiment),
+                              all_configs)
+
+
+def analyse_runs(runs: pd.DataFrame, settings: Settings, current: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """table_from_runs with the settings' options."""
+    return table_from_runs(runs, settings.baseline, settings.target, settings.alternative, settings.correction,
+                           alpha=settings.alpha, sequential=settings.sequential, current=current,
+                           all_configs=settings.all_configs)
+
+
+def analyse(store: Any, experiment: str, baseline: str | None = None, target: float | None = None,
+            all_configs: bool = False) -> tuple[pd.DataFrame, Settings]:
+    """Read runs, spec.yaml and settings.json from the store and analyse them."""
     runs = store.runs(experiment)
     if "source" in runs.columns:  # search suggestions are listed by search_table, not compared here
         runs = runs[runs["source"] != "search"]
@@ -359,29 +609,27 @@ def analyse(store: Any, experiment: str, baseline: str | None = None,
         known = ", ".join(store.experiments()) or "none"
         raise AnalysisError(f"experiment {experiment!r} has no runs in this store (experiments: {known}); "
                             "fix: check the name or pass --store URI")
-    settings = settings_from_spec(read_spec(store, experiment), baseline, target)
-    df = table_from_runs(runs, settings.baseline, settings.target, settings.alternative, settings.correction,
-                         alpha=settings.alpha, sequential=settings.sequential)
-    return df, settings
+    settings = experiment_settings(store, experiment, baseline, target, all_configs)
+    return analyse_runs(runs, settings, current_hashes(store, experiment)), settings
 
 
 def render_table(store: Any, experiment: str, fmt: str = "rich", baseline: str | None = None,
-                 target: float | None = None):
-    """The experiment's table: a rich Table for fmt="rich", a str for "md", "csv" and "json"."""
+                 target: float | None = None, all_configs: bool = False):
+    """The experiment's table: a rich renderable for fmt="rich", a str for "md", "csv" and "json"."""
     if fmt not in FORMATS:
         raise AnalysisError(f"format={fmt!r} is not one of {', '.join(FORMATS)}; fix: --format md")
     from ablate.search_report import is_search_experiment, search_table
 
     if is_search_experiment(store, experiment):
-        return search_table(store, experiment, fmt, baseline, target)
-    df, settings = analyse(store, experiment, baseline, target)
+        return search_table(store, experiment, fmt, baseline, target, all_configs=all_configs)
+    df, settings = analyse(store, experiment, baseline, target, all_configs)
     return format_table(df, settings, fmt, experiment)
 
 
 def print_table(store: Any, experiment: str, console=None, baseline: str | None = None,
-                target: float | None = None) -> None:
+                target: float | None = None, all_configs: bool = False) -> None:
     """Print the rich table to `console` (default: a new rich Console on stdout)."""
     if console is None:
         from rich.console import Console
         console = Console()
-    console.print(render_table(store, experiment, "rich", baseline, target))
+    console.print(render_table(store, experiment, "rich", baseline, target, all_configs))

@@ -4,7 +4,8 @@
         [--sleep 0.01] [--spawn-orphan] [--noise] [--hang]
     FAKE_TRAINER_SLEEP_S=0.4 python tests/ablate/fake_trainer.py ...   # default of --sleep (seconds per step)
 
-Loss falls with the step and depends on `optim.muon.lr` and the seed, so arms differ.
+Loss falls with the step and depends on `optim.muon.lr` and the seed, so arms differ; with
+`optim.muon.lr` ≥ 1 it diverges: val_loss is null (the trainer's non-finite loss) from step 2 on.
 `debug.fail_at_step` (in the --config file) makes it print an `error` event and exit
 `debug.exit_code` (default 1), like the real trainer. `--spawn-orphan` starts a grandchild in a
 new session that sleeps (what torchrun's ranks look like) and prints its pid on stderr as
@@ -86,12 +87,13 @@ def main() -> int:
             emit("error", type="RuntimeError", message=f"debug.fail_at_step={step}")
             return int(cfg.get("debug.exit_code", 1))
         if step % 2 == 0 or step == a.steps:
-            emit("val", step=step, val_loss=base - 0.1 * step, train_time_ms=t)
+            emit("val", step=step, val_loss=None if lr >= 1 and step >= 2 else base - 0.1 * step, train_time_ms=t)
         if step < a.steps:
             time.sleep(a.sleep)
             t += 10.0
             emit("step", step=step + 1, train_time_ms=t, step_ms=10.0)
-    emit("end", final_val_loss=base - 0.1 * a.steps, train_time_ms=t, steps=a.steps, tokens=4096 * a.steps,
+    emit("end", final_val_loss=None if lr >= 1 else base - 0.1 * a.steps, train_time_ms=t, steps=a.steps,
+         tokens=4096 * a.steps,
          peak_mem_mib=0.0, warmup_s=0.0, compile_s=0.0, eval_s=0.0)
     return 0
 

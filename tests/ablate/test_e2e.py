@@ -252,6 +252,31 @@ class TestInProcess:
         res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
         assert res.exit_code == 1 and len(Store(str(tmp_path / "store")).runs("crash")) == 3
 
+    def test_diverged_run_is_recorded_once_and_counted(self, tmp_path: Path) -> None:
+        """A NaN loss is `diverged`: not retried (even with retries left), not run again on resume,
+        counted in the table's verdict."""
+        from ablate.cli import app
+        from ablate.orchestrate import LaunchOptions, run_experiment
+        from ablate.spec import load_spec
+
+        fake = LaunchOptions(module="tests.ablate.fake_trainer")   # lr ≥ 1 diverges at step 2
+        arms = {"baseline": {}, "boom": {"optim.muon.lr": 5.0}}
+        path = spec_file(tmp_path, "nan", arms, seeds=2, retries=2,
+                         resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
+        store = Store(str(tmp_path / "store"))
+        results = run_experiment(load_spec(path), store, options=fake)
+        assert [(r.request.arm, r.status, r.attempts) for r in results] == [
+            ("baseline", "ok", 1), ("boom", "diverged", 1), ("baseline", "ok", 1), ("boom", "diverged", 1)]
+        runs = store.runs("nan")
+        boom = runs[runs["arm"] == "boom"]
+        assert len(boom) == 2 and (boom["status"] == "diverged").all() and boom["final_val_loss"].isna().all()
+        assert boom["error"].str.startswith("diverged: val_loss is not finite at step 2").all()
+        again = run_experiment(load_spec(path), store, options=fake)
+        assert all(r.reused for r in again) and len(store.runs("nan")) == 4
+        res = CliRunner().invoke(app, ["table", "nan", "--store", store.uri, "--format", "md"])
+        assert res.exit_code == 0, res.output
+        assert "| boom | 0 (+2 diverged) |" in res.stdout and "diverged 2/2" in res.stdout
+
     def test_reuse_workers_one_worker_serves_every_run(self, tmp_path: Path) -> None:
         """resources.reuse_workers: Tune reuses the trial actor and the actor its trainer worker;
         the worker is gone once Tune lets go of the actor."""

@@ -110,3 +110,51 @@ def test_cli_exit_codes(tmp_path):
     res = runner.invoke(app, ["import-logs", str(tmp_path / "missing.txt"), "--experiment", "upstream",
                               "--arm", "record", "--store", uri])
     assert res.exit_code == 1 and "cannot read" in res.output
+
+
+@pytest.mark.parametrize("old,new,step", [
+    (b"step:10/20 val_loss:7.0524", b"step:10/20 val_loss:nan", 10),      # mid-run; the final loss is finite
+    (b"step:20/20 val_loss:3.2791", b"step:20/20 val_loss:inf", 20),      # final eval
+])
+def test_non_finite_loss_at_any_eval_is_diverged(old, new, step):
+    data = (LOGS / "complete_a.txt").read_bytes()
+    assert old in data
+    log = parse_log(data.replace(old, new))
+    assert log.status == "diverged" and log.final_val_loss is None
+    assert log.error.startswith("diverged: val_loss is ") and f"at step {step}/20" in log.error
+
+
+def test_target_is_stored_with_the_experiment(tmp_path):
+    """`import-logs --target` → `ablate table` shows p(<target) without flags."""
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    uri = str(tmp_path / "res")
+    res = runner.invoke(app, ["import-logs", str(LOGS / "complete_a.txt"), str(LOGS / "complete_b.txt"),
+                              "--experiment", "upstream", "--arm", "record", "--store", uri, "--target", "3.28"])
+    assert res.exit_code == 0, res.output
+    assert "target loss 3.28 stored" in res.output
+    res = runner.invoke(app, ["table", "upstream", "--store", uri, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    doc = json.loads(res.stdout)
+    assert doc["target"] == 3.28
+    from scipy import stats as sps
+
+    assert doc["arms"][0]["p_target"] == pytest.approx(
+        sps.ttest_1samp([3.2791, 3.2768], 3.28, alternative="less").pvalue)
+    res = runner.invoke(app, ["import-logs", str(LOGS / "complete_a.txt"), "--experiment", "upstream",
+                              "--arm", "record", "--store", uri, "--target", "nan"])
+    assert res.exit_code == 2 and "--target" in res.output
+
+
+def test_logs_of_several_scripts_in_one_arm_are_named(tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"# another script\n" + (LOGS / "complete_b.txt").read_bytes())
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["import-logs", str(LOGS / "complete_a.txt"), str(other), "--experiment",
+                                   "upstream", "--arm", "record", "--store", str(tmp_path / "res")])
+    assert res.exit_code == 0, res.output
+    assert "holds logs of 2 different training scripts" in res.output and "--all-configs" in res.output

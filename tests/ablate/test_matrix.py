@@ -129,3 +129,83 @@ def test_build_row_from_payload() -> None:
                                       "started_at": 1.0, "ended_at": 2.0}, {"python": "3.11", "git_commit": "drv"})
     assert row["status"] == "failed" and row["error"] == "boom" and row["git_commit"] == "drv"
     assert row["world_size"] == 2 and row["launch_s"] is None and json.loads(row["config_json"]) == {"seed": 1}
+
+
+def test_diverged_identity_is_done_not_retried() -> None:
+    spec = parse_spec_text(SPEC)
+    reqs = expand(spec, seeds=[0])
+    h = {r.arm: r.config_hash for r in reqs}
+    df = _rows(("a", 0, h["a"], "diverged", 1), ("b", 0, h["b"], "failed", 1), ("b", 0, h["b"], "diverged", 2))
+    got = {p.request.arm: p for p in plan(reqs, df, spec.retries)}
+    assert got["a"].state == "done" and got["a"].done_run_id.endswith("-a1")
+    assert got["b"].state == "done" and got["b"].done_run_id.endswith("-a2")
+    assert got["baseline"].state == "todo"
+
+
+def _payload(**kw) -> dict:
+    env = {"hostname": "h1", "gpu_uuids": [], "gpu_count": 0}
+    base = {"ok": True, "start": {"config": {"seed": 1}, "world_size": 2, "env": env},
+            "end": {"final_val_loss": 4.5, "train_time_ms": 1000.0},
+            "curve": [{"step": 0, "val_loss": 6.0, "train_time_ms": 0.0},
+                      {"step": 6, "val_loss": 5.0, "train_time_ms": 500.0}],
+            "steps": [], "started_at": 100.0, "ended_at": 110.0}
+    return {**base, **kw}
+
+
+def test_build_row_marks_a_non_finite_loss_as_diverged() -> None:
+    from ablate.matrix import PlannedRun
+    from ablate.orchestrate import _Attempt, build_row
+
+    spec = parse_spec_text(SPEC)
+    att = _Attempt(PlannedRun(make_request(spec, "a", 1), "todo", 1, 2), order=0)
+    drv = {"python": "x", "git_commit": "drv"}
+    row, curve, _ = build_row(spec, att, _payload(), drv)
+    assert row["status"] == "ok" and row["error"] is None
+    # the trainer writes a NaN loss as null; the run exits 0 with a null final loss
+    nan_mid = _payload(curve=[{"step": 0, "val_loss": 6.0, "train_time_ms": 0.0},
+                              {"step": 6, "val_loss": None, "train_time_ms": 500.0},
+                              {"step": 12, "val_loss": None, "train_time_ms": 900.0}],
+                       end={"final_val_loss": None, "train_time_ms": 1000.0})
+    row, curve, _ = build_row(spec, att, nan_mid, drv)
+    assert row["status"] == "diverged" and row["final_val_loss"] is None
+    assert row["error"] == "diverged: val_loss is not finite at step 6 (and 1 later eval(s))"
+    assert [c["val_loss"] for c in curve] == [6.0, None, None]
+    row, _, _ = build_row(spec, att, _payload(curve=[{"step": 0, "val_loss": float("nan")}]), drv)
+    assert row["status"] == "diverged"
+    row, _, _ = build_row(spec, att, _payload(end={"final_val_loss": float("inf"), "train_time_ms": 1.0}), drv)
+    assert row["status"] == "diverged" and "final_val_loss" in row["error"]
+    # a crash after the loss went NaN is still a divergence (a retry would diverge again)
+    crash = _payload(ok=False, error="RuntimeError: boom\nexit code 1", end=None,
+                     curve=[{"step": 6, "val_loss": None, "train_time_ms": 500.0}])
+    row, _, _ = build_row(spec, att, crash, drv)
+    assert row["status"] == "diverged" and row["error"].endswith("RuntimeError: boom\nexit code 1")
+    # trainer-reported divergence (an `error` event of a divergence type)
+    told = _payload(ok=False, error="Diverged: loss 1e9", end=None,
+                    error_event={"type": "Diverged", "message": "loss 1e9 at step 7"})
+    row, _, _ = build_row(spec, att, told, drv)
+    assert row["status"] == "diverged" and "loss 1e9 at step 7" in row["error"]
+    # an ordinary failure and a cancellation stay what they are
+    row, _, _ = build_row(spec, att, _payload(ok=False, error="exit code 1", end=None), drv)
+    assert row["status"] == "failed"
+    row, _, _ = build_row(spec, att, _payload(status="cancelled", error="cancelled", curve=[]), drv)
+    assert row["status"] == "cancelled"
+
+
+def test_missing_runs_of_a_finished_search_and_of_a_plain_spec(tmp_path) -> None:
+    from ablate.matrix import missing_runs
+    from ablate.store import Store
+    from tests.ablate.searchstore import SEARCH_SPEC, write_search_experiment
+
+    store = Store(str(tmp_path / "res"))
+    write_search_experiment(store)
+    spec, runs = parse_spec_text(SEARCH_SPEC), store.runs("srch")
+    missing, note = missing_runs(spec, runs)
+    assert missing == {"baseline": 0, "t0": 0, "t1": 0, "t2": 0}     # t2's diverged seed is an outcome
+    assert note.startswith("search: 3 of 3 suggestions have runs")
+    missing, _ = missing_runs(spec, runs[~((runs["arm"] == "baseline") & (runs["seed"] == 1001))])
+    assert missing["baseline"] == 1
+    plain = parse_spec_text(SPEC)
+    df = pd.DataFrame([dict(arm="a", seed=0, config_hash=plain.config_hash("a"), status="diverged"),
+                       dict(arm="a", seed=1, config_hash="old000000000", status="ok")])
+    missing, note = missing_runs(plain, df)
+    assert missing == {"baseline": 3, "a": 2, "b": 3} and note is None   # diverged is an outcome; old hash is not

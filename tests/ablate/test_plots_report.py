@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.collections import PathCollection
+from matplotlib.container import ErrorbarContainer
 from scipy import stats as sps
 
 from ablate import plots, report, tables
@@ -85,8 +87,20 @@ def test_finals_figure_points_and_means():
     ax_loss, ax_time = fig.axes
     n_points = sum(len(c.get_offsets()) for c in ax_loss.collections if isinstance(c, PathCollection))
     assert n_points == 11                                     # 12 runs, one failed
-    assert [t.get_text() for t in ax_loss.get_xticklabels()] == ["baseline", "lr-0.03", "fast"]
+    assert [t.get_text() for t in ax_loss.get_xticklabels()] == ["baseline\n(n=4)", "lr-0.03\n(n=4)", "fast\n(n=3)"]
     assert any(abs(line.get_ydata()[0] - 3.28) < 1e-12 for line in ax_loss.lines)   # target line
+    ok = runs[runs["status"] == "ok"]
+    for ax, col, scale in ((ax_loss, "final_val_loss", 1.0), (ax_time, "train_time_ms", 1e-3)):
+        # mean ± 95% CI per arm (error bars), the baseline's mean as a reference line
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == 3
+        vals = ok.loc[ok["arm"] == "fast", col].to_numpy() * scale
+        lo, hi = sps.t.interval(0.95, len(vals) - 1, loc=vals.mean(), scale=sps.sem(vals))
+        seg = bars[2].lines[2][0].get_segments()[0]
+        assert (seg[0][1], seg[1][1]) == (pytest.approx(lo), pytest.approx(hi))
+        base_mean = ok.loc[ok["arm"] == "baseline", col].mean() * scale
+        assert any(line.get_label().startswith("baseline mean") and line.get_ydata()[0] == pytest.approx(base_mean)
+                   for line in ax.lines)
     assert plots.to_png(fig).startswith(PNG_MAGIC)
 
 
@@ -96,6 +110,37 @@ def test_stalls_found_and_step_one_ignored():
     assert list(zip(st["run_id"], st["step"])) == [("lr-0.03-s2-h-a0", 1201)]
     png = plots.to_png(plots.step_times_figure(steps, frames()[0]))
     assert png.startswith(PNG_MAGIC)
+
+
+def test_stalls_compare_a_step_with_its_own_batch_size_stage():
+    """Three stages of 30, 60 and 100 ms (a batch-size schedule) and one real stall at step 700:
+    only the stall is marked, not every step of the slower later stages."""
+    ms = [30.0] * 400 + [60.0] * 400 + [100.0] * 400
+    ms[699] = 150.0                                     # step 700: 2.5× its stage, < 1.5× the last stage
+    steps = pd.DataFrame({"run_id": "r", "arm": "a", "seed": 0, "step": range(1, 1201), "step_ms": ms})
+    st = plots.stalls(steps)
+    assert list(st["step"]) == [700] and st["ref_ms"].iloc[0] == 60.0
+
+
+def test_stalls_on_a_record_log():
+    """A 2026-07-17 record log (stages of ~31, 57 and 83 ms): two slow steps right after an eval,
+    not the 38 last-stage steps a run-wide median marks."""
+    from ablate.importlogs import parse_log
+
+    log = parse_log((Path(__file__).parent / "fixtures" / "record_log" / "fp8_9829ec4f.txt").read_bytes())
+    steps = pd.DataFrame(log.steps).assign(run_id="r", arm="record", seed=0)
+    assert list(plots.stalls(steps)["step"]) == [251, 501]
+
+
+def test_a_single_eval_point_in_the_zoom_still_draws():
+    """Evals at 0, 500, 1000 and 2000: only the final one lies in the last 30%."""
+    runs, curves, _ = frames()
+    curves = curves[curves["step"] != 1500]
+    fig = plots.curves_figure(curves, runs, "step", baseline="baseline")
+    _, zoom = fig.axes
+    drawn = [line for line in zoom.lines if line.get_marker() == "o"]
+    assert len(drawn) == 3 and all(list(line.get_xdata()) == [2000] for line in drawn)
+    assert sum(isinstance(c, ErrorbarContainer) for c in zoom.containers) == 3    # the CI as an error bar
 
 
 def test_report_files_content():
@@ -146,3 +191,39 @@ def test_write_report_through_store_and_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.count("wrote ") == 5
     assert b"p(<target)" in store.read_bytes("e", "report.md") and b"3.28" in store.read_bytes("e", "report.md")
+
+
+def test_report_on_imported_search_and_mixed_experiments(tmp_path):
+    """Imported runs have no host (NaN under pandas 3), search experiments list their trials,
+    and an experiment may hold both `ablate run` and imported runs."""
+    from ablate.importlogs import import_logs
+    from ablate.store import Store
+    from tests.ablate.searchstore import row, write_search_experiment
+
+    logs = Path(__file__).parent / "fixtures" / "logs"
+    store = Store(str(tmp_path / "res"))
+    import_logs(store, [logs], "imp", "record")
+    written = report.write_report(store, "imp", target=3.28)
+    md = store.read_bytes("imp", "report.md").decode()
+    assert set(written) == {"report.md", *report.FIGURES}
+    assert "| record | 2 (+1 failed) |" in md and "log ends at step 13/20" in md
+    assert "| record | 0 | 0 | ok | 3.2791 | 1.6250 | 20 |" in md      # host unknown: "—", not a crash
+
+    write_search_experiment(store, "srch")
+    report.write_report(store, "srch")
+    md = store.read_bytes("srch", "report.md").decode()
+    assert "### srch: search trials" in md and "### srch: confirmation" in md
+    assert "| t1 | COMPLETE | 0.03 | 2 | 3.4905 | 0.0007 | ✓ |" in md      # the trials listing
+    assert "| t2 | FAIL | 0.04 | 1 |" in md                               # its seed 1 diverged
+    assert "| t1 | 2 | 1.0000 |" in md                                    # the confirmation's t1 row
+
+    runs, curves, steps = frames()
+    for r in runs.to_dict("records"):
+        r = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        store.write_run(row(**{**r, "experiment": "mix", "config_hash": "h", "run_id": r["run_id"]}),
+                        curves[curves["run_id"] == r["run_id"]].to_dict("records"),
+                        steps[steps["run_id"] == r["run_id"]].to_dict("records"))
+    import_logs(store, [logs / "complete_a.txt", logs / "complete_b.txt"], "mix", "record")
+    report.write_report(store, "mix")
+    md = store.read_bytes("mix", "report.md").decode()
+    assert "| record | 2 |" in md and "| baseline | 4 |" in md and "| import |" in md

@@ -176,3 +176,30 @@ def test_arms_to_continue_matches_the_vectorised_simulation():
             rows += [row(a, seed, rnd, len(rows) + i) for i, a in enumerate(keep)]
             seed += 1
         assert seed == expected[e], f"experiment {e}"
+
+
+def test_orchestrator_decides_on_the_current_config_only(tmp_path):
+    """An arm whose override changed starts over: its old config's runs (3 = `max`, which would
+    stop it) do not count; its current config has 1 ok run (< `min`), so it continues."""
+    from ablate.orchestrate import _arms_to_continue
+    from ablate.spec import parse_spec_text
+    from ablate.store import Store
+    from tests.ablate.searchstore import row
+
+    spec = parse_spec_text("name: sq\ntrainer: {preset: tiny}\narms: {baseline: {}, lr: {optim.muon.lr: 0.05}}\n"
+                           "seeds: {min: 2, max: 3, alpha: 0.05}\nresources: {gpus_per_run: 0}\n")
+    store = Store(str(tmp_path / "res"))
+    old = spec.config_hash("lr", {**spec.overrides("lr"), "optim.muon.lr": 0.04})
+    order = 0
+    for arm, h in (("baseline", spec.config_hash("baseline")), ("lr", old)):
+        for seed in range(3):
+            store.write_run(row(experiment="sq", arm=arm, seed=seed, run_id=f"{arm}-s{seed}-{h}-a1", order=order,
+                                round=max(0, seed - 1), config_hash=h, final_val_loss=3.5 + 0.01 * seed), [], [])
+            order += 1
+    h = spec.config_hash("lr")
+    for seed, status in ((0, "ok"), (1, "failed")):   # round 0 of the edited arm
+        store.write_run(row(experiment="sq", arm="lr", seed=seed, run_id=f"lr-s{seed}-{h}-a1", order=order,
+                            config_hash=h, status=status, error=None if status == "ok" else "boom",
+                            final_val_loss=3.5 if status == "ok" else None), [], [])
+        order += 1
+    assert _arms_to_continue(store, spec) == ["baseline", "lr"]

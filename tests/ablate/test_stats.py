@@ -135,37 +135,65 @@ def test_runs_needed_edge_cases():
     assert stats.runs_needed(1.0, 1.0, 2.0, 0.05) > stats.runs_needed(1.0, 1.0, 1.0, 0.05)
 
 
-def _runs(arm, rounds, seeds, nodes, orders=None):
-    return pd.DataFrame({"arm": arm, "round": rounds, "seed": seeds, "node_id": nodes,
-                         "hostname": [None] * len(rounds),
-                         "order": orders if orders is not None else list(range(len(rounds)))})
+def _runs(arm, rounds, seeds, hosts, orders=None, gpus=None, node_ids=None):
+    n = len(rounds)
+    return pd.DataFrame({"arm": arm, "round": rounds, "seed": seeds, "hostname": hosts,
+                         "gpu_uuids": gpus if gpus is not None else [""] * n,
+                         "node_id": node_ids if node_ids is not None else [None] * n,
+                         "order": orders if orders is not None else list(range(n))})
 
 
-def test_pair_runs_pairs_by_node_round_seed():
+def test_pair_runs_pairs_by_machine_round_seed():
     a = _runs("x", [0, 1, 2, 3], [0, 1, 2, 3], ["n1", "n2", "n1", "n2"])
     b = _runs("base", [3, 2, 1, 0], [3, 2, 1, 0], ["n2", "n1", "n2", "n1"]).set_index(pd.Index([10, 11, 12, 13]))
     ia, ib = stats.pair_runs(a, b)
     assert list(ia) == [0, 1, 2, 3] and list(ib) == [13, 12, 11, 10]
 
 
-def test_pair_runs_requires_same_node_and_enough_pairs():
+def test_pair_runs_requires_same_machine_and_enough_pairs():
     a = _runs("x", [0, 1, 2, 3], [0, 1, 2, 3], ["n1", "n1", "n1", "n1"])
     b = _runs("base", [0, 1, 2, 3], [0, 1, 2, 3], ["n1", "n2", "n2", "n2"])
-    assert stats.pair_runs(a, b) is None                      # only one pair shares a node
-    no_nodes = _runs("base", [0, 1, 2, 3], [0, 1, 2, 3], [None] * 4)
-    assert stats.pair_runs(a, no_nodes) is None               # imports: no node, no blocks
+    assert stats.pair_runs(a, b) is None                      # only one pair shares a host
+    no_hosts = _runs("base", [0, 1, 2, 3], [0, 1, 2, 3], [None] * 4)
+    assert stats.pair_runs(a, no_hosts) is None               # imports: no host, no blocks
     few = _runs("base", [0, 1, 2, 3], [0, 1, 2, 3], ["n1", "n1", "n9", "n9"])
     assert stats.pair_runs(a, few) is None                    # 2 pairs < MIN_PAIRS
+    other_gpus = _runs("base", [0, 1, 2, 3], [0, 1, 2, 3], ["n1"] * 4, gpus=["GPU-7"] * 4)
+    assert stats.pair_runs(a, other_gpus) is None             # same host, other GPUs: other hardware
 
 
-def test_pair_runs_uses_hostname_and_first_launch():
-    a = pd.DataFrame({"arm": "x", "round": [0, 1, 2, 2], "seed": [0, 1, 2, 2], "node_id": [None] * 4,
-                      "hostname": ["h"] * 4, "order": [0, 2, 5, 4]})
-    b = pd.DataFrame({"arm": "b", "round": [0, 1, 2], "seed": [0, 1, 2], "node_id": [None] * 3,
-                      "hostname": ["h"] * 3, "order": [1, 3, 6]})
+def test_pair_runs_uses_first_launch_and_gpu_order_does_not_matter():
+    a = pd.DataFrame({"arm": "x", "round": [0, 1, 2, 2], "seed": [0, 1, 2, 2], "hostname": ["h"] * 4,
+                      "gpu_uuids": ["GPU-a,GPU-b"] * 4, "order": [0, 2, 5, 4]})
+    b = pd.DataFrame({"arm": "b", "round": [0, 1, 2], "seed": [0, 1, 2], "hostname": ["h"] * 3,
+                      "gpu_uuids": ["GPU-b,GPU-a"] * 3, "order": [1, 3, 6]})
     ia, ib = stats.pair_runs(a, b)
     assert list(ia) == [0, 1, 3]       # of the two runs with key (h, 2, 2) the earlier launch (order 4)
     assert list(ib) == [0, 1, 2]
+
+
+def test_pairs_survive_a_resume_that_renews_ray_node_ids():
+    """A resumed experiment's new embedded Ray gives the same host new node ids: the blocks (and
+    so the paired p-value) must not change with identical data."""
+    rng = np.random.default_rng(3)
+    base_t = 131.2 + rng.normal(0, 0.05, 4) + np.array([0.0, 0.8, 0.0, 0.8])   # host h2 is 0.8 s slower
+    arm_t = base_t - 0.05 + rng.normal(0, 0.01, 4)
+    hosts = ["h1", "h2", "h1", "h2"]
+
+    def frame(arm, times, node_ids):
+        return _runs(arm, [0] * 4, [0, 1, 2, 3], hosts, gpus=["GPU-x"] * 4, node_ids=node_ids).assign(t=times)
+
+    # one session; or the driver was killed after the baseline's seed 3 and the arm's seed 3 ran in
+    # the resumed session, whose Ray gave host h2 the new node id n-d
+    before = frame("x", arm_t, ["n-a", "n-b", "n-a", "n-b"]), frame("b", base_t, ["n-a", "n-b", "n-a", "n-b"])
+    after = frame("x", arm_t, ["n-a", "n-b", "n-a", "n-d"]), frame("b", base_t, ["n-a", "n-b", "n-a", "n-b"])
+    pvals = []
+    for a, b in (before, after):
+        pairs = stats.pair_runs(a, b)
+        assert pairs is not None and len(pairs[0]) == 4
+        pvals.append(stats.paired(a.loc[pairs[0], "t"], b.loc[pairs[1], "t"]).p)
+    assert pvals[0] == pvals[1]
+    assert pvals[0] < 0.01
 
 
 def test_bad_alternative_names_the_choices():

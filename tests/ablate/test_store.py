@@ -324,9 +324,29 @@ def test_status_command_counts_missing_and_in_flight(store: Store) -> None:
     assert res.exit_code == 0, res.output
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in res.output.splitlines() if line.startswith("│")}
-    # columns: ok, failed, cancelled, in flight, missing
-    assert rows["baseline"] == ["1", "1", "0", "0", "1"]
-    assert rows["lr"] == ["1", "0", "0", "1", "1"]
+    # columns: ok, diverged, failed, cancelled, in flight, missing
+    assert rows["baseline"] == ["1", "0", "1", "0", "0", "1"]
+    assert rows["lr"] == ["1", "0", "0", "0", "1", "1"]
     assert "in flight: lr-s1-x-a1" in res.output
     missing = CliRunner().invoke(app, ["status", "nope", "--store", store.uri])
     assert missing.exit_code == 2 and "experiment='nope' is not in store" in missing.output
+
+
+def test_status_of_a_finished_search_misses_nothing(store: Store) -> None:
+    """A search's spec arms run on the confirmation's seeds (1000..), not on `seeds:`."""
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+    from tests.ablate.searchstore import write_search_experiment
+
+    write_search_experiment(store, "srch")
+    res = CliRunner().invoke(app, ["status", "srch", "--store", store.uri], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in res.output.splitlines() if line.startswith("│")}
+    # columns: ok, diverged, failed, cancelled, in flight, missing
+    assert rows["baseline"] == ["2", "0", "0", "0", "0", "0"]
+    assert rows["t1"] == ["4", "0", "0", "0", "0", "0"]        # 2 search seeds + 2 confirmation seeds
+    assert rows["t2"] == ["1", "1", "0", "0", "0", "0"]
+    assert rows["total"][-1] == "0"
+    assert "search: 3 of 3 suggestions have runs" in res.output

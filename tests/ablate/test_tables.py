@@ -26,7 +26,7 @@ from ablate.sequential import SeqPlan  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 
-# six seeds per arm, fixed numbers; seed s ran in round s on node-a (even) / node-b (odd)
+# six seeds per arm, fixed numbers; seed s ran in round s on host node-a (even) / node-b (odd)
 LOSS = {
     "baseline": [3.2791, 3.2775, 3.2803, 3.2786, 3.2797, 3.2779],
     "lr-0.03": [3.2770, 3.2761, 3.2783, 3.2769, 3.2758, 3.2774],
@@ -46,11 +46,12 @@ def runs_frame(nodes: bool = True) -> pd.DataFrame:
             ok = seed < len(LOSS[arm])
             rows.append(dict(
                 experiment="golden", arm=arm, seed=seed, run_id=f"{arm}-s{seed}-abc123-a0", attempt=0,
-                round=seed, order=order, source="ablate", status="ok" if ok else "failed",
+                round=seed, order=order, source="ablate", config_hash="abc123", status="ok" if ok else "failed",
                 error=None if ok else "exit 1: NCCL watchdog timeout",
                 final_val_loss=LOSS[arm][seed] if ok else None,
                 train_time_ms=TIME_S[arm][seed] * 1000 if ok else None,
-                node_id=("node-a" if seed % 2 == 0 else "node-b") if nodes else None, hostname=None))
+                node_id=None, hostname=("node-a" if seed % 2 == 0 else "node-b") if nodes else None,
+                gpu_uuids="GPU-0,GPU-1" if nodes else ""))
             order += 1
     return pd.DataFrame(rows)
 
@@ -169,15 +170,124 @@ def test_json_is_valid_and_has_no_nan():
     assert doc["arms"][0]["loss_p"] is None          # NaN → null
 
 
-def test_rich_table_has_the_record_layout():
+def rich_text(df: pd.DataFrame, settings: tables.Settings, width: int) -> str:
     from rich.console import Console
 
+    console = Console(width=width, record=True, color_system=None)
+    console.print(tables.format_table(df, settings, "rich", "golden"))
+    return console.export_text()
+
+
+def test_rich_table_has_the_record_layout():
     t = tables.format_table(paired_table(), settings_paired(), "rich", "golden")
-    assert [c.header for c in t.columns] == tables.LAYOUT
-    console = Console(width=250, record=True)
-    console.print(t)
-    text = console.export_text()
+    assert t.columns == tables.LAYOUT
+    text = rich_text(paired_table(), settings_paired(), 250)
+    header = next(line for line in text.splitlines() if "Arm" in line)
+    assert [h.strip() for h in header.strip("┃ ").split("┃")] == tables.LAYOUT   # one table, verdicts inline
     assert "5 (+1 failed)" in text and "faster, p" in text
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_rich_table_readable_at_80_and_120_columns(width):
+    """No line wider than the console, no number cut ("4.…"), no verdict cut mid-word (they go
+    below the table when they do not fit on its lines)."""
+    df, settings = paired_table(), settings_paired()
+    text = rich_text(df, settings, width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "…" not in text
+    words = set(text.split())
+    for row in tables.display_rows(df, settings.target):
+        for cell in row[1:11]:
+            assert cell in text, f"cell {cell!r} not shown whole at {width} columns"
+        assert set(row[11].split()) <= words, f"verdict of {row[0]} cut at {width} columns"
+        assert f"{row[0]}: {row[11].split(';')[0]}" in text.replace("\n", " ")   # verdicts below the table
+    assert "Verdict" not in text
+
+
+def test_numbers_four_decimals_never_negative_zero():
+    assert tables._num(132.72165, ".4f") == "132.7217"
+    assert tables._num(-0.00001, ".4f", signed=True) == "0.0000"
+    assert tables._num(0.0, ".4f", signed=True) == "0.0000"
+    assert tables._num(-0.0002, ".4f", signed=True) == "-0.0002"
+    runs = runs_frame(nodes=False)
+    runs.loc[runs["arm"] == "lr-0.03", "train_time_ms"] = runs.loc[runs["arm"] == "baseline", "train_time_ms"].to_numpy() + 0.02
+    md = tables.to_markdown(tables.table_from_runs(runs, "baseline"), tables.Settings())
+    row = next(line for line in md.splitlines() if line.startswith("| lr-0.03"))
+    assert "| 131.2334 |" in row and "| 0.0000 |" in row and "-0.0000" not in md
+
+
+def test_csv_and_json_keep_full_precision():
+    df, settings = paired_table(), settings_paired()
+    import csv
+    import io
+
+    rows = {r["arm"]: r for r in csv.DictReader(io.StringIO(tables.to_csv(df, settings)))}
+    t = df.set_index("arm")
+    for arm in ("baseline", "lr-0.03", "fast"):
+        assert float(rows[arm]["time_mean_s"]) == t.loc[arm, "time_mean"]          # exact, not 131.233
+        assert float(rows[arm]["loss_std"]) == t.loc[arm, "loss_std"]
+    assert float(rows["fast"]["time_p"]) == t.loc["fast", "time_p"] < 1e-4        # a number, not "<0.0001"
+    doc = json.loads(tables.to_json(df, settings, "golden"))
+    fast = next(a for a in doc["arms"] if a["arm"] == "fast")
+    assert fast["time_mean"] == t.loc["fast", "time_mean"] and fast["time_p_raw"] == t.loc["fast", "time_p_raw"]
+
+
+# ---------------------------------------------------------------- configs and divergence
+
+def with_old_config(runs: pd.DataFrame) -> pd.DataFrame:
+    """lr-0.03 also ran 4 seeds of an earlier override (config old000000000), much worse."""
+    old = runs[(runs["arm"] == "lr-0.03") & (runs["seed"] < 4)].copy()
+    old["config_hash"] = "old000000000"
+    old["run_id"] = old["run_id"].str.replace("abc123", "old000000000")
+    old["final_val_loss"] += 0.05
+    old["order"] = old["order"] - 100          # launched before the current config
+    return pd.concat([old, runs], ignore_index=True)
+
+
+def test_table_compares_only_the_current_config_and_counts_the_rest():
+    runs = with_old_config(runs_frame())
+    for current in (None, {"lr-0.03": "abc123"}):       # latest run's config, or the spec's
+        t = tables.table_from_runs(runs, "baseline", current=current).set_index("arm")
+        assert t.loc["lr-0.03", "runs"] == 6 and t.loc["lr-0.03", "left_out_runs"] == 4
+        assert t.loc["lr-0.03", "loss_mean"] == pytest.approx(np.mean(LOSS["lr-0.03"]))
+        assert t.loc["lr-0.03", "loss_p"] == paired_table().set_index("arm").loc["lr-0.03", "loss_p"]
+    # the spec's hash wins over the latest run: an override reverted to its earlier value
+    t = tables.table_from_runs(runs, "baseline", current={"lr-0.03": "old000000000"}).set_index("arm")
+    assert t.loc["lr-0.03", "runs"] == 4 and t.loc["lr-0.03", "left_out_runs"] == 6
+    md = tables.to_markdown(tables.table_from_runs(runs, "baseline"), tables.Settings())
+    assert "Left out: lr-0.03 (4 run(s) of 1 older config(s))" in md and "--all-configs" in md
+
+
+def test_all_configs_shows_each_config_as_a_row():
+    runs = with_old_config(runs_frame())
+    t = tables.table_from_runs(runs, "baseline", all_configs=True)
+    assert list(t["arm"]) == ["baseline", "lr-0.03", "lr-0.03@old000000000", "fast"]
+    s = t.set_index("arm")
+    assert (s.loc["lr-0.03", "runs"], s.loc["lr-0.03@old000000000", "runs"]) == (6, 4)
+    assert s.loc["lr-0.03@old000000000", "config_hash"] == "old000000000"
+    assert s.loc["lr-0.03@old000000000", "loss_delta"] > 0.04
+    assert (t["left_out_runs"] == 0).all()
+
+
+def test_diverged_runs_are_counted_in_the_table_and_the_verdict():
+    runs = runs_frame()
+    extra = runs[(runs["arm"] == "lr-0.03") & (runs["seed"] < 2)].copy()
+    extra = extra.assign(seed=extra["seed"] + 10, run_id=extra["run_id"] + "-d", status="diverged",
+                         final_val_loss=None, error="diverged: val_loss is not finite at step 500",
+                         order=extra["order"] + 100)
+    runs = pd.concat([runs, extra], ignore_index=True)
+    t = tables.table_from_runs(runs, "baseline", 3.28)
+    s = t.set_index("arm")
+    assert s.loc["lr-0.03", "diverged"] == 2 and s.loc["lr-0.03", "runs"] == 6
+    assert s.loc["lr-0.03", "verdict"].startswith("diverged 2/8; ")
+    settings = tables.Settings(target=3.28)
+    md = tables.to_markdown(t, settings)
+    assert "| lr-0.03 | 6 (+2 diverged) |" in md and "Diverged runs" in md
+    import csv
+    import io
+
+    rows = {r["arm"]: r for r in csv.DictReader(io.StringIO(tables.to_csv(t, settings)))}
+    assert rows["lr-0.03"]["diverged"] == "2" and rows["baseline"]["diverged"] == "0"
 
 
 # ---------------------------------------------------------------- store and CLI
@@ -237,3 +347,66 @@ if __name__ == "__main__":
         for name, text in rendered().items():
             (GOLDEN / name).write_text(text)
             print(f"wrote {GOLDEN / name}")
+
+
+def test_store_table_uses_the_stored_specs_config_hashes(tmp_path):
+    """The spec says lr is 0.05; runs of an earlier (0.04) edit, launched later, are left out."""
+    import typer
+    from typer.testing import CliRunner
+
+    from ablate.cli_analysis import register
+    from ablate.spec import parse_spec_text
+    from ablate.store import Store
+
+    text = ("name: cfg\ntrainer: {preset: tiny}\narms: {baseline: {}, lr: {optim.muon.lr: 0.05}}\nseeds: 3\n"
+            "resources: {gpus_per_run: 0}\n")
+    spec = parse_spec_text(text)
+    st = Store(str(tmp_path / "res"))
+    st.write_bytes("cfg", "spec.yaml", text.encode())
+    h_old = spec.config_hash("lr", {**spec.overrides("lr"), "optim.muon.lr": 0.04})
+    order = 0
+    for arm, h, loss in (("baseline", spec.config_hash("baseline"), 3.30), ("lr", spec.config_hash("lr"), 3.29),
+                         ("lr", h_old, 3.50)):
+        for seed in range(3):
+            st.write_run(full_row(dict(experiment="cfg", arm=arm, seed=seed, run_id=f"{arm}-s{seed}-{h}-a1",
+                                       round=0, order=order, config_hash=h, status="ok", error=None,
+                                       final_val_loss=loss + 0.001 * seed, train_time_ms=1000.0 + seed,
+                                       node_id=None, hostname="h", gpu_uuids="")), [], [])
+            order += 1
+    df, _ = tables.analyse(st, "cfg")
+    lr = df.set_index("arm").loc["lr"]
+    assert (lr["runs"], lr["left_out_runs"], lr["config_hash"]) == (3, 3, spec.config_hash("lr"))
+    assert lr["loss_mean"] == pytest.approx(3.291)
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["table", "cfg", "--store", st.uri, "--format", "md", "--all-configs"])
+    assert res.exit_code == 0, res.output
+    assert f"| lr@{h_old} | 3 |" in res.stdout and "| lr | 3 |" in res.stdout
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_search_trial_listing_readable_at_80_and_120_columns(tmp_path, width):
+    from rich.console import Console
+
+    from ablate.search_report import search_table
+    from ablate.store import Store
+    from tests.ablate.searchstore import write_wide_search
+
+    st = Store(str(tmp_path / "res"))
+    name = write_wide_search(st, str(Path(__file__).resolve().parents[2]))
+    console = Console(width=width, record=True, color_system=None)
+    console.print(search_table(st, name, "rich"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width and "…" not in text
+    for cell in ("0.5123", "3.512", "1.234", "2.718", "0.9877", "(2,3,4,5,6,8)", "4.5128", "4.5428", "COMPLETE"):
+        assert cell in text
+
+
+def test_pooled_gpu_counts_are_flagged():
+    """Speedrun logs of 1-GPU (~595 s) and 8-GPU (~79 s) runs of one script in one arm."""
+    runs = runs_frame().assign(gpu_count=8)
+    runs.loc[(runs["arm"] == "lr-0.03") & (runs["seed"] < 2), "gpu_count"] = 1
+    t = tables.table_from_runs(runs, "baseline")
+    assert list(t["gpu_counts"]) == ["8", "1,8", "8"]
+    md = tables.to_markdown(t, tables.Settings())
+    assert "different GPU counts are pooled in lr-0.03 (1, 8 GPUs)" in md
