@@ -28,7 +28,6 @@ from trainer.polar import coefficients, polar_express
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
-GATES = ("attn_gate", "smear_gate")
 GROUP_ORDER = ("smear_gate", "attn_gate", "attn", "mlp_up", "mlp_down")  # small groups first
 RECORD_GROUPS_8 = (1, 10, 16, 16)  # smear | attn gates | 10 attn + 6 mlp | 16 mlp
 MIN_SECOND_MOMENT = 1e-10
