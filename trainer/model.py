@@ -108,11 +108,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if ve is not None:
+        if ve is not None:  # in v's dtype (the value tables may be stored in another: model.param_dtype)
             ve = ve.view(T, h, hd).type_as(v)
         if self.premul_o:
             if ve is not None:
-                v = v + ve
+                v = v + ve.view(T, h, hd)
         else:  # 10-27: v = λ0·v + λ1·ve
             v = lam[0] * v + lam[1] * ve.view(T, h, hd) if ve is not None else lam[0] * v
         q_mul, kernel_scale = scale
