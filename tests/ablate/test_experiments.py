@@ -220,6 +220,7 @@ ISSUE16_ARMS = {
     ("polar_steps", "pe-3"): {"optim.muon.polar_coeffs": "pe-3"},
     ("record_numerics", "rope-fp32"): {"model.rope_dtype": "fp32"},
     ("record_numerics", "gate-moment-fp32"): {"optim.muon.second_moment_dtype": "fp32"},
+    ("record_numerics", "scale-in-q"): {"model.scale_in_kernel": False},
     ("data_order", "shuffled"): {"data.order": "shuffled"},
 }
 

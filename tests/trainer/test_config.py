@@ -161,9 +161,9 @@ def test_differences_table_names_real_fields():
     table = text.split("## Differences from the record scripts", 1)[1].split("\n## ", 1)[0]
     names = set(re.findall(r"`((?:model|optim|data|schedule|runtime)\.[a-z_0-9.<>*]+)", table))
     keys = valid_keys()
-    pending = {"model.scale_in_kernel"}  # the attention-backend work's field (another branch)
-    for name in names - pending:
+    for name in names:
         stem = name.split(".<")[0].split(".*")[0].rstrip(".")
         assert any(k == stem or k.startswith(stem + ".") for k in keys), name
-    for field in ("data.order", "model.rope_dtype", "optim.muon.second_moment_dtype", "optim.adam.state_dtype"):
+    for field in ("data.order", "model.rope_dtype", "optim.muon.second_moment_dtype", "optim.adam.state_dtype",
+                  "model.scale_in_kernel", "model.attn_backend"):
         assert field in names, field
