@@ -311,6 +311,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
     start = payload.get("start") or {}
     end = payload.get("end") or {}
     env = start.get("env") or {}
+    data = start.get("data") or {}  # what the shards were (trainer/data.py data_provenance)
     started, ended = payload.get("started_at") or time.time(), payload.get("ended_at") or time.time()
     status = payload.get("status") or ("ok" if payload.get("ok") else "failed")
     error = None if status == "ok" else (payload.get("error") or "unknown error")
@@ -343,6 +344,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
         "wall_s": max(0.0, ended - started),
         "worker_runs_before": payload.get("worker_runs_before"),
         "attn_backend": (config.get("model") or {}).get("attn_backend"),
+        "data_synthetic": data.get("synthetic"), "data_hash": data.get("hash"),
     }
     keys = {"run_id": a.run_id, "experiment": spec.name, "arm": req.arm, "seed": req.seed}
     curve = [{**keys, **c} for c in payload.get("curve") or []]

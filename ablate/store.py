@@ -87,6 +87,8 @@ RUNS_SCHEMA = pa.schema([
     _f("wall_s", pa.float64(), False),
     _f("worker_runs_before", pa.int64()),
     _f("attn_backend", pa.string()),  # the trainer's resolved model.attn_backend (fa4 / flex / sdpa)
+    _f("data_synthetic", pa.bool_()),  # added in v1: the trainer's `start.data.synthetic` (null: unknown)
+    _f("data_hash", pa.string()),  # added in v1: `start.data.hash` of the shards that ran (null: unknown)
 ])
 _KEYS = [_f("run_id", pa.string(), False), _f("experiment", pa.string(), False),
          _f("arm", pa.string(), False), _f("seed", pa.int64(), False)]

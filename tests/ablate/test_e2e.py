@@ -324,6 +324,7 @@ def test_smoke_experiment(tmp_path: Path) -> None:
                                                       ("muon-lr-0.05", 0), ("muon-lr-0.05", 1)]
     assert (runs["final_val_loss"] < 6.0).all() and (runs["steps"] == 12).all()
     assert runs["config_json"].str.contains(str(ROOT / "data")).all()  # data_dir made absolute
+    assert runs["data_synthetic"].tolist() == [True] * 4 and runs["data_hash"].nunique() == 1  # start.data
     curves = store.curves("smoke")
     assert set(curves["run_id"]) == set(runs["run_id"])
     assert curves.groupby("run_id")["step"].apply(list).map(lambda s: s[0] == 0 and s[-1] == 12).all()
