@@ -5,8 +5,9 @@
     ablate report EXPERIMENT [--store URI] [--baseline ARM] [--target LOSS]
     ablate import-logs PATH... --experiment NAME --arm NAME [--store URI] [--target LOSS]
 
-`register(app)` adds them to the main typer app (ablate/cli.py). Exit codes: 0 success,
-1 runtime failure (including any log file that could not be imported), 2 bad input.
+`register(app)` adds them to the main typer app (ablate/cli.py). Exit codes (ablate.errors.EXIT_CODES):
+0 success, 1 runtime failure (including any log file that could not be imported), 2 bad input
+(a bad experiment or arm name, an unknown format, the experiment locked by a running driver).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ablate.errors import AblateError
+from ablate.errors import EXIT_BAD_INPUT, EXIT_FAILED, AblateError
 
 StoreOpt = Annotated[str, typer.Option("--store", help="store path or URI (s3://bucket/prefix, ...)")]
 BaselineOpt = Annotated[Optional[str], typer.Option("--baseline", help="baseline arm (default: the spec's)")]
@@ -27,13 +28,26 @@ TargetOpt = Annotated[Optional[float], typer.Option("--target", help="target los
 
 def _fail(e: Exception) -> typer.Exit:
     typer.echo(f"error: {e}", err=True)
-    return typer.Exit(code=getattr(e, "exit_code", 2 if isinstance(e, ValueError) else 1))
+    return typer.Exit(code=getattr(e, "exit_code", EXIT_BAD_INPUT if isinstance(e, ValueError) else EXIT_FAILED))
 
 
 def _store(uri: str):
+    from ablate.errors import SpecError, StoreError
     from ablate.store import Store
 
-    return Store(uri)
+    try:
+        return Store(uri)
+    except StoreError as e:  # a bad URI is bad input
+        raise SpecError(str(e)) from None
+
+
+def _check_name(experiment: str) -> None:
+    from ablate.names import check_experiment
+
+    try:
+        check_experiment(experiment)
+    except AblateError as e:
+        raise _fail(e) from None
 
 
 def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (store folder)")],
@@ -49,9 +63,10 @@ def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (s
     many older runs it left out."""
     from ablate import tables
 
+    _check_name(experiment)
     if fmt not in tables.FORMATS:
         typer.echo(f"error: --format {fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md", err=True)
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=EXIT_BAD_INPUT)
     try:
         out = tables.render_table(_store(store), experiment, fmt, baseline, target, all_configs)
     except (AblateError, ValueError) as e:
@@ -72,6 +87,7 @@ def report_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (
     """Write report.md and PNG figures into the experiment's folder."""
     from ablate.report import write_report
 
+    _check_name(experiment)
     try:
         written = write_report(_store(store), experiment, baseline, target)
     except (AblateError, ValueError) as e:
@@ -89,35 +105,37 @@ def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files 
                         "p(<target) without flags (e.g. 3.28)")] = None) -> None:
     """Import speedrun-style text logs as runs (source=import)."""
     from ablate.importlogs import import_logs
-    from ablate.spec import ARM_RE, NAME_RE
+    from ablate.lock import experiment_lock
+    from ablate.names import ARM_RULE, NAME_RULE, is_arm, is_experiment
 
-    if not NAME_RE.match(experiment):
-        typer.echo(f"error: --experiment {experiment!r} must match [a-z0-9][a-z0-9_.-]* (it names the store "
+    if not is_experiment(experiment):
+        typer.echo(f"error: --experiment {experiment!r} must match {NAME_RULE} (it names the store "
                    "folder); fix: e.g. --experiment upstream-1211", err=True)
-        raise typer.Exit(code=2)
-    if not ARM_RE.match(arm):
-        typer.echo(f"error: --arm {arm!r} must match [A-Za-z0-9][A-Za-z0-9_.+-]*; fix: e.g. --arm record", err=True)
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=EXIT_BAD_INPUT)
+    if not is_arm(arm):
+        typer.echo(f"error: --arm {arm!r} must match {ARM_RULE}; fix: e.g. --arm record", err=True)
+        raise typer.Exit(code=EXIT_BAD_INPUT)
     if target is not None and not math.isfinite(target):
         typer.echo(f"error: --target {target} is not a finite loss; fix: e.g. --target 3.28", err=True)
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=EXIT_BAD_INPUT)
     try:
         st = _store(store)
-        results = import_logs(st, list(paths), experiment, arm)
-        if target is not None and any(not r.error for r in results):
-            from ablate.tables import read_spec, store_target
+        with experiment_lock(st, experiment, command=f"ablate import-logs --experiment {experiment}"):
+            results = import_logs(st, list(paths), experiment, arm)
+            if target is not None and any(not r.error for r in results):
+                from ablate.tables import read_spec, store_target
 
-            typer.echo(f"target loss {target:g} stored in {store_target(st, experiment, target)}")
-            spec_target = (read_spec(st, experiment) or {}).get("target_loss")
-            if spec_target is not None and float(spec_target) != target:
-                typer.echo(f"note: the experiment's spec.yaml sets target_loss {spec_target}, which wins over "
-                           "the stored one; pass --target to `ablate table` to override both")
+                typer.echo(f"target loss {target:g} stored in {store_target(st, experiment, target)}")
+                spec_target = (read_spec(st, experiment) or {}).get("target_loss")
+                if spec_target is not None and float(spec_target) != target:
+                    typer.echo(f"note: the experiment's spec.yaml sets target_loss {spec_target}, which wins "
+                               "over the stored one; pass --target to `ablate table` to override both")
         configs = _arm_configs(st, experiment, arm)
     except AblateError as e:
         raise _fail(e) from None
     if not results:
         typer.echo("error: no log files found in the given paths (folders contribute *.txt and *.log)", err=True)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_FAILED)
     for r in results:
         line = f"{r.path}: {r.note}" + (f" [{r.run_id}, seed {r.seed}]" if r.seed is not None else "")
         typer.echo(("error: " if r.error else "") + line, err=r.error)
@@ -130,7 +148,7 @@ def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files 
                    f"the current one (the latest imported, {configs[-1][0]}, unless the experiment's spec defines "
                    "this arm); `--all-configs` shows each as a row, or import each script's logs as its own --arm")
     if bad:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_FAILED)
 
 
 def _arm_configs(store, experiment: str, arm: str) -> list[tuple[str, int]]:

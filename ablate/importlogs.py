@@ -13,7 +13,8 @@ val_loss, "diverged" when any val_loss is non-finite (nan/inf, as `ablate run` r
 "failed" with a reason otherwise. run_id = `<arm>-import-<first 16 hex of the log's
 sha256>`, so importing the same file again is a no-op; the seed is a stable index: the next
 free integer of the arm, in the order the paths were given. A file that is not such a log is
-reported with a clear error and skipped; the rest are still imported.
+reported with a clear error and skipped; the rest are still imported. Only regular files of at
+most MAX_LOG_BYTES are read (a record log is well under 1 MiB; `/dev/zero` or a FIFO is refused).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ GPU_ROW = re.compile(r"^\|\s+(\d+)\s+(.+?)\s{2,}(?:On|Off)\s+\|")
 DATE_LINE = re.compile(r"^((?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) \w{3}\s+\d{1,2} \d\d:\d\d:\d\d \d{4})\s*$")
 PEAK_MEM = re.compile(r"^peak memory allocated: (\d+) MiB")
 LOG_SUFFIXES = (".txt", ".log")
+MAX_LOG_BYTES = 64 * 1024 * 1024
 
 
 class LogFormatError(AblateError):
@@ -209,6 +211,25 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def read_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> bytes:
+    """A log file's bytes: regular files only, at most `max_bytes` (LogFormatError otherwise)."""
+    import os
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LogFormatError("not a regular file (a device, FIFO or socket): not a speedrun log")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise LogFormatError(f"larger than {max_bytes // (1024 * 1024)} MiB: not a speedrun log (a record log is "
+                             "well under 1 MiB)")
+    return data
+
+
 def import_logs(store: Any, paths: list[str | Path], experiment: str, arm: str) -> list[FileResult]:
     """Parse and store every log; one FileResult per file (errors included, never raised)."""
     existing = store.runs(experiment)
@@ -221,9 +242,12 @@ def import_logs(store: Any, paths: list[str | Path], experiment: str, arm: str) 
         res = FileResult(str(path))
         results.append(res)
         try:
-            data = path.read_bytes()
+            data = read_log(path)
         except OSError as e:
             res.note, res.error = f"cannot read: {e.strerror or e}", True
+            continue
+        except LogFormatError as e:
+            res.note, res.error = str(e), True
             continue
         try:
             log = parse_log(data)

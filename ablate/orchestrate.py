@@ -14,10 +14,13 @@ reused actor keeps (ablate.workers) — reports val/step events to Tune as they 
 everything in one final report. The driver's Tune callback writes the run to the store as each
 trial ends, so a killed driver loses at most the runs in flight. Tune never retries
 (max_failures=0): a failed attempt gets its own row, and the driver launches the next attempt in a
-new batch. A run whose loss went non-finite is `diverged` (`divergence`): an outcome of its config
-and seed, recorded once and never retried. A script arm (your own train_gpt.py, ablate.script)
-takes the same path: its trial runs the script in a working directory of its own
-(ablate.script_run) and reports the same events and payload.
+new batch; a run the trainer rejected as bad input (exit 2: config, data, world size) is not
+retried. A run whose loss went non-finite is `diverged` (`divergence`): an outcome of its config
+and seed, recorded once and never retried. The first store write that fails, or losing the
+experiment lock (ablate.lock), stops the batch at once: the runs in flight are cancelled and
+nothing else starts. A script arm (your own train_gpt.py, ablate.script) takes the same path: its
+trial runs the script in a working directory of its own (ablate.script_run) and reports the same
+events and payload.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import yaml
 from ray import tune
 
 from ablate import __version__
-from ablate.errors import AblateError, Interrupted, LaunchError, StoreError
+from ablate.errors import AblateError, Interrupted, LaunchError, LockLost, StoreError
 from ablate.launch import run_process, torchrun_command
 from ablate.matrix import PlannedRun, RunRequest, expand, plan
 from ablate.progress import NullProgress
@@ -56,6 +59,10 @@ log = logging.getLogger("ablate")
 DIVERGENCE_ERRORS = ("Diverged", "DivergenceError", "NonFiniteLoss")
 # Ray's own console output: quiet (the driver shows its own progress). Set before Tune starts.
 _RAY_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+# `error` event types of the trainer's input errors (trainer.train.INPUT_ERRORS, and argparse's
+# usage errors): the same input fails the same way every time, so such a run is never retried.
+INPUT_ERROR_TYPES = ("ConfigError", "DataError", "InputError", "UsageError")
+TUNE_DIR_PREFIX = "ablate-tune-"  # + "<driver pid>-": Tune's scratch dir of one batch
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class RunResult:
     row: dict | None = None
     attempts: int = 0  # attempts launched by this call
     reused: bool = False  # the store already had the outcome; nothing ran
+    input_error: bool = False  # the trainer rejected its input (config, data, world size): not retried
 
     @property
     def ok(self) -> bool:
@@ -91,23 +99,51 @@ class RunResult:
 # Ray session
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While an embedded cluster starts: its node address is 127.0.0.1, so every Ray process
+    (GCS, raylet, workers, agents, the two Prometheus endpoints) listens on loopback only.
+
+    Ray 2.60 turns a requested 127.0.0.1 into the machine's interface address unless
+    `ray_constants.ENABLE_RAY_CLUSTER` is false (the macOS/Windows single-machine mode); its
+    servers bind to loopback only when the node address is loopback. The flag is set for the
+    ray.init call and restored after. tests/ablate/test_e2e.py lists the listening sockets."""
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
+
+
+def init_embedded_ray(**kwargs: Any) -> None:
+    """Start the embedded local cluster as `ablate run` does: loopback only, no dashboard, quiet.
+    Token authentication stays as Ray sets it (on by default in 2.60)."""
+    # "token auth is enabled by default" (auth stays on; the notice is noise for an embedded cluster)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    opts: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False,
+                            "_node_ip_address": "127.0.0.1", **kwargs}
+    with _loopback_node():
+        ray.init(address="local", **opts)
+
+
+@contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[Any]:
     """Connect to `address` (or $RAY_ADDRESS, e.g. inside `ray job submit`), else start an
-    embedded local cluster (`address="local"`: never attaches to a stale `ray start` cluster).
-    Reuses an already initialised Ray without shutting it down."""
+    embedded local cluster (`address="local"`: never attaches to a stale `ray start` cluster;
+    listens on loopback only). Reuses an already initialised Ray without shutting it down."""
     if ray.is_initialized():
         yield ray
         return
     for k, v in _RAY_QUIET_ENV.items():
         os.environ.setdefault(k, v)
     addr = address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-    if addr == "local":
-        kwargs["include_dashboard"] = False
-        # "token auth is enabled by default" (auth stays on; the notice is noise for an embedded cluster)
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
-        ray.init(address=addr, **kwargs)
+        if addr == "local":
+            init_embedded_ray()
+        else:  # a cluster: its own addresses and token authentication, as `ray start` set them
+            ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise AblateError(f"cannot connect to Ray at address={addr!r}: {e}; fix: check --address / RAY_ADDRESS "
                           "(e.g. 127.0.0.1:6379 after `ray start --head`), or omit it for an embedded "
@@ -179,8 +215,10 @@ def _trial(job: dict, opts: LaunchOptions) -> None:
             res = run_process(cmd, env=env, cwd=str(root), on_event=on_event, timeout_s=job["timeout_s"],
                               grace_s=opts.grace_s, remove_after=[cfg_path])
         start = res.first("start")
+        err_event = res.last("error") or {}
         payload.update(
             ok=res.ok, error=res.error_text(), returncode=res.returncode, start=start, end=res.last("end"),
+            error_type=None if res.ok or res.stopped else err_event.get("type"),
             error_event=res.last("error"),
             curve=[{k: e.get(k) for k in ("step", "val_loss", "train_time_ms")} for e in res.curve],
             steps=[{k: e.get(k) for k in ("step", "step_ms", "train_time_ms")} for e in res.steps],
@@ -189,7 +227,7 @@ def _trial(job: dict, opts: LaunchOptions) -> None:
     except LaunchError as e:
         now = time.time()
         payload.update(ok=False, error=str(e), returncode=None, start=None, end=None, curve=[], steps=[],
-                       started_at=now, start_event_at=None, ended_at=now)
+                       started_at=now, start_event_at=None, ended_at=now, error_type=None)
     finally:
         with contextlib.suppress(FileNotFoundError):  # normally the guard removed it
             os.unlink(cfg_path)
@@ -223,6 +261,7 @@ class _Attempt:
     node: dict = field(default_factory=dict)  # node_id/node_ip/hostname, from the trial's first report
     status: str | None = None  # set when the row is written
     row: dict | None = None
+    input_error: bool = False  # failed on bad input: not retried
 
     @property
     def request(self) -> RunRequest:
@@ -247,6 +286,11 @@ def _job(spec: Spec, a: _Attempt, opts: LaunchOptions) -> dict:
             "overrides": overrides, "data_dir": data_dir, "data_root": spec.data_root,
             "ranks": r.ranks, "omp_threads": r.omp_threads, "timeout_s": r.timeout_s,
             "module": opts.module, "serve_module": opts.serve_module, "reuse_workers": r.reuse_workers}
+
+
+def is_input_error(payload: dict) -> bool:
+    """The trainer rejected the run's input (its `error` event names an input error)."""
+    return not payload.get("ok") and payload.get("error_type") in INPUT_ERROR_TYPES
 
 
 def _finite(v: Any) -> bool:
@@ -277,12 +321,15 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
     start = payload.get("start") or {}
     end = payload.get("end") or {}
     env = start.get("env") or {}
+    data = start.get("data") or {}  # what the shards were (trainer/data.py data_provenance)
     started, ended = payload.get("started_at") or time.time(), payload.get("ended_at") or time.time()
     status = payload.get("status") or ("ok" if payload.get("ok") else "failed")
     error = None if status == "ok" else (payload.get("error") or "unknown error")
     diverged = divergence(payload) if status in ("ok", "failed") else None
     if diverged:
         status, error = "diverged", diverged + (f"\n{error}" if error else "")
+    elif status == "failed" and is_input_error(payload):
+        error = f"input error (not retried): {error}"
     config = start.get("config") or payload.get("resolved_config") or a.job.get("script_config") or {}
     row = {
         "experiment": spec.name, "arm": req.arm, "seed": req.seed, "run_id": a.run_id,
@@ -307,6 +354,7 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
         "wall_s": max(0.0, ended - started),
         "worker_runs_before": payload.get("worker_runs_before"),
         "attn_backend": (config.get("model") or {}).get("attn_backend"),
+        "data_synthetic": data.get("synthetic"), "data_hash": data.get("hash"),
         "script_sha256": a.job.get("script_sha256"),
     }
     keys = {"run_id": a.run_id, "experiment": spec.name, "arm": req.arm, "seed": req.seed}
@@ -316,31 +364,47 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
 
 
 class _Batch(tune.Callback):
-    """Tune callback: progress, in-flight markers and the store write of each finished trial."""
+    """Tune callback: progress, in-flight markers and the store write of each finished trial.
 
-    def __init__(self, spec: Spec, attempts: list[_Attempt], store: Store, progress: Any) -> None:
-        self.spec, self.attempts, self.store, self.progress = spec, attempts, store, progress
+    `store_error` holds the first failed store write; with it (or a lost lock) `stop_reason`
+    is set, and `_StopAll` makes Tune stop every trial and start no other."""
+
+    def __init__(self, spec: Spec, attempts: list[_Attempt], store: Store, progress: Any, lock: Any = None) -> None:
+        self.spec, self.attempts, self.store, self.progress, self.lock = spec, attempts, store, progress, lock
         self.driver = driver_info()
-        self.store_errors: list[str] = []
+        self.store_error: str | None = None
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks into tuner.pkl (for Tuner.restore, which ablate does not use);
         # the store and the live display do not pickle.
         return {}
 
+    def stop_reason(self) -> str | None:
+        if self.store_error is not None:
+            return self.store_error
+        if self.lock is not None and self.lock.lost.is_set():
+            return self.lock.reason
+        return None
+
     def _a(self, trial: Any) -> _Attempt:
         return self.attempts[trial.config["index"]]
+
+    def _store_failed(self, e: StoreError) -> None:
+        if self.store_error is None:
+            self.store_error = str(e)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         a = self._a(trial)
         a.started_at = time.time()
         self.progress.started(a.run_id, a.request.arm, a.request.seed)
+        if self.stop_reason() is not None:  # Tune stops it at its next step
+            return
         try:
             self.store.mark_inflight(self.spec.name, a.run_id, {
                 "run_id": a.run_id, "arm": a.request.arm, "seed": a.request.seed, "started_at": time.time(),
                 "driver_host": self.driver["hostname"], "driver_pid": os.getpid()})
         except StoreError as e:
-            self.store_errors.append(str(e))
+            self._store_failed(e)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         a = self._a(trial)
@@ -352,6 +416,8 @@ class _Batch(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         raw = (trial.last_result or {}).get("ablate_payload")
         payload = json.loads(raw) if raw else {"ok": False, "error": "trial ended without a result (Ray)"}
+        if not raw and self.stop_reason() is not None:  # stopped by _StopAll, not a failure of the run
+            payload = {"status": "cancelled", "error": f"cancelled: the experiment stopped: {self.stop_reason()}"}
         self.record(self._a(trial), payload)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -369,21 +435,39 @@ class _Batch(tune.Callback):
                 write_log(self.store, self.spec.name, a.run_id, payload)
             self.store.write_run(row, curve, steps)
         except StoreError as e:
-            self.store_errors.append(str(e))
+            self._store_failed(e)
         a.status, a.row = row["status"], row
-        left = a.planned.attempts_left - 1 if row["status"] == "failed" else 0
-        self.progress.finished(a.run_id, row["status"], row["final_val_loss"], row["wall_s"], retries_left=left)
+        a.input_error = row["status"] == "failed" and is_input_error(payload)
+        left = a.planned.attempts_left - 1 if row["status"] == "failed" and not a.input_error else 0
+        self.progress.finished(a.run_id, row["status"], row["final_val_loss"], row["wall_s"], retries_left=left,
+                               error=row["error"])
 
-    def cancel_unfinished(self) -> bool:
-        """Rows for trials that started but never finished (driver interrupted); True if any
-        attempt of the batch has no outcome."""
+    def cancel_unfinished(self, why: str) -> bool:
+        """`cancelled` rows for trials that started but never finished (driver interrupted, or
+        the batch stopped); True if any attempt of the batch has no outcome."""
         missing = False
         for a in self.attempts:
             if a.status is None and a.started_at is not None:
-                self.record(a, {"status": "cancelled", "error": "cancelled: the driver was interrupted",
+                self.record(a, {"status": "cancelled", "error": f"cancelled: {why}",
                                 "started_at": a.started_at, "ended_at": time.time()})
             missing |= a.status is None
         return missing
+
+
+class _StopAll(tune.Stopper):
+    """Stops the whole Tune run once the batch has a stop reason (polled by Tune every step)."""
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+
+    def __getstate__(self) -> dict:  # pickled with the RunConfig, like the callback
+        return {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return getattr(self, "batch", None) is not None and self.batch.stop_reason() is not None
 
 
 def _trial_error(trial: Any) -> str:
@@ -420,8 +504,11 @@ def _quiet_tune() -> Iterator[None]:
             logging.getLogger(n).setLevel(lvl)
 
 
-def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any, opts: LaunchOptions) -> bool:
-    """Run the attempts as one Tune experiment, in order. Returns True if it was interrupted."""
+def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any, opts: LaunchOptions,
+               lock: Any = None) -> bool:
+    """Run the attempts as one Tune experiment, in order. Returns True if it was interrupted.
+    StoreError after the first failed store write, LockLost when the lock was lost: either
+    stops the batch at once (runs in flight cancelled, the rest not started)."""
     for a in attempts:
         a.job = _job(spec, a, opts)
     if any(a.job.get("kind") == "script" for a in attempts):  # each script's text, once per sha256
@@ -432,8 +519,8 @@ def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any
     # ONE bundle per run (all its GPUs on one node; + gpu_node for 8-GPU runs): ablate.placement
     resources = tune.PlacementGroupFactory([run_bundle(spec.resources, nodes)])
     trainable = tune.with_resources(_make_trainable([a.job for a in attempts], opts), resources)
-    batch = _Batch(spec, attempts, store, progress)
-    storage = tempfile.mkdtemp(prefix="ablate-tune-")
+    batch = _Batch(spec, attempts, store, progress, lock)
+    storage = tempfile.mkdtemp(prefix=f"{TUNE_DIR_PREFIX}{os.getpid()}-")
     tuner = tune.Tuner(
         trainable,
         param_space={"index": tune.grid_search(list(range(len(attempts))))},  # in order: seed-major
@@ -441,7 +528,7 @@ def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency_limit(spec, nodes, opts.autoscale),
                                     reuse_actors=spec.resources.reuse_workers),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0, callbacks=[batch],
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  stop=_StopAll(batch), failure_config=tune.FailureConfig(max_failures=0)),
     )
     interrupted = False
     try:
@@ -450,22 +537,38 @@ def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        interrupted |= batch.cancel_unfinished()
+        why = batch.stop_reason()
+        if why is not None and batch.store_error is not None:
+            why = "the experiment stopped after a failed store write"
+        elif why is not None:
+            why = "the experiment stopped: its lock was lost"
+        running = sum(a.status is None and a.started_at is not None for a in attempts)
+        interrupted |= batch.cancel_unfinished(why or "the driver was interrupted")
         shutil.rmtree(storage, ignore_errors=True)
-    if batch.store_errors:
-        raise StoreError("writing results failed:\n" + "\n".join(batch.store_errors[:5]))
+    unstarted = sum(a.started_at is None for a in attempts)
+    done = f"{running} run(s) in flight were cancelled, {unstarted} not started"
+    if batch.store_error is not None:
+        raise StoreError(f"stopped at the first failed store write: {batch.store_error}\n{done}; rows written "
+                         "before it are kept; run the same spec again to resume once the store is writable")
+    if lock is not None and lock.lost.is_set():
+        raise LockLost(f"stopped: {lock.reason}\n{done}")
     return interrupted
 
 
 def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: str | None = None, *,
-                 progress: Any = None, options: LaunchOptions | None = None) -> list[RunResult]:
+                 progress: Any = None, options: LaunchOptions | None = None, lock: Any = None) -> list[RunResult]:
     """Obtain an outcome for each request: reuse `ok` rows in the store, run the rest through
     Tune with retries (spec.retries), write every attempt to the store. Results in request order.
+    The caller holds the experiment's lock (`lock`, ablate.lock; run_experiment and run_search
+    take it); losing it stops the runs.
 
-    Raises Interrupted when the driver is stopped (rows written so far stay)."""
+    Raises Interrupted when the driver is stopped (rows written so far stay), StoreError at the
+    first failed store write, LockLost when the lock was lost."""
     progress = progress or NullProgress()
     opts = options or LaunchOptions()
     unique = list({req.key: req for req in requests}.values())
+    if lock is not None:
+        lock.check()
     with ray_session(address):
         warning = check_cluster(spec, ray.nodes(), autoscale=opts.autoscale)
         if warning:
@@ -488,18 +591,21 @@ def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: 
         todo = [p for p in planned if p.state == "todo"]
         launched: dict[tuple, int] = {}
         while todo:
+            if lock is not None:
+                lock.check()
             attempts = [_Attempt(p, next_order + i) for i, p in enumerate(todo)]
             next_order += len(attempts)
-            interrupted = _run_batch(spec, attempts, store, progress, opts)
+            interrupted = _run_batch(spec, attempts, store, progress, opts, lock)
             for a in attempts:
                 key = a.request.key
                 launched[key] = launched.get(key, 0) + (a.started_at is not None)
-                results[key] = RunResult(a.request, a.status or "not-run", a.run_id, a.row, launched[key])
+                results[key] = RunResult(a.request, a.status or "not-run", a.run_id, a.row, launched[key],
+                                         input_error=a.input_error)
             if interrupted:
                 raise Interrupted("interrupted: finished runs are in the store; in-flight runs were killed and "
                                   "recorded as cancelled; run the same spec again to resume")
             todo = [PlannedRun(a.request, "todo", a.planned.attempt + 1, a.planned.attempts_left - 1)
-                    for a in attempts if a.status == "failed" and a.planned.attempts_left > 1]
+                    for a in attempts if a.status == "failed" and a.planned.attempts_left > 1 and not a.input_error]
     return [results[req.key] for req in requests]
 
 
@@ -519,25 +625,74 @@ def _arms_to_continue(store: Store, spec: Spec) -> list[str]:
     return [a for a in spec.arms if a in keep]
 
 
-def run_experiment(spec: Spec, store: Store, address: str | None = None, *, progress: Any = None,
-                   options: LaunchOptions | None = None) -> list[RunResult]:
-    """Every (arm, seed) of the spec (sequential specs: seed rounds), resumable."""
+def clean_stale_tune_dirs(tmp: str | None = None) -> list[str]:
+    """Remove Tune scratch dirs (`ablate-tune-<pid>-*` in the temp dir) of drivers on this machine
+    that are no longer running (a killed driver cannot remove its own). Returns the removed paths."""
+    from ablate.lock import _pid_alive
+
+    root = Path(tmp or tempfile.gettempdir())
+    removed = []
+    for d in root.glob(f"{TUNE_DIR_PREFIX}*-*"):
+        pid = d.name[len(TUNE_DIR_PREFIX):].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid), None):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def prepare_experiment(spec: Spec, store: Store, progress: Any = None) -> None:
+    """At the start of a driver that holds the lock: copy the spec into the store and clean what a
+    killed driver left behind: in-flight markers (their runs were never written, so they run
+    again), hidden temporary files of interrupted writes, its Tune scratch dirs on this machine."""
     progress = progress or NullProgress()
     store.write_bytes(spec.name, "spec.yaml", (spec.text or json.dumps(spec.model_dump())).encode())
     from ablate.script import store_arms
 
     store_arms(store, spec)  # script arms: each arm's identity, for tables and status (script_arms.json)
-    store.clear_inflight(spec.name)  # markers left by a killed driver
-    with ray_session(address):
-        if not spec.sequential:
-            return run_requests(spec, expand(spec), store, progress=progress, options=options)
-        seq = spec.seeds
-        results = run_requests(spec, expand(spec, range(seq.min), round=0), store,  # type: ignore[union-attr]
-                               progress=progress, options=options)
-        for rnd, seed in enumerate(range(seq.min, seq.max), start=1):  # type: ignore[union-attr]
-            arms = _arms_to_continue(store, spec)
-            if not arms:
-                break
-            results += run_requests(spec, expand(spec, [seed], arms, round=rnd), store,
-                                    progress=progress, options=options)
-        return results
+    stale = store.inflight(spec.name)
+    store.clear_inflight(spec.name)
+    tmp = store.clean_temporary(spec.name)
+    dirs = clean_stale_tune_dirs()
+    note = getattr(progress, "note", None)
+    if (stale or tmp or dirs) and note is not None:
+        ids = ", ".join(str(m.get("run_id")) for m in stale[:5]) + (" ..." if len(stale) > 5 else "")
+        note(f"cleaned up after a driver that was killed: {len(stale)} in-flight marker(s)"
+             + (f" ({ids}; these runs start again)" if stale else "")
+             + f", {tmp} temporary file(s), {len(dirs)} Tune scratch dir(s)")
+
+
+@contextlib.contextmanager
+def held_lock(store: Store, experiment: str, lock: Any = None, take_over: bool = False,
+              progress: Any = None) -> Iterator[Any]:
+    """`lock` if the caller holds it, else the experiment's lock taken now (released after)."""
+    if lock is not None:
+        yield lock
+        return
+    from ablate.lock import experiment_lock
+
+    with experiment_lock(store, experiment, command=f"{__name__} (pid {os.getpid()})", take_over=take_over) as own:
+        if own.took_over and hasattr(progress, "note"):
+            progress.note(own.took_over)
+        yield own
+
+
+def run_experiment(spec: Spec, store: Store, address: str | None = None, *, progress: Any = None,
+                   options: LaunchOptions | None = None, lock: Any = None, take_over: bool = False) -> list[RunResult]:
+    """Every (arm, seed) of the spec (sequential specs: seed rounds), resumable. Holds the
+    experiment's lock (`lock` if the caller took it, else taken here): LockHeld if another
+    driver runs the experiment."""
+    progress = progress or NullProgress()
+    with held_lock(store, spec.name, lock, take_over, progress) as lock:
+        prepare_experiment(spec, store, progress)
+        kw = {"progress": progress, "options": options, "lock": lock}
+        with ray_session(address):
+            if not spec.sequential:
+                return run_requests(spec, expand(spec), store, **kw)
+            seq = spec.seeds
+            results = run_requests(spec, expand(spec, range(seq.min), round=0), store, **kw)  # type: ignore[union-attr]
+            for rnd, seed in enumerate(range(seq.min, seq.max), start=1):  # type: ignore[union-attr]
+                arms = _arms_to_continue(store, spec)
+                if not arms:
+                    break
+                results += run_requests(spec, expand(spec, [seed], arms, round=rnd), store, **kw)
+            return results

@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 class NullProgress:
@@ -23,8 +24,9 @@ class NullProgress:
     def started(self, run_id: str, arm: str, seed: int) -> None: ...
     def update(self, run_id: str, metrics: dict) -> None: ...
     def finished(self, run_id: str, status: str, final_val_loss: float | None = None,
-                 wall_s: float | None = None, retries_left: int = 0) -> None: ...
+                 wall_s: float | None = None, retries_left: int = 0, error: str | None = None) -> None: ...
     def skipped(self, n: int, failed: int = 0) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 class RunProgress(NullProgress):
@@ -35,7 +37,8 @@ class RunProgress(NullProgress):
         self.total = self.done = self.failed = self.diverged = 0
         self.t0 = time.time()
         self.running: dict[str, dict] = {}
-        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self._bar = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                             MofNCompleteColumn(),
                              TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
                              TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
         self._task = self._bar.add_task(title, total=0, failed=0)
@@ -52,7 +55,7 @@ class RunProgress(NullProgress):
             self._live.update(self._render())
             self._live.__exit__(*exc)
             self._live = None
-        else:
+        elif self.total:  # nothing was planned (e.g. a pre-flight error): no "finished 0/0" line
             div = f", {self.diverged} diverged" if self.diverged else ""
             self._line(f"finished: {self.done}/{self.total} runs, {self.failed} failed{div}, "
                        f"{time.time() - self.t0:.1f} s")
@@ -90,10 +93,15 @@ class RunProgress(NullProgress):
                 info[k] = metrics[k]
         self._refresh()
 
+    def note(self, text: str) -> None:
+        """A line about the experiment (e.g. a stale lock taken over)."""
+        self._line(text)
+
     def finished(self, run_id: str, status: str, final_val_loss: float | None = None,
-                 wall_s: float | None = None, retries_left: int = 0) -> None:
+                 wall_s: float | None = None, retries_left: int = 0, error: str | None = None) -> None:
         """A run attempt ended. A failed attempt that will be retried does not count as done; a
-        diverged one (non-finite loss) is done: it is an outcome, never retried."""
+        diverged one (non-finite loss) is done: it is an outcome, never retried. A failed,
+        cancelled or diverged attempt's line ends with the first line of its error."""
         self.running.pop(run_id, None)
         note = f"(retrying, {retries_left} attempt(s) left)" if status == "failed" and retries_left else ""
         if status == "ok":
@@ -107,8 +115,12 @@ class RunProgress(NullProgress):
         self._bar.update(self._task, completed=self.done, failed=self.failed)
         loss = f" val_loss={final_val_loss:.4f}" if final_val_loss is not None else ""
         took = f" {wall_s:.1f}s" if wall_s is not None else ""
+        why = ""
+        if status != "ok" and error:
+            first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
+            why = f": {first[:300]}" + ("..." if len(first) > 300 else "")
         self._line(f"{status:<6} {run_id}{loss}{took}{' ' + note if note else ''}  "
-                   f"[{self.done}/{self.total}, {self.failed} failed]")
+                   f"[{self.done}/{self.total}, {self.failed} failed]{why}")
         self._refresh()
 
     # ---- rendering -----------------------------------------------------------------------
@@ -126,7 +138,7 @@ class RunProgress(NullProgress):
         now = time.time()
         for run_id, info in list(self.running.items())[:12]:
             loss = f"{info['val_loss']:.4f}" if info["val_loss"] is not None else "-"
-            table.add_row(run_id, str(info["step"] if info["step"] is not None else "-"), loss,
+            table.add_row(Text(run_id), str(info["step"] if info["step"] is not None else "-"), loss,
                           f"{now - info['t']:.0f}s")
         return Group(self._bar.get_renderable(), table)
 

@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 
 from ablate import __version__, plots
-from ablate.tables import (AnalysisError, Settings, analyse_runs, current_hashes, experiment_settings, read_spec,
-                           select_configs, to_markdown)
+from ablate.tables import (AnalysisError, Settings, analyse_runs, current_hashes, data_label, experiment_settings,
+                           read_spec, select_configs, to_markdown)
 
 FIGURES = {
     "curves_step.png": "Val loss against step (mean ± 95% CI over seeds)",
@@ -98,6 +98,10 @@ def _environment_section(runs: pd.DataFrame) -> list[str]:
             continue
         counts = runs[col].astype(object).where(runs[col].notna(), "unknown").value_counts()
         out.append(f"- {what}: " + ", ".join(f"`{k}` ({v} runs)" for k, v in counts.items()))
+    if "data_hash" in runs:  # what the shards were (trainer start.data), per run
+        syn = runs["data_synthetic"] if "data_synthetic" in runs else [None] * len(runs)
+        labels = pd.Series([data_label(a, b) or "unknown" for a, b in zip(list(syn), runs["data_hash"].tolist())])
+        out.append("- data: " + ", ".join(f"`{k}` ({v} runs)" for k, v in labels.value_counts().items()))
     warn = []
     ok = runs[runs["status"] == "ok"]
     for col, what in (("torch_version", "torch versions"), ("gpu_model", "GPU models")):

@@ -22,7 +22,8 @@ How it runs (docs/search.md):
   * Confirmation (`confirm:`): the top-k suggestions (two objectives: the Pareto front by loss)
     run as arms `t<number>` beside every spec arm on fresh seeds, seed-major and interleaved,
     with source "ablate", so `ablate table` gives the significance table for them.
-One driver per experiment at a time: two drivers would both resume the same RUNNING trials.
+One driver per experiment at a time (the experiment lock, ablate.lock): two drivers would both
+resume the same RUNNING trials.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ablate.errors import Interrupted, SpecError
 from ablate.matrix import RunRequest, make_request
-from ablate.orchestrate import LaunchOptions, RunResult, ray_session, run_requests
+from ablate.orchestrate import LaunchOptions, RunResult, held_lock, prepare_experiment, ray_session, run_requests
 from ablate.placement import max_concurrency
 from ablate.search_space import SearchConfig, base_values, parse_search
 from ablate.spec import Spec
@@ -186,7 +187,7 @@ def _wave(study: optuna.Study, cfg: SearchConfig, width: int) -> list[FrozenTria
 
 
 def _run_wave(spec: Spec, cfg: SearchConfig, study: optuna.Study, wave: list[FrozenTrial], store: Store,
-              chunk: int | None, progress: Any, options: LaunchOptions | None) -> list[RunResult]:
+              chunk: int | None, progress: Any, options: LaunchOptions | None, lock: Any = None) -> list[RunResult]:
     by_trial: dict[int, list[RunRequest]] = {}
     for t in wave:
         if set(t.params) != set(cfg.space):  # asked when the driver was stopped: nothing ran
@@ -202,7 +203,7 @@ def _run_wave(spec: Spec, cfg: SearchConfig, study: optuna.Study, wave: list[Fro
     results: list[RunResult] = []
     chunk = chunk or len(requests) or 1
     for i in range(0, len(requests), chunk):
-        results += run_requests(spec, requests[i:i + chunk], store, progress=progress, options=options)
+        results += run_requests(spec, requests[i:i + chunk], store, progress=progress, options=options, lock=lock)
     by_key = {r.request.key: r for r in results}
     for number, reqs in by_trial.items():
         _tell(study, cfg, _trial(study, number), [by_key[r.key] for r in reqs])
@@ -241,15 +242,21 @@ def study_location(spec: Spec, cfg: SearchConfig, store: Store) -> tuple[str, st
 
 
 def run_search(spec: Spec, store: Store, address: str | None = None, *, progress: Any = None,
-               options: LaunchOptions | None = None) -> SearchOutcome:
+               options: LaunchOptions | None = None, lock: Any = None, take_over: bool = False) -> SearchOutcome:
     """Run (or resume) the spec's search, then its confirmation. Raises Interrupted when stopped;
-    running it again continues the same study."""
+    running it again continues the same study. Holds the experiment's lock (`lock` if the caller
+    took it, else taken here)."""
     cfg = search_config(spec)
     url, name = study_location(spec, cfg, store)
-    study = open_study(cfg, name, url)  # refuses a study made for another space: before any write
-    store.write_bytes(spec.name, "spec.yaml", (spec.text or json.dumps(spec.model_dump())).encode())
-    store.write_bytes(spec.name, SEARCH_INFO, json.dumps({"storage": url, "study_name": name}).encode())
-    store.clear_inflight(spec.name)  # markers left by a killed driver
+    with held_lock(store, spec.name, lock, take_over, progress) as lock:
+        study = open_study(cfg, name, url)  # refuses a study made for another space: before any write
+        prepare_experiment(spec, store, progress)
+        store.write_bytes(spec.name, SEARCH_INFO, json.dumps({"storage": url, "study_name": name}).encode())
+        return _search(spec, cfg, study, store, address, url, name, progress, options, lock)
+
+
+def _search(spec: Spec, cfg: SearchConfig, study: optuna.Study, store: Store, address: str | None, url: str,
+            name: str, progress: Any, options: LaunchOptions | None, lock: Any) -> SearchOutcome:
     _enqueue_baseline(study, cfg, spec)
     out = SearchOutcome(storage=url, study_name=name)
     with ray_session(address):
@@ -264,13 +271,13 @@ def run_search(spec: Spec, store: Store, address: str | None = None, *, progress
             while wave := _wave(study, cfg, width):
                 # run_requests keeps `fits` runs in flight; chunks hold a lower max_concurrent
                 chunk = cap if cap < fits else None
-                out.results += _run_wave(spec, cfg, study, wave, store, chunk, progress, options)
+                out.results += _run_wave(spec, cfg, study, wave, store, chunk, progress, options, lock)
                 out.evaluated += [t.number for t in wave]
             numbers, reqs = confirmation_requests(spec, cfg, study)
             if reqs:
                 study.set_user_attr(ATTR_CONFIRMED, numbers)
                 out.confirmed = numbers
-                out.confirmation = run_requests(spec, reqs, store, progress=progress, options=options)
+                out.confirmation = run_requests(spec, reqs, store, progress=progress, options=options, lock=lock)
                 out.results += out.confirmation
         except KeyboardInterrupt:  # between waves; inside a wave run_requests raises Interrupted
             raise Interrupted("interrupted: finished runs are in the store and the study keeps every told "
@@ -294,13 +301,13 @@ def describe_search(spec: Spec, store: Store) -> Any:
     cfg = search_config(spec)
     url, name = study_location(spec, cfg, store)
     base = base_values(cfg, spec.trainer.preset, spec.overrides(spec.baseline))
-    space = Table("key", "type", "range / values", "base value", title=f"{spec.name}: search space")
+    space = Table("key", "type", "range / values", "base value", title=Text(f"{spec.name}: search space"))
     for key, p in cfg.space.items():
         if isinstance(p, (FloatParam, IntParam)):
             rng = f"[{p.low:g}, {p.high:g}]" + (" log" if p.log else "") + (f" step {p.step:g}" if p.step else "")
         else:
             rng = " | ".join(json.dumps(list(v)) if isinstance(v, tuple) else json.dumps(v) for v in p.values)
-        space.add_row(key, p.type, rng, json.dumps(base[key]))
+        space.add_row(*(Text(str(c)) for c in (key, p.type, rng, json.dumps(base[key]))))  # never markup
     objective = "mean final val loss" if not cfg.multi_objective else \
         "mean final val loss and mean train time (Pareto front)"
     lines = [f"sampler {cfg.sampler} (seed {cfg.sampler_seed}); {cfg.trials} suggestions × "

@@ -52,7 +52,7 @@ class SearchSpaceError(SpecError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FloatParam(_Strict):
@@ -171,25 +171,29 @@ class ChoiceParam(_Strict):
 Param = Annotated[Union[FloatParam, IntParam, ChoiceParam], Field(discriminator="type")]
 
 
+INT64_MAX = 2**63 - 1  # seeds are int64 in the store
+MAX_SEEDS = 10_000  # as ablate.spec.MAX_SEEDS
+
+
 class ConfirmConfig(_Strict):
     """Re-run the best `top_k` suggestions next to the baseline on fresh seeds, interleaved."""
 
-    top_k: int = Field(3, ge=1)
-    seeds: int = Field(8, ge=2)
+    top_k: int = Field(3, ge=1, le=1000)
+    seeds: int = Field(8, ge=2, le=MAX_SEEDS)
     # Confirmation seeds are first_seed..first_seed+seeds-1: fresh seeds (no winner's curse from
     # re-using the seeds a suggestion was selected on) and distinct run ids from the search runs.
-    first_seed: int = Field(1000, ge=0)
+    first_seed: int = Field(1000, ge=0, le=INT64_MAX - MAX_SEEDS)
 
 
 class SearchConfig(_Strict):
     """The validated `search:` block."""
 
     space: dict[str, Param]
-    trials: int = Field(ge=1)
-    seeds_per_trial: int = Field(2, ge=1)
+    trials: int = Field(ge=1, le=100_000)
+    seeds_per_trial: int = Field(2, ge=1, le=MAX_SEEDS)
     max_concurrent: int | None = Field(None, ge=1)
     sampler: Literal["tpe", "gp", "nsga2", "random"] = "tpe"
-    sampler_seed: int = 0
+    sampler_seed: int = Field(0, ge=0, le=2**31)  # + trials so far must stay below 2**32 (numpy)
     # Random (startup) suggestions before TPE / GP model the results; None = Optuna's default
     # capped at a third of `trials`. NSGA-II: population size, None = min(50, max(4, trials//3)).
     n_startup_trials: int | None = Field(None, ge=1)

@@ -8,7 +8,10 @@
     spec.config_hash("lr-0.05")      # identity of the arm's resolved config (resume key)
 
 The format is documented in docs/spec.md. Nothing here starts Ray or imports torch; the trainer's
-config tree (`trainer.config`) checks every override against the chosen preset.
+config tree (`trainer.config`) checks every override against the chosen preset. Untrusted input is
+bounded: at most MAX_SPEC_BYTES of YAML, no YAML aliases (an alias bomb expands a few hundred
+bytes into gigabytes), finite numbers only, seeds within int64, at most MAX_SEEDS seeds per arm
+and MAX_RUNS runs.
 """
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ablate.errors import SpecError
+from ablate.names import ARM_RULE, NAME_RULE, is_arm, is_experiment
 from trainer.config import flatten as _trainer_flatten
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-ARM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+MAX_SPEC_BYTES = 1024 * 1024  # a spec is a few KB; this bounds what `validate` reads and parses
+INT64_MAX = 2**63 - 1  # seeds are int64 in the store
+MAX_SEEDS = 10_000  # per arm
+MAX_RUNS = 100_000  # arms × seeds of one experiment
+MAX_RETRIES = 100
 GPU_CHOICES = (0, 1, 2, 4, 8)
 RANK_CHOICES = (1, 2, 4, 8)
 # Keys an arm may not set: the seed comes from `seeds:`, the preset from `trainer.preset`.
@@ -73,7 +80,7 @@ EXAMPLES = {
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class TrainerSpec(_Model):
@@ -122,6 +129,8 @@ class SequentialSeeds(_Model):
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be ≥ 1")
+        if v > MAX_SEEDS:
+            raise ValueError(f"must be ≤ {MAX_SEEDS} (seeds per arm)")
         return v
 
 
@@ -234,8 +243,8 @@ class Spec(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("must match [a-z0-9][a-z0-9_.-]* (it names the store folder)")
+        if not is_experiment(v):
+            raise ValueError(f"must match {NAME_RULE} (it names the store folder)")
         return v
 
     @field_validator("arms", mode="before")
@@ -246,10 +255,11 @@ class Spec(_Model):
         if not isinstance(v, Mapping):
             raise ValueError("must be a mapping of arm name → overrides")
         out: dict[str, Any] = {}
+        bad = [name for name in v if not is_arm(name)]
+        if bad:  # every bad name in one message
+            raise ValueError(f"arm name(s) {', '.join(map(repr, bad))} must be strings matching {ARM_RULE} (they "
+                             "become part of run ids and file names); quote numbers")
         for name, ov in v.items():
-            if not isinstance(name, str) or not ARM_RE.match(name):
-                raise ValueError(f"arm name {name!r} must be a string matching [A-Za-z0-9][A-Za-z0-9_.+-]* "
-                                 "(it becomes part of run ids and file names); quote numbers")
             if ov is None:
                 ov = {}
             if not isinstance(ov, Mapping):
@@ -266,12 +276,16 @@ class Spec(_Model):
         if isinstance(v, int):
             if v < 1:
                 raise ValueError("need at least 1 seed")
+            if v > MAX_SEEDS:
+                raise ValueError(f"at most {MAX_SEEDS} seeds per arm")
             return list(range(v))
         if isinstance(v, list):
             if not v:
                 raise ValueError("empty seed list: need at least 1 seed")
-            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
-                raise ValueError("seeds in a list must be integers ≥ 0")
+            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 or s > INT64_MAX for s in v):
+                raise ValueError(f"seeds in a list must be integers in 0..{INT64_MAX} (int64, the store's seed type)")
+            if len(v) > MAX_SEEDS:
+                raise ValueError(f"at most {MAX_SEEDS} seeds per arm")
             if len(set(v)) != len(v):
                 raise ValueError("seeds in a list must be unique")
             return v
@@ -288,8 +302,8 @@ class Spec(_Model):
     @field_validator("retries")
     @classmethod
     def _retries(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be ≥ 0")
+        if not 0 <= v <= MAX_RETRIES:
+            raise ValueError(f"must be in 0..{MAX_RETRIES}")
         return v
 
     @field_validator("target_loss")
@@ -376,7 +390,15 @@ class Spec(_Model):
 # Loading
 # --------------------------------------------------------------------------------------------
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (plain YAML keeps the last one silently)."""
+    """SafeLoader that rejects duplicate mapping keys (plain YAML keeps the last one silently) and
+    aliases (`*name`: a few hundred bytes of nested aliases expand into gigabytes)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecError(f"YAML alias *{event.anchor} on line {event.start_mark.line + 1} is not allowed in a spec "
+                            "(aliases can expand a small file into gigabytes); fix: write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if not any(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value):
@@ -401,10 +423,16 @@ def load_spec(path: str | Path) -> Spec:
     script paths (script arms) are taken from the file's folder."""
     src = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:  # at most MAX_SPEC_BYTES + 1: /dev/zero or a huge file is refused
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(f"spec file {src!r} cannot be read: {e.strerror or e}; fix: check the path "
                         "(relative paths are taken from the current directory)") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file {src!r} is larger than {MAX_SPEC_BYTES // 1024} KiB: not an experiment spec "
+                        "(they are a few KB); fix: check the path")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"spec file {src!r} is not UTF-8 text; fix: save it as UTF-8 YAML") from None
     return parse_spec_text(text, source=src, base_dir=Path(path).resolve().parent)
@@ -412,6 +440,8 @@ def load_spec(path: str | Path) -> Spec:
 
 def parse_spec_text(text: str, source: str = "<string>", *, base_dir: Path | None = None,
                     stored_scripts: Mapping[str, Any] | None = None) -> Spec:
+    if len(text.encode("utf-8", errors="replace")) > MAX_SPEC_BYTES:
+        raise SpecError(f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB: not an experiment spec", source)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except SpecError as e:
@@ -422,6 +452,8 @@ def parse_spec_text(text: str, source: str = "<string>", *, base_dir: Path | Non
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(f"not valid YAML{where}: {problem}; fix: check indentation and quoting there",
                         source) from None
+    except RecursionError:
+        raise SpecError("the YAML nests too deeply to be a spec; fix: check the file", source) from None
     spec = parse_spec(data, source, base_dir=base_dir, stored_scripts=stored_scripts)
     spec._text = text
     return spec
@@ -436,10 +468,12 @@ def parse_spec(data: Any, source: str = "<dict>", *, base_dir: Path | None = Non
         raise SpecError(f"the spec must be a YAML mapping (name:, trainer:, arms:, seeds:, ...), got "
                         f"{type(data).__name__}; fix: start from experiments/smoke.yaml", source)
     problems, known = _unknown_keys(data, Spec, "")
+    problems += _non_finite(known)
     try:  # the rest is checked without the unknown keys, so every problem is reported at once
         spec = Spec.model_validate(known)
     except ValidationError as e:
-        raise SpecError(problems + _pydantic_lines(e, ""), source) from None
+        # the schema failed; the overrides and the search space are still checked, from the raw values
+        raise SpecError(problems + _pydantic_lines(e, "") + _raw_problems(known, e), source) from None
     spec._base_dir = base_dir
     spec._stored_scripts = dict(stored_scripts) if stored_scripts is not None else None
     problems += _semantic_problems(spec)
@@ -447,6 +481,24 @@ def parse_spec(data: Any, source: str = "<dict>", *, base_dir: Path | None = Non
         raise SpecError(problems, source)
     spec._source = source
     return spec
+
+
+def _non_finite(data: Any, path: str = "") -> list[str]:
+    """Every NaN or infinite number in trainer.set, the arms and the search block (the typed
+    fields refuse them themselves: allow_inf_nan=False)."""
+    out: list[str] = []
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            if not path and k not in ("trainer", "arms", "search"):
+                continue
+            out += _non_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            out += _non_finite(v, f"{path}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        out.append(f"{path}={data!r}: not a finite number (.nan/.inf are never a valid setting); fix: a number, "
+                   "e.g. 0.03")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,70 +557,123 @@ def _pydantic_lines(err: ValidationError, prefix: str) -> list[str]:
             lines.append(f"{path}: missing (required){fix}")
             continue
         msg = str(e["msg"]).removeprefix("Value error, ")
-        lines.append(f"{path}={e['input']!r}: {msg}{fix}")
+        value = repr(e["input"])
+        if len(value) > 120:  # a long mapping: the message names what is wrong in it
+            lines.append(f"{path}: {msg}{fix}")
+        else:
+            lines.append(f"{path}={value}: {msg}{fix}")
     return lines
 
 
 def _semantic_problems(spec: Spec) -> list[str]:
-    """Cross-field checks and the trainer's own check of every override."""
-    from trainer.config import ConfigError, apply_overrides
-    from trainer.presets import get_preset
-
+    """Cross-field checks and the trainer's own check of every override and of the search space."""
     problems: list[str] = []
     if spec.baseline not in spec.arms:
         problems.append(f"baseline={spec.baseline!r} is not an arm (arms: {', '.join(spec.arms)}); fix: add "
                         f"`{spec.baseline}: {{}}` under arms, or set `baseline:` to one of the arms")
+    n_runs = len(spec.arms) * len(spec.max_seeds)
+    if n_runs > MAX_RUNS:
+        problems.append(f"arms × seeds = {len(spec.arms)} × {len(spec.max_seeds)} = {n_runs} runs, more than "
+                        f"{MAX_RUNS}; fix: fewer arms or seeds (or split the experiment)")
     from ablate.script import script_problems, uses_scripts
 
     if uses_scripts(spec):  # script experiments and script arms: ablate/script.py
         problems += script_problems(spec)
-        if spec.trainer.script is not None or spec.trainer.preset is None or problems:
+        if spec.trainer.script is not None or spec.trainer.preset is None:
             return problems
-    arms = {a: ov for a, ov in spec.arms.items() if not spec.is_script_arm(a)}  # the preset arms
-    r = spec.resources
+    preset_arms = {a: ov for a, ov in spec.arms.items() if not spec.is_script_arm(a)}
+    problems += _override_problems(spec.trainer.preset, spec.trainer.set, preset_arms, spec.resources,
+                                   spec.baseline, spec.search)
+    return problems
+
+
+def _raw_problems(data: Mapping[str, Any], err: ValidationError) -> list[str]:
+    """After a schema error: the override and search-space checks that the raw values still allow."""
+    failed = {str(e["loc"][0]) for e in err.errors() if e["loc"]}
+    trainer = data.get("trainer")
+    if "trainer" in failed or not isinstance(trainer, Mapping) or not isinstance(trainer.get("preset"), str):
+        return []
+    tset = trainer.get("set") or {}
+    arms = data.get("arms")
+    arms = {a: (o or {}) for a, o in arms.items() if is_arm(a) and isinstance(o or {}, Mapping)} \
+        if isinstance(arms, Mapping) else {}
+    from ablate.script import ARM_KEYS
+
+    arms = {a: o for a, o in arms.items() if not any(k in o for k in ARM_KEYS)}  # script arms take no overrides
     try:
-        base = apply_overrides(get_preset(spec.trainer.preset), {})
+        resources = Resources.model_validate(data.get("resources", {})) if "resources" not in failed else None
+    except ValidationError:
+        resources = None
+    baseline = data.get("baseline", "baseline")
+    search = data.get("search") if "search" not in failed else None
+    return _override_problems(trainer["preset"], tset if isinstance(tset, Mapping) else {}, arms, resources,
+                              baseline if isinstance(baseline, str) else "baseline", search)
+
+
+def _override_problems(preset: str, tset: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]],
+                       r: Resources | None, baseline: str, search: Any) -> list[str]:
+    """Reserved keys, the compile-cache clash, every override against the trainer's config tree
+    (each arm checked even when another fails), world-size divisibility and the search space."""
+    from trainer.config import ConfigError, apply_overrides
+    from trainer.presets import get_preset
+
+    problems: list[str] = []
+    try:
+        preset_cfg = apply_overrides(get_preset(preset), {})
     except ConfigError as e:
-        return problems + [f"trainer.preset: {e}; fix: {EXAMPLES['trainer.preset']}"]
-    for where, ov in [("trainer.set", spec.trainer.set)] + [(f"arms.{a}", o) for a, o in arms.items()]:
-        for key in flatten(ov):
+        return [f"trainer.preset: {e}; fix: {EXAMPLES['trainer.preset']}"]
+    cpu = {"runtime.device": "cpu"} if r is not None and r.gpus_per_run == 0 else {}
+    checked: dict[str, dict[str, Any]] = {}  # where → its overrides without the reserved keys
+    for where, ov in [("trainer.set", tset)] + [(f"arms.{a}", o) for a, o in arms.items()]:
+        flat = flatten(ov)
+        for key in flat:
             if key in RESERVED_KEYS:
                 problems.append(f"{where}: {key!r} cannot be overridden here; fix: use `{RESERVED_KEYS[key]}`")
-            if key == CACHE_KEY and r.compile_cache_dir:
+            if key == CACHE_KEY and r is not None and r.compile_cache_dir:
                 problems.append(f"{where}: {CACHE_KEY!r} and resources.compile_cache_dir="
                                 f"{r.compile_cache_dir!r} both set the compile cache; fix: keep only "
                                 "resources.compile_cache_dir")
-    if problems:
-        return problems
+        checked[where] = {k: v for k, v in flat.items() if k not in RESERVED_KEYS}
+    base_ok = True
     try:
-        base = apply_overrides(base, flatten(spec.trainer.set))
+        base = apply_overrides(preset_cfg, checked["trainer.set"])
     except ConfigError as e:
-        return [f"trainer.set: {line}" for line in str(e).splitlines()]
-    ranks = r.ranks
+        problems += [f"trainer.set: {line}" for line in str(e).splitlines()]
+        base, base_ok = preset_cfg, False  # the arms are still checked, against the preset alone
     indivisible: dict[int, list[str]] = {}  # reference_world_size → arms
+    arm_ok: dict[str, bool] = {}
     for arm in arms:
         try:
-            cfg = apply_overrides(base, spec.overrides(arm))
+            cfg = apply_overrides(base, {**checked[f"arms.{arm}"], **cpu})
         except ConfigError as e:
             problems += [f"arms.{arm}: {line}" for line in str(e).splitlines()]
+            arm_ok[arm] = False
             continue
-        if cfg.runtime.reference_world_size % ranks:
+        arm_ok[arm] = True
+        if r is not None and cfg.runtime.reference_world_size % r.ranks:
             indivisible.setdefault(cfg.runtime.reference_world_size, []).append(arm)
-        if r.gpus_per_run == 0 and flatten(spec.arms[arm]).get("runtime.device") == "cuda":
+        if r is not None and r.gpus_per_run == 0 and flatten(arms[arm]).get("runtime.device") == "cuda":
             problems.append(f"arms.{arm}: runtime.device='cuda' with resources.gpus_per_run=0; fix: give the run "
                             "GPUs or drop the device override")
-    if spec.search is not None and not problems:  # the search space, checked like any override
+    if search is not None:
         from ablate.search_space import SearchSpaceError, parse_search
 
-        try:
-            parse_search(spec.search, preset=spec.trainer.preset, base_overrides=spec.overrides(spec.baseline))
-        except SearchSpaceError as e:
-            problems += e.problems
-    for ref, arms in indivisible.items():
-        field = "resources.gpus_per_run" if r.gpus_per_run else "resources.cpu_ranks_per_run"
+        clash = [a for a in arms if re.fullmatch(r"t\d+", a)]
+        if clash:
+            problems.append(f"arms {', '.join(clash)}: names t<number> are the search's suggestions in a search "
+                            "spec; fix: rename those arms")
+        if base_ok and arm_ok.get(baseline, baseline not in arms):  # a valid base to search around
+            base_ov = {**checked["trainer.set"], **checked.get(f"arms.{baseline}", {}), **cpu}
+            try:
+                parse_search(search, preset=preset, base_overrides=base_ov)
+            except SearchSpaceError as e:
+                problems += e.problems
+    for ref, names in indivisible.items():
+        field = "resources.gpus_per_run" if r.gpus_per_run else "resources.cpu_ranks_per_run"  # type: ignore[union-attr]
+        ranks = r.ranks  # type: ignore[union-attr]
         ok = [d for d in RANK_CHOICES if ref % d == 0]
         problems.append(f"{field}={ranks}: {ranks} ranks do not divide runtime.reference_world_size={ref} "
-                        f"(arms: {', '.join(arms)}; grad accumulation = reference/ranks); fix: use one of "
+                        f"(arms: {', '.join(names)}; grad accumulation = reference/ranks); fix: use one of "
                         f"{', '.join(map(str, ok))}, or set runtime.reference_world_size: {ranks} in trainer.set")
     return problems
 

@@ -11,6 +11,7 @@ Layout (schema version 1, documented in docs/store.md):
     <root>/<experiment>/curves/<run_id>.parquet   val loss per evaluated step
     <root>/<experiment>/steps/<run_id>.parquet    step time per logged step
     <root>/<experiment>/inflight/<run_id>.json    a run the driver has launched and not yet written
+    <root>/<experiment>/lock.json                 the driver that runs the experiment (ablate.lock)
 
 A run is visible once its `runs` file exists: it is written last, so readers never see a run
 whose curve is missing. Local writes go to a hidden temporary file that is renamed into place;
@@ -18,6 +19,7 @@ object stores get one PUT of the finished object. Either way a killed writer lea
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -30,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ablate.errors import StoreError
+from ablate.names import check_experiment, check_relpath, is_experiment
 
 SCHEMA_VERSION = 1
 DATASETS = ("runs", "curves", "steps")
@@ -84,6 +87,8 @@ RUNS_SCHEMA = pa.schema([
     _f("wall_s", pa.float64(), False),
     _f("worker_runs_before", pa.int64()),
     _f("attn_backend", pa.string()),  # the trainer's resolved model.attn_backend (fa4 / flex / sdpa)
+    _f("data_synthetic", pa.bool_()),  # added in v1: the trainer's `start.data.synthetic` (null: unknown)
+    _f("data_hash", pa.string()),  # added in v1: `start.data.hash` of the shards that ran (null: unknown)
     _f("script_sha256", pa.string()),  # script runs (source=script): the script that ran, after patches
 ])
 _KEYS = [_f("run_id", pa.string(), False), _f("experiment", pa.string(), False),
@@ -119,8 +124,13 @@ class Store:
         return f"Store({self.uri!r})"
 
     # ---- paths -----------------------------------------------------------------------------
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts]) if self.root else "/".join(parts)
+    def _path(self, experiment: str, *parts: str) -> str:
+        """A path under the experiment's folder. The name and the parts are checked, so no
+        argument can point outside the store (`ablate report ../x`): SpecError (exit 2)."""
+        check_experiment(experiment)
+        for part in parts:
+            check_relpath(part)
+        return "/".join([self.root.rstrip("/"), experiment, *parts]) if self.root else "/".join([experiment, *parts])
 
     def display_path(self, experiment: str, relpath: str = "") -> str:
         """Where a file lives, as a user would type it (local path or URI)."""
@@ -146,8 +156,8 @@ class Store:
                 with self.fs.open_output_stream(path) as out:
                     out.write(data)
         except OSError as e:
-            raise StoreError(f"cannot write {path!r} in store {self.uri!r}: {e}; fix: check the store URI "
-                             "and its permissions/credentials (--store)") from None
+            raise StoreError(f"cannot write {path!r} in store {self.uri!r}: {_cause(e)}; fix: check the store URI, "
+                             "free space and permissions/credentials (--store)") from None
 
     def _table_bytes(self, table: pa.Table) -> bytes:
         buf = io.BytesIO()
@@ -170,32 +180,138 @@ class Store:
             row[k] = _timestamp(row[k])
         exp, run_id = row["experiment"], row["run_id"]
         keys = {k: row[k] for k in ("run_id", "experiment", "arm", "seed")}
+        files = []  # every file is built before the first is written: a bad value writes nothing
         for dataset, items, cols in (("curves", curve, ("step", "val_loss", "train_time_ms")),
-                                     ("steps", steps, ("step", "step_ms", "train_time_ms"))):
-            rows = [{**keys, **{c: it.get(c) for c in cols}} for it in items]
-            table = pa.Table.from_pylist(rows, schema=_with_meta(SCHEMAS[dataset], dataset))
-            self._put(self._path(exp, dataset, f"{run_id}.parquet"), self._table_bytes(table))
-        table = pa.Table.from_pylist([{f.name: row.get(f.name) for f in RUNS_SCHEMA}],
-                                     schema=_with_meta(RUNS_SCHEMA, "runs"))
-        self._put(self._path(exp, "runs", f"{run_id}.parquet"), self._table_bytes(table))
+                                     ("steps", steps, ("step", "step_ms", "train_time_ms")),
+                                     ("runs", None, None)):
+            rows = [{f.name: row.get(f.name) for f in RUNS_SCHEMA}] if items is None else \
+                [{**keys, **{c: it.get(c) for c in cols}} for it in items]
+            try:
+                table = pa.Table.from_pylist(rows, schema=_with_meta(SCHEMAS[dataset], dataset))
+            except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
+                raise StoreError(f"run {run_id!r}: a value does not fit the {dataset} schema v{SCHEMA_VERSION} "
+                                 f"({type(e).__name__}: {e}); nothing of this run was written") from None
+            files.append((self._path(exp, dataset, f"{run_id}.parquet"), self._table_bytes(table)))
+        for path, data in files:  # curves and steps first, the runs row last (the commit point)
+            self._put(path, data)
         self.clear_inflight(exp, run_id)
 
     def write_bytes(self, experiment: str, relpath: str, data: bytes) -> str:
         """Write a report file (or the spec copy) under the experiment; returns its path/URI."""
-        self._put(self._path(experiment, relpath), data)
+        self._put(self._path(experiment, *relpath.split("/")), data)
         return self.display_path(experiment, relpath)
 
-    def read_bytes(self, experiment: str, relpath: str) -> bytes | None:
-        path = self._path(experiment, relpath)
+    def create_exclusive(self, experiment: str, relpath: str, data: bytes) -> bool | None:
+        """Create a file only if it does not exist, atomically, complete from the first moment:
+        True if created, False if it existed; None where the filesystem cannot do this (object
+        stores: a PUT always wins; ablate.lock then verifies by reading back)."""
+        path = self._path(experiment, *relpath.split("/"))
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return None
+        parent = os.path.dirname(path)
+        tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            os.makedirs(parent, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)  # fails with EEXIST if the file exists: never replaces one
+            except FileExistsError:
+                return False
+            return True
+        except OSError as e:
+            raise StoreError(f"cannot write {path!r} in store {self.uri!r}: {_cause(e)}; fix: check free space "
+                             "and permissions (--store)") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def move_aside(self, experiment: str, relpath: str) -> bytes | None:
+        """Local stores: rename the file to a hidden unique name (atomic: of several callers only
+        one gets it), delete that, and return its bytes; None if it was gone already."""
+        path = self._path(experiment, *relpath.split("/"))
+        aside = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.aside"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"cannot move {path!r} in store {self.uri!r}: {_cause(e)}") from None
+        try:
+            with open(aside, "rb") as f:
+                return f.read(1024 * 1024)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+
+    def delete(self, experiment: str, relpath: str) -> None:
+        """Delete one file under the experiment (absent: nothing to do); StoreError if it fails."""
+        path = self._path(experiment, *relpath.split("/"))
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if _exists(self.fs, path) is False:
+                return
+            raise StoreError(f"cannot delete {path!r} in store {self.uri!r}: {_cause(e)}") from None
+
+    def remove_runs(self, experiment: str, run_ids: list[str]) -> None:
+        """Delete run attempts: each one's `runs` file first (it disappears from every table at
+        once), then its curves and steps, a script run's log and any in-flight marker."""
+        for run_id in run_ids:
+            for dataset in ("runs", "curves", "steps"):
+                self.delete(experiment, f"{dataset}/{run_id}.parquet")
+            self.delete(experiment, f"logs/{run_id}.txt")  # script runs (ablate.script_run)
+            self.delete(experiment, f"inflight/{run_id}.json")
+
+    def remove_experiment(self, experiment: str) -> None:
+        """Delete the experiment's folder with everything in it (runs, spec copy, reports, study)."""
+        path = self._path(experiment)
+        try:
+            self.fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if _exists(self.fs, path) is not False:
+                raise StoreError(f"cannot delete {path!r} in store {self.uri!r}: {_cause(e)}") from None
+
+    def clean_temporary(self, experiment: str) -> int:
+        """Delete the hidden temporary files a killed writer left in the experiment's run folders
+        (local stores; object stores have none). Call it only while holding the experiment lock:
+        then no other writer of these folders exists. Returns how many were removed."""
+        if not self.local:
+            return 0
+        removed = 0
+        for dataset in (*DATASETS, "inflight"):
+            sel = pafs.FileSelector(self._path(experiment, dataset), allow_not_found=True)
+            try:
+                infos = self.fs.get_file_info(sel)
+            except OSError:
+                continue
+            for i in infos:
+                if i.type == pafs.FileType.File and i.base_name.startswith(".") and i.base_name.endswith(".tmp"):
+                    _quiet_delete(self.fs, i.path)
+                    removed += 1
+        return removed
+
+    def read_bytes(self, experiment: str, relpath: str, max_bytes: int | None = None) -> bytes | None:
+        """A file under the experiment, or None if it does not exist. With `max_bytes`, a larger
+        file is a StoreError (nothing reads an unbounded file into memory by accident)."""
+        path = self._path(experiment, *relpath.split("/"))
         try:
             with self.fs.open_input_stream(path) as f:
-                return f.read()
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except FileNotFoundError:
             return None
         except OSError as e:
             if _exists(self.fs, path) is False:
                 return None
-            raise StoreError(f"cannot read {path!r} in store {self.uri!r}: {e}") from None
+            raise StoreError(f"cannot read {path!r} in store {self.uri!r}: {_cause(e)}") from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise StoreError(f"{path!r} in store {self.uri!r} is larger than {max_bytes} bytes: not a file ablate "
+                             "wrote; fix: move it aside")
+        return data
 
     # ---- in-flight markers (for `ablate status`) -------------------------------------------
     def mark_inflight(self, experiment: str, run_id: str, info: dict) -> None:
@@ -224,7 +340,7 @@ class Store:
         try:
             infos = self.fs.get_file_info(sel)
         except OSError as e:
-            raise StoreError(f"cannot list {sel.base_dir!r} in store {self.uri!r}: {e}") from None
+            raise StoreError(f"cannot list {sel.base_dir!r} in store {self.uri!r}: {_cause(e)}") from None
         return sorted(i.path for i in infos if i.type == pafs.FileType.File
                       and i.base_name.endswith(suffix) and not i.base_name.startswith((".", "_")))
 
@@ -235,7 +351,7 @@ class Store:
             try:
                 t = pq.read_table(path, filesystem=self.fs)
             except (OSError, pa.ArrowInvalid) as e:
-                raise StoreError(f"cannot read {path!r}: {e}; fix: move the damaged file aside") from None
+                raise StoreError(f"cannot read {path!r}: {_cause(e)}; fix: move the damaged file aside") from None
             tables.append(_conform(t, schema, path))
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
@@ -264,10 +380,10 @@ class Store:
         try:
             infos = self.fs.get_file_info(sel)
         except OSError as e:
-            raise StoreError(f"cannot list store {self.uri!r}: {e}") from None
+            raise StoreError(f"cannot list store {self.uri!r}: {_cause(e)}") from None
         out = []
         for i in infos:
-            if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_")):
+            if i.type == pafs.FileType.Directory and is_experiment(i.base_name):
                 sub = self.fs.get_file_info([self._path(i.base_name, "runs"), self._path(i.base_name, "spec.yaml")])
                 if any(s.type != pafs.FileType.NotFound for s in sub):
                     out.append(i.base_name)
@@ -302,20 +418,62 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
     if uri.startswith("s3://") and "allow_delayed_open" not in uri:
         # one PutObject of the finished object at close (small files), not a multipart upload
         arrow_uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
+    scheme = uri.split("://", 1)[0].lower()
+    arrow_error: Exception | None = None
     try:
         fs, root = pafs.FileSystem.from_uri(arrow_uri)
+        if isinstance(fs, pafs.S3FileSystem):
+            _check_bucket(fs, root, uri)
         return fs, root.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError):
-        pass
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        arrow_error = e
+    if scheme in _ARROW_SCHEMES and not isinstance(arrow_error, pa.ArrowNotImplementedError):
+        # pyarrow knows this scheme and said what is wrong (a bad query parameter, an unknown
+        # bucket, ...): that is the cause, not fsspec's "install s3fs"
+        raise StoreError(f"store URI {uri!r} is not usable: {_cause(arrow_error)}; fix: check the URI "
+                         "(s3://bucket/prefix?region=...&endpoint_override=host:port), the bucket and the "
+                         "credentials") from None
     try:
         import fsspec
 
         ffs, root = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError, OSError) as e:
-        raise StoreError(f"store URI {uri!r} is not usable: {e}; fix: use a local path, s3://bucket/prefix, or "
-                         "another fsspec URI whose package is installed") from None
+        first = f"pyarrow: {_cause(arrow_error)}; fsspec: " if arrow_error is not None else ""
+        raise StoreError(f"store URI {uri!r} is not usable: {first}{_cause(e)}; fix: use a local path, "
+                         "s3://bucket/prefix, or another fsspec URI whose package is installed") from None
     local = "file" in (ffs.protocol if isinstance(ffs.protocol, tuple) else (ffs.protocol,))
     return pafs.PyFileSystem(pafs.FSSpecHandler(ffs)), root.rstrip("/"), local
+
+
+# Schemes whose pyarrow error is the answer (ablate's documented S3 path); for other schemes
+# fsspec is tried next and both causes are reported if it fails too.
+_ARROW_SCHEMES = ("s3",)
+
+
+def _check_bucket(fs: pafs.FileSystem, root: str, uri: str) -> None:
+    """A missing S3 bucket lists as empty: say so instead of showing an empty store."""
+    bucket = root.split("/", 1)[0]
+    if not bucket:
+        raise StoreError(f"store URI {uri!r} names no bucket; fix: s3://bucket/prefix")
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError:
+        return  # e.g. no HeadBucket permission with a prefix-only policy: the first real access says why
+    if info.type == pafs.FileType.NotFound:
+        raise StoreError(f"store URI {uri!r}: bucket {bucket!r} does not exist (or these credentials cannot see "
+                         "it); fix: create it or correct the name")
+
+
+def _cause(e: BaseException | None) -> str:
+    """An exception's own text, with its chained causes (S3 errors keep the AWS error text)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).strip() or type(e).__name__
+        if not any(text in p for p in parts):
+            parts.append(text)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
 
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool | None:

@@ -11,6 +11,8 @@ spec.yaml (baseline, target_loss, analysis, sequential seeds) and settings.json 
 by `ablate import-logs --target`). Each arm counts only the runs of its current config
 (`select_configs`); `--all-configs` shows every config of an arm as its own row. Times in md and
 rich have 4 decimals like the record tables (132.7217 s); CSV and JSON keep full precision.
+An experiment whose ok runs read different data (the rows' data_synthetic / data_hash) is marked:
+a first footnote names each arm's data, the rich title and the JSON (`mixed_data`) flag it.
 Formulas: docs/statistics.md.
 """
 from __future__ import annotations
@@ -178,6 +180,30 @@ def select_configs(runs: pd.DataFrame, current: Mapping[str, str] | None = None,
     return ConfigSelection(kept, labels, hashes, left_out)
 
 
+def data_label(synthetic: Any, data_hash: Any) -> str | None:
+    """"synthetic <hash>" / "non-synthetic <hash>" for a run's data columns; None when unknown."""
+    if data_hash is None or (isinstance(data_hash, float) and math.isnan(data_hash)):
+        return None
+    kind = "synthetic" if synthetic is True or synthetic == 1 else "non-synthetic"
+    return f"{kind} {data_hash}"
+
+
+def _arm_data(runs: pd.DataFrame) -> str:
+    """The data sources of some ok runs, e.g. "non-synthetic 1a2b3c4d5e6f7a8b" ("" when unknown)."""
+    if "data_hash" not in runs:
+        return ""
+    syn = runs["data_synthetic"] if "data_synthetic" in runs else pd.Series([None] * len(runs), index=runs.index)
+    labels = {data_label(a, b) for a, b in zip(syn.tolist(), runs["data_hash"].tolist())}
+    return ", ".join(sorted(x for x in labels if x))
+
+
+def mixed_data(df: pd.DataFrame) -> bool:
+    """Whether the analysed arms' ok runs read more than one data source (known ones only)."""
+    if df.empty or "data" not in df:
+        return False
+    return len({x for cell in df["data"] for x in cell.split(", ") if x}) > 1
+
+
 def _fmt_p(p: float) -> str:
     return "p<0.0001" if p < 0.0001 else f"p={p:.4f}"
 
@@ -235,7 +261,7 @@ def table_from_runs(runs_df: pd.DataFrame, baseline: str = "baseline", target: f
                                "failed": int((status == "failed").sum()),
                                "cancelled": int((status == "cancelled").sum()),
                                "left_out_runs": out_runs, "left_out_configs": out_configs,
-                               "baseline_runs": len(base_ok)}
+                               "baseline_runs": len(base_ok), "data": _arm_data(a_ok)}
         if "gpu_count" in a_ok:  # world sizes pooled in one arm make its time μ/σ meaningless (notes)
             row["gpu_counts"] = ",".join(str(int(g)) for g in sorted(set(a_ok["gpu_count"].dropna())))
         pairs = stats.pair_runs(a_ok, base_ok) if arm in others else None
@@ -356,6 +382,10 @@ def notes(df: pd.DataFrame, settings: Settings) -> list[str]:
     arms = set(df["arm"])
     others = df[~df["is_baseline"]]
     out = []
+    if mixed_data(df):
+        per_arm = "; ".join(f"{r['arm']}: {r['data'] or 'unknown'}" for r in df.to_dict("records"))
+        out.append(f"**Mixed data sources:** the ok runs read different data (data_synthetic, data_hash), so "
+                   f"the differences mix the arms with their data — {per_arm}. Rerun on one data directory.")
     if settings.baseline not in arms:
         out.append(f"No arm named `{settings.baseline}`: nothing to compare with; pass --baseline ARM "
                    f"(arms: {', '.join(sorted(arms))}).")
@@ -448,6 +478,7 @@ def _json_value(v: Any) -> Any:
 
 def to_json(df: pd.DataFrame, settings: Settings, experiment: str) -> str:
     doc = {"experiment": experiment, **{k: v for k, v in asdict(settings).items() if k != "sequential"},
+           "mixed_data": mixed_data(df),
            "sequential": asdict(settings.sequential) if settings.sequential else None,
            "notes": notes(df, settings),
            "arms": [{k: _json_value(v) for k, v in r.items()} for r in df.to_dict("records")]}
@@ -502,13 +533,14 @@ def rich_grid(title: str, head: list[str], rows: list[list[str]], *, bold: list[
     from rich.text import Text
 
     styles = styles or {}
-    t = Table(title=title or None, show_edge=not compact, pad_edge=not compact)
+    # title, headers and cells as Text, never markup: a name, host or note with "[...]" prints as written
+    t = Table(title=Text(title) if title else None, show_edge=not compact, pad_edge=not compact)
     for i, name in enumerate(head):
         width = max([len(line) for line in name.split("\n")] + [len(r[i]) for r in rows])
         if i == 0:
-            t.add_column(name, overflow="fold")
+            t.add_column(Text(name), overflow="fold")
         else:
-            t.add_column(name, justify="left" if i in set(left) else "right", no_wrap=True, min_width=width)
+            t.add_column(Text(name), justify="left" if i in set(left) else "right", no_wrap=True, min_width=width)
     for k, row in enumerate(rows):
         t.add_row(*[Text(c, style=styles[i](c) if i in styles else "") for i, c in enumerate(row)],
                   style="bold" if bold and bold[k] else None)
@@ -570,7 +602,7 @@ class RichTable(Fitted):
 
 
 def to_rich(df: pd.DataFrame, settings: Settings, experiment: str) -> RichTable:
-    return RichTable(df, settings, experiment)
+    return RichTable(df, settings, f"{experiment} (MIXED DATA SOURCES)" if mixed_data(df) else experiment)
 
 
 def format_table(df: pd.DataFrame, settings: Settings, fmt: str = "rich", experiment: str = ""):

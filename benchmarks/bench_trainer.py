@@ -1,7 +1,7 @@
 """Per-stage step time, tokens/s and MFU of the trainer on GPU.
 
     python benchmarks/bench_trainer.py --preset speedrun --nproc 1 --steps-per-stage 40 \
-        --set data.data_dir=/tmp/data/synth-speedrun
+        --set data.data_dir=/tmp/data/synth-speedrun --set data.synthetic=true
 
 Runs the trainer under torchrun with the preset's batch-size stages shortened to
 `--steps-per-stage` steps each (schedule.num_scheduled_iterations = stages × steps, no

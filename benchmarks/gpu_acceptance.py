@@ -248,7 +248,7 @@ def commit_of(arg: str | None) -> str:
         return "unknown (no git; pass --commit)"
 
 
-def write_doc(path: Path, rows: list[Row], info: dict, commit: str, wall: float, machine_name: str) -> str:
+def write_doc(path: Path, rows: list[Row], info: dict, commit: str, wall: float, machine_name: str) -> None:
     ok = all(r.status != "FAIL" for r in rows)
     lines = [
         "# GPU acceptance record",
@@ -269,9 +269,7 @@ def write_doc(path: Path, rows: list[Row], info: dict, commit: str, wall: float,
     ]
     for r in rows:
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.detail.replace('|', '/')} |")
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs/gpu-acceptance.md"))
     ap.add_argument("--commit", default=os.environ.get("ACCEPT_COMMIT"))
     ap.add_argument("--machine", default=os.environ.get("ACCEPT_MACHINE", ""))
-    ap.add_argument("--parallel", type=int, default=3, help="GPU memory weight running at once (speedrun = 2)")
+    ap.add_argument("--parallel", type=int, default=4, help="GPU memory weight running at once (speedrun = 2)")
     ap.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -311,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs.append(Job("ablate run", lambda: ablate_rows(data_root / "small", out)))
     if args.only:
         jobs = [j for j in jobs if any(k in j.name for k in args.only)]
+    commit = commit_of(args.commit)
+    machine_name = args.machine or f"{n_gpu}×{info['gpus'][0]}"
     # small first (its compiled graphs warm the cache for pytest and ablate), then the heavy presets,
     # then pytest and ablate once every small job has finished
     order = sorted(jobs, key=lambda j: (0 if j.name.startswith(("mask", "small")) else
@@ -338,10 +338,13 @@ def main(argv: list[str] | None = None) -> int:
                     j.rows = [Row(j.name, "FAIL", 0.0, f"{type(e).__name__}: {e}")]
                 for r in j.rows:
                     print(f"[acceptance {time.perf_counter() - t0:5.0f} s] {r.status} {r.name}: {r.detail}", flush=True)
+                # the record so far, so that a run cut off by a time limit still leaves its rows
+                partial = [r for jj in jobs for r in jj.rows]
+                write_doc(out / "gpu-acceptance.partial.md", partial, info, commit, time.perf_counter() - t0,
+                          machine_name)
     rows = [r for j in jobs for r in j.rows]
     wall = time.perf_counter() - t0
-    machine_name = args.machine or f"{n_gpu}×{info['gpus'][0]}"
-    text = write_doc(Path(args.doc), rows, info, commit_of(args.commit), wall, machine_name)
+    write_doc(Path(args.doc), rows, info, commit, wall, machine_name)
     shutil.copy(args.doc, out / "gpu-acceptance.md")
     print()
     print(f"{'result':6}  {'s':>5}  check")

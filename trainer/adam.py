@@ -1,8 +1,11 @@
 """DistAdam: row-sharded Adam for the embeddings, value embeddings, lm_head and scalars.
 
-trainer-spec §2.3. Each rank keeps bf16 exp_avg / exp_avg_sq for its rows [r·n/W, (r+1)·n/W)
-only; gradients arrive through an averaging reduce-scatter and updated rows leave through an
-all-gather. The step uses the record's eps placement:
+trainer-spec §2.3. Each rank keeps exp_avg / exp_avg_sq (optim.adam.state_dtype, bf16 in the
+records) for its rows [r·n/W, (r+1)·n/W) only; gradients arrive through an averaging
+reduce-scatter and updated rows leave through an all-gather. A parameter whose dim 0 does not
+split over the ranks (a gate moved to Adam by optim.optimizer, e.g. the 1×12 smear gate) is
+replicated instead: its gradient is all-reduced and every rank updates all of it, as upstream's
+DistAdam does for small parameters from 2025-12-21 on. The step uses the record's eps placement:
 
     p ← p − lr_p·(√(1−β2^t)/(1−β1^t))·m/(√v + eps)        lr_p = adam.lr·lr_mult·lr_mul[family]
 
@@ -20,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from trainer.comm import all_gather_into, reduce_scatter_avg
-from trainer.config import ADAM_FAMILIES
+from trainer.comm import all_gather_into, all_reduce_avg, reduce_scatter_avg
+from trainer.config import ADAM_FAMILIES, FAMILIES
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -55,7 +58,8 @@ def _fast(on: Tensor):
 
 
 class DistAdam:
-    """Row-sharded Adam over (family, param) pairs, families embed / value_embed / scalars / head."""
+    """Row-sharded Adam over (family, param) pairs: embed / value_embed / scalars / head, and any
+    NorMuon family that optim.optimizer moves to Adam."""
 
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], cfg: "TrainConfig",
                  rank: int, world_size: int) -> None:
@@ -68,22 +72,30 @@ class DistAdam:
         self.params: list[torch.nn.Parameter] = []
         self.exp_avg: list[Tensor] = []
         self.exp_avg_sq: list[Tensor] = []
+        self.replicated: list[bool] = []  # dim 0 not divisible by world_size: all-reduce, full update
+        state_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.acfg.state_dtype]
         for fam, p in params:
-            if fam not in ADAM_FAMILIES:
-                raise ValueError(f"DistAdam: family={fam!r} is invalid; expected one of {', '.join(ADAM_FAMILIES)}")
-            if p.dim() == 0 or p.shape[0] % world_size:
+            if fam not in FAMILIES:
+                raise ValueError(f"DistAdam: family={fam!r} is invalid; expected one of {', '.join(FAMILIES)}")
+            if p.dim() == 0:
+                raise ValueError(f"DistAdam: {fam} parameter must have at least one dimension")
+            rep = p.shape[0] % world_size != 0
+            if rep and fam in ADAM_FAMILIES:  # the model pads these; a remainder is a bug upstream of here
                 raise ValueError(f"DistAdam: {fam} parameter of shape {tuple(p.shape)} needs dim 0 divisible "
                                  f"by world_size={world_size}; pad it (vocab to a multiple of 128, "
                                  "scalars with the world-size pad)")
-            rows = p.shape[0] // world_size
+            rows = p.shape[0] if rep else p.shape[0] // world_size
             shard = (rows,) + tuple(p.shape[1:])
             self.families.append(fam)
             self.params.append(p)
-            self.exp_avg.append(torch.zeros(shard, dtype=torch.bfloat16, device=p.device))
-            self.exp_avg_sq.append(torch.zeros(shard, dtype=torch.bfloat16, device=p.device))
+            self.replicated.append(rep)
+            self.exp_avg.append(torch.zeros(shard, dtype=state_dtype, device=p.device))
+            self.exp_avg_sq.append(torch.zeros(shard, dtype=state_dtype, device=p.device))
         self.t = 0  # Adam steps taken (bias correction); half the training steps when alternating
 
-    def _shard(self, p: Tensor) -> Tensor:
+    def _shard(self, p: Tensor, replicated: bool = False) -> Tensor:
+        if replicated:
+            return p.data
         rows = p.shape[0] // self.world_size
         return p.data[self.rank * rows:(self.rank + 1) * rows]
 
@@ -93,21 +105,22 @@ class DistAdam:
         a, o = self.acfg, self.cfg.optim
         b1, b2 = a.betas
         pending = []
-        for p in self.params:
+        for p, rep in zip(self.params, self.replicated):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            pending.append(reduce_scatter_avg(g, self.world_size))
+            pending.append((all_reduce_avg if rep else reduce_scatter_avg)(g, self.world_size))
         self.t += 1
         step_size = torch.tensor((1.0 - b2 ** self.t) ** 0.5 / (1.0 - b1 ** self.t), dtype=torch.float32)
         gathers = []
-        for fam, p, m, v, (g, work) in zip(self.families, self.params, self.exp_avg, self.exp_avg_sq, pending):
+        for fam, p, rep, m, v, (g, work) in zip(self.families, self.params, self.replicated, self.exp_avg,
+                                                self.exp_avg_sq, pending):
             if work is not None:
                 work.wait()
             lr = a.lr * float(lr_mult) * getattr(o.lr_mul, fam)
             decay = lr * a.weight_decay * getattr(o.wd_mul, fam)
-            shard = self._shard(p)
+            shard = self._shard(p, rep)
             _fast(shard)(shard, g, m, v, b1, b2, a.eps, torch.tensor(lr, dtype=torch.float32), step_size,
                          torch.tensor(decay, dtype=torch.float32))
-            if self.world_size > 1:
+            if self.world_size > 1 and not rep:
                 gathers.append(all_gather_into(p.data, shard))
         for work in gathers:
             if work is not None:

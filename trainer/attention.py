@@ -36,15 +36,17 @@ class Rotary(nn.Module):
 
     `extend(old, new)` (windows in tokens) interpolates the low-frequency dims:
     r = old·ω/(2π); w = clip((r − α)/(β − α), 0, 1); ω ← ω·(s + w(1 − s)) with s = old/new, and
-    multiplies attn_scale by 0.2·ln(new/old) + 1. `reset()` restores the base state."""
+    multiplies attn_scale by attn_factor·ln(new/old) + 1 (0.2 in the records). `reset()` restores
+    the base state. Frequencies and the YaRN update are fp32 with the records' operations; the
+    cos/sin tables are `dtype` (bf16 in the records, model.rope_dtype)."""
 
     def __init__(self, head_dim: int, rope_freqs: int, min_freq: float, attn_scale: float,
-                 alpha: float, beta: float) -> None:
+                 alpha: float, beta: float, attn_factor: float = 0.2, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         half = head_dim // 2
         base = torch.zeros(half, dtype=torch.float32)
         if rope_freqs:
-            base[:rope_freqs] = min_freq ** torch.linspace(0, 1, rope_freqs, dtype=torch.float64).float()
+            base[:rope_freqs] = min_freq ** torch.linspace(0, 1, rope_freqs, dtype=torch.float32)
         self.register_buffer("omega_base", base, persistent=False)
         self.register_buffer("omega", base.clone(), persistent=False)
         self.attn_scale_init = float(attn_scale)
@@ -56,16 +58,18 @@ class Rotary(nn.Module):
         # FlashAttention-4 op reads as its softmax scale without a device sync.
         self.attn_scale_host = torch.tensor(float(attn_scale))
         self.alpha, self.beta = float(alpha), float(beta)
+        self.attn_factor = float(attn_factor)
+        self.dtype = dtype
 
     @torch.no_grad()
     def extend(self, old_window: int, new_window: int) -> None:
         if new_window == old_window:
             return
-        r = old_window * self.omega.double() / (2 * math.pi)
-        w = ((r - self.alpha) / (self.beta - self.alpha)).clamp(0.0, 1.0)
+        r = old_window * self.omega / (2 * math.pi)
+        w = torch.clamp((r - self.alpha) / (self.beta - self.alpha), 0, 1)
         s = old_window / new_window
-        self.omega.copy_((self.omega.double() * (s + w * (1 - s))).float())
-        self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1.0
+        self.omega.mul_(s + w * (1 - s))
+        self.attn_scale *= self.attn_factor * math.log(new_window / old_window) + 1.0
         self.attn_scale_t.fill_(self.attn_scale)
         self.attn_scale_host.fill_(self.attn_scale)
 
@@ -77,13 +81,20 @@ class Rotary(nn.Module):
         self.attn_scale_host.fill_(self.attn_scale)
 
     def cos_sin(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(cos, sin) of shape (T, 1, head_dim/2), fp32, for positions 0..T-1 of the flat sequence."""
+        """(cos, sin) of shape (T, 1, head_dim/2) in the table dtype, for positions 0..T-1 of the
+        flat sequence; the angles are fp32 (θ = t·ω), rounded to the table dtype after cos/sin."""
         theta = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.omega)
-        return theta.cos()[:, None, :], theta.sin()[:, None, :]
+        return theta.cos().to(self.dtype)[:, None, :], theta.sin().to(self.dtype)[:, None, :]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (T, H, D) by the angle tables; dims i and i + D/2 form a pair. Math in fp32."""
+    """Rotate (T, H, D) by the angle tables; dims i and i + D/2 form a pair.
+
+    bf16 tables: the records' `rotary` (x1·cos + x2·sin, x1·(−sin) + x2·cos) in x's dtype, bf16 in
+    the model. fp32 tables: the same rotation in fp32, rounded to x's dtype once at the end."""
+    if cos.dtype != torch.float32:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 

@@ -1,6 +1,6 @@
 """Collectives for the sharded optimizers, on NCCL (GPU), gloo (CPU) or no process group at all.
 
-The optimizers call only these three functions, so the same step runs under
+The optimizers call only these functions, so the same step runs under
 `torchrun --nproc_per_node=8 -m trainer.train ...` (NCCL), two CPU ranks on gloo, and plain
 `python -m trainer.train ...` (world size 1, no process group).
 
@@ -115,6 +115,20 @@ def reduce_scatter_avg(full: Tensor, world_size: int) -> tuple[Tensor, Any]:
     raise RuntimeError(f"no reduce-scatter path works on backend {backend!r}: {last_err}")
 
 
+def all_reduce_avg(full: Tensor, world_size: int) -> tuple[Tensor, Any]:
+    """Average `full` over ranks into a new tensor: (result, work handle or None); for parameters
+    whose dim 0 does not split over the ranks (a 1×12 gate on Adam). With world_size 1 the result
+    is `full` itself. NCCL averages in the collective; other backends sum, then divide after wait."""
+    if world_size == 1:
+        return full, None
+    dist = _dist()
+    out = full.detach().clone().contiguous()
+    if str(dist.get_backend()) == "nccl":
+        return out, dist.all_reduce(out, op=dist.ReduceOp.AVG, async_op=True)
+    work = dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True)
+    return out, _Finishing(work, lambda: out.div_(world_size))
+
+
 def all_gather_into(out_full: Tensor, chunk: Tensor) -> Any:
     """Gather every rank's `chunk` into `out_full` (dim 0 = world_size·len(chunk)); async.
 
@@ -151,4 +165,4 @@ def all_gather_into(out_full: Tensor, chunk: Tensor) -> Any:
     return _Finishing(work, finish)
 
 
-__all__ = ["world", "reduce_scatter_avg", "all_gather_into"]
+__all__ = ["world", "reduce_scatter_avg", "all_reduce_avg", "all_gather_into"]

@@ -37,6 +37,24 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
+Dtype = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilyDtypes:
+    """Storage dtype of each parameter family; the records cast nn.Embedding/nn.Linear to bf16."""
+
+    attn: Dtype = "fp32"  # qkvo weights
+    mlp_up: Dtype = "fp32"  # c_fc
+    mlp_down: Dtype = "fp32"  # c_proj
+    attn_gate: Dtype = "bf16"  # per-layer attention gates
+    smear_gate: Dtype = "bf16"  # smear gate
+    embed: Dtype = "bf16"  # token embedding (its dtype is the activations' dtype)
+    value_embed: Dtype = "bf16"  # value-embedding tables
+    scalars: Dtype = "fp32"  # the packed scalars vector
+    head: Dtype = "bf16"  # lm_head
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     vocab_size: int = 50257  # tokens in the tokenizer; BOS is vocab_size - 1 for GPT-2
@@ -45,7 +63,8 @@ class ModelConfig:
     model_dim: int = 768  # residual width
     num_heads: int = 6  # attention heads
     head_dim: int = 128  # per-head width; num_heads * head_dim must equal model_dim
-    mlp_ratio: int = 4  # MLP hidden = mlp_ratio * model_dim, activation relu(x)^2
+    mlp_ratio: int = 4  # MLP hidden = mlp_ratio * model_dim
+    mlp_activation: Literal["relu2", "relu", "gelu", "silu"] = "relu2"  # MLP nonlinearity; records: relu(x)²
     no_attn_layers: tuple[int, ...] = (0, 7)  # layers whose block has no attention
     no_mlp_layers: tuple[int, ...] = (0,)  # layers whose block has no MLP
     long_window_layers: tuple[int, ...] = (4, 11)  # layers using the long window; others short
@@ -54,6 +73,7 @@ class ModelConfig:
     num_value_embeds: int = 3  # value-embedding tables
     # "tall": qkvo (4d, d), c_fc/c_proj (4d, d) as in 12-11; "wide": (d, 4d) as in 10-27.
     weight_layout: Literal["tall", "wide"] = "tall"
+    param_dtype: FamilyDtypes = field(default_factory=FamilyDtypes)  # storage dtype per parameter family
     sa_lambdas_init: tuple[float, float] = (0.5, 1.0)  # per-attention-layer (λ0, λ1) init
     # True (12-11): λ0 scales the QKV weight, λ1 scales W_O, ve added unscaled.
     # False (10-27): v = λ0·v + λ1·ve (λ0·v on layers without ve), W_O unscaled.
@@ -70,13 +90,19 @@ class ModelConfig:
     smear_gate: bool = True  # mix previous token's embedding in through a learned gate
     attn_gate: bool = True  # per-head output gate σ(W·x[:gate_channels])
     gate_channels: int = 12  # input channels read by the smear and attention gates
+    fp8_x_scale: float = 0.0  # FP8 head input scale; 0 = the records' √model_dim/448
+    fp8_w_scale: float = 2.0 ** -9  # FP8 head weight scale (records: 2⁻⁹)
+    fp8_grad_scale: float = 1.0 / 448  # FP8 head output-gradient scale (records: 1/448)
+    qk_norm: bool = True  # RMS-norm q and k before RoPE (both records)
+    rope_dtype: Literal["bf16", "fp32"] = "bf16"  # RoPE cos/sin tables and rotation: bf16 (records) or fp32
     rope_freqs: int = 32  # rotating frequencies; head_dim//2 - rope_freqs dims carry no position
     rope_min_freq: float = 1.0 / 1024  # frequencies run from 1 down to this (rad/token)
     attn_scale_init: float = 0.1  # softmax scale before any YaRN window extension
+    yarn_attn_factor: float = 0.2  # attn_scale ×= factor·ln(new/old) + 1 per window extension; 0 keeps it fixed
     yarn_alpha: float = 1.0  # YaRN ramp lower bound (in wavelengths per window)
     yarn_beta: float = 32.0  # YaRN ramp upper bound
     logit_softcap: float = 30.0  # logits ← cap·σ(z/softcap_div)
-    softcap_div: float = 7.5
+    softcap_div: float = 7.5  # the softcap divisor: logits ← cap·σ(z/softcap_div)
     fp8_head: bool = True  # FP8 lm_head in training via torch._scaled_mm; bf16 where unsupported
     # "auto": fa4 on a Hopper+ GPU where flash-attn-4 imports, else flex on GPU, sdpa on CPU (resolved
     # by the trainer; the resolved name is in the start event, the result row and the run's hash).
@@ -132,6 +158,11 @@ class ModelConfig:
             _fail("model.gate_channels", self.gate_channels, "must be ≤ model_dim")
         if self.logit_softcap <= 0 or self.softcap_div <= 0:
             _fail("model.logit_softcap", self.logit_softcap, "cap and divisor must be > 0")
+        for name in ("fp8_x_scale", "fp8_w_scale", "fp8_grad_scale"):
+            if getattr(self, name) < 0 or (name != "fp8_x_scale" and getattr(self, name) == 0):
+                _fail(f"model.{name}", getattr(self, name), "must be > 0 (fp8_x_scale: 0 = √model_dim/448)")
+        if self.yarn_attn_factor < 0:
+            _fail("model.yarn_attn_factor", self.yarn_attn_factor, "must be ≥ 0 (0 keeps the scale fixed)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +174,7 @@ class FamilyMults:
 
     attn: float = 1.0  # qkvo weights (NorMuon)
     mlp_up: float = 1.0  # c_fc (NorMuon)
-    mlp_down: float = 2.0  # c_proj (NorMuon); 12-11 sets 2 ("corrective factor for transpose")
+    mlp_down: float = 2.0  # c_proj (NorMuon); 12-11's lr_mul is 2 ("corrective factor to account for transpose")
     attn_gate: float = 1.0  # per-layer attention gates (NorMuon)
     smear_gate: float = 1.0  # smear gate (NorMuon)
     embed: float = 75.0  # token embedding (Adam)
@@ -161,9 +192,41 @@ class FamilyMults:
 class VarianceNormConfig:
     """NorMuon's second-moment (variance) normalization, on or off per family."""
 
-    attn: bool = True
+    attn: bool = True  # qkvo weights (Q, K, V and O blocks)
     mlp: bool = True  # mlp_up and mlp_down
     gates: bool = True  # attn_gate and smear_gate
+
+
+Axis = Literal["output", "input", "shape"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrientationConfig:
+    """NorMuon's variance-normalization axis per family, on the layer's F.linear weight (out × in):
+    "output" = one statistic per output unit (row), "input" = per input unit (column),
+    "shape" = the 10-27 rule on the STORED matrix (per row iff rows ≥ cols). 12-11 = the defaults."""
+
+    attn_qkv: Axis = "output"  # Q, K, V blocks of qkvo_w
+    attn_o: Axis = "output"  # W_O block; "input" = per head dimension (the 12-11 README's corrected heads)
+    mlp_up: Axis = "output"  # c_fc: "output" = per hidden unit
+    mlp_down: Axis = "input"  # c_proj: "input" = per hidden unit
+    attn_gate: Axis = "output"  # "output" = one statistic per head
+    smear_gate: Axis = "output"  # "output" = one statistic for the whole 1×k gate
+
+
+Optimizer = Literal["normuon", "adam"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilyOptimizer:
+    """Which optimizer updates each hidden-matrix / gate family (embed, value_embed, scalars and
+    head are always Adam). On Adam a family uses adam.lr · lr_mul[family] and wd_mul[family]."""
+
+    attn: Optimizer = "normuon"  # qkvo weights
+    mlp_up: Optimizer = "normuon"  # c_fc
+    mlp_down: Optimizer = "normuon"  # c_proj
+    attn_gate: Optimizer = "normuon"  # attention gates
+    smear_gate: Optimizer = "normuon"  # smear gate (moved to Adam upstream from 2025-12-21)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,13 +240,14 @@ class MuonConfig:
     weight_decay: float = 1.2  # decay coefficient
     cautious_wd: bool = True  # decay only where sign(update) == sign(param) (12-11)
     wd_lr_scaled: bool = True  # decay = wd·lr·lr_eff (12-11); False: p·(1 − wd·wd_mul) (10-27)
-    variance_norm: VarianceNormConfig = field(default_factory=VarianceNormConfig)
-    # "neuron" (12-11): per-row for gates and rows ≥ cols, else per-column.
-    # "shape" (10-27): per-row iff stored rows ≥ cols, gates included.
-    orientation: Literal["neuron", "shape"] = "neuron"
+    variance_norm: VarianceNormConfig = field(default_factory=VarianceNormConfig)  # NorMuon variance normalization on
+    orientation: OrientationConfig = field(default_factory=OrientationConfig)  # normalization axis per family
     norm_fp32: bool = True  # mean-square in fp32 (12-11) or bf16 (10-27)
+    second_moment_dtype: Literal["param", "fp32"] = "param"  # EMA buffer dtype: the param's (records: bf16 gates) or fp32
     tall_lr_rule: bool = True  # lr_eff = lr·max(1, rows/cols)^½ from the stored shape
-    polar_iters: int = 5  # Polar Express iterations (1..5 of the fixed coefficient list)
+    # Polar Express coefficient set (trainer/polar.py POLAR_SETS): the records' 5 steps, or 4/3-step
+    # sets derived the same way (Amsel et al. 2025: ℓ=1e-3, safety 2e-2, cushion 0.02).
+    polar_coeffs: Literal["record-5", "pe-4", "pe-3"] = "record-5"
     polar_backend: Literal["auto", "triton", "torch"] = "auto"  # Triton symmetric kernels on GPU
     custom_groups_8: bool = True  # the record's [1, 10, 16, 16] grouping when world_size == 8
 
@@ -193,8 +257,6 @@ class MuonConfig:
         for n in ("momentum_min", "momentum_max", "beta2"):
             if not 0.0 <= getattr(self, n) < 1.0:
                 _fail(f"optim.muon.{n}", getattr(self, n), "must be in [0, 1)")
-        if not 1 <= self.polar_iters <= 5:
-            _fail("optim.muon.polar_iters", self.polar_iters, "must be in 1..5")
         if self.momentum_warmup_steps < 0 or self.momentum_cooldown_steps < 0:
             _fail("optim.muon.momentum_warmup_steps", self.momentum_warmup_steps, "must be ≥ 0")
 
@@ -202,10 +264,11 @@ class MuonConfig:
 @dataclass(frozen=True, kw_only=True)
 class AdamConfig:
     lr: float = 0.008  # base LR; per-family lr_mul multiplies it
-    betas: tuple[float, float] = (0.65, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.65, 0.95)  # (β1, β2) of the moment EMAs
+    eps: float = 1e-8  # added to √v before the bias correction (the records' placement)
+    weight_decay: float = 0.0  # p ← p·(1 − lr·wd·wd_mul) before the update
     every_other_step: bool = True  # step Adam only on odd steps with two steps' gradients
+    state_dtype: Dtype = "bf16"  # exp_avg / exp_avg_sq dtype (records: bf16)
 
     def __post_init__(self) -> None:
         if self.lr < 0:
@@ -220,10 +283,15 @@ class AdamConfig:
 class OptimConfig:
     muon: MuonConfig = field(default_factory=MuonConfig)
     adam: AdamConfig = field(default_factory=AdamConfig)
-    lr_mul: FamilyMults = field(default_factory=FamilyMults)
-    wd_mul: FamilyMults = field(
+    optimizer: FamilyOptimizer = field(default_factory=FamilyOptimizer)  # optimizer of the family
+    lr_mul: FamilyMults = field(default_factory=FamilyMults)  # LR multiplier
+    wd_mul: FamilyMults = field(  # weight-decay multiplier
         default_factory=lambda: FamilyMults(mlp_down=1.0, embed=1.0, value_embed=1.0, scalars=1.0))
     grad_reduction: Literal["mean", "sum"] = "mean"  # micro-batch losses averaged (12-11) or summed
+
+    def normuon_families(self) -> tuple[str, ...]:
+        """The families NorMuon updates; every other family is Adam's (optim.optimizer)."""
+        return tuple(f for f in MUON_FAMILIES if getattr(self.optimizer, f) == "normuon")
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +309,7 @@ class ScheduleConfig:
     lr_flat_extension: bool = True
     block_size: int = 128  # window unit in tokens
     ws_schedule: tuple[int, ...] = (3, 7, 11)  # long window (blocks) per equal part of the schedule
+    short_window_ratio: float = 0.5  # short window = floor(long · ratio) blocks (records: long // 2)
     ws_final: int = 13  # long window during extension steps
     ws_validate: int = 20  # long window at the final validation (no extra YaRN step)
     # Global tokens per optimizer step per equal part of the schedule; int(len·step/N) picks it.
@@ -265,6 +334,8 @@ class ScheduleConfig:
             _fail("schedule.lr_max_thresholds", self.lr_max_thresholds, "must be increasing")
         if not self.ws_schedule or any(w < 1 for w in self.ws_schedule):
             _fail("schedule.ws_schedule", self.ws_schedule, "a non-empty list of window sizes ≥ 1 (in blocks)")
+        if not 0.0 < self.short_window_ratio <= 1.0:
+            _fail("schedule.short_window_ratio", self.short_window_ratio, "must be in (0, 1]")
         if min(self.ws_final, self.ws_validate, self.block_size) < 1:
             _fail("schedule.ws_final", self.ws_final, "windows and block_size must be ≥ 1")
         if not self.train_bs_schedule or min(self.train_bs_schedule) < 1 or self.train_bs_extension < 1:
@@ -278,8 +349,8 @@ class ScheduleConfig:
 class SynthConfig:
     """Learnable synthetic shards (Zipf unigram + Markov bigram structure, BOS-separated docs)."""
 
-    train_tokens: int = 200_000_000
-    val_tokens: int = 10_485_760
+    train_tokens: int = 200_000_000  # training tokens generated (in shards of shard_tokens)
+    val_tokens: int = 10_485_760  # validation targets generated (the val shard holds one more token)
     seed: int = 1234  # data seed, independent of the run seed
     mean_doc_len: int = 600  # mean document length in tokens (geometric-ish distribution)
     zipf_a: float = 1.1  # Zipf exponent of the unigram distribution
@@ -288,11 +359,14 @@ class SynthConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    data_dir: str = "data/synth-speedrun"  # directory holding the shards (relative → cwd)
-    train_pattern: str = "fineweb_train_*.bin"
-    val_pattern: str = "fineweb_val_*.bin"
-    synthetic: bool = True  # generate `synth` shards into data_dir when none exist
-    synth: SynthConfig = field(default_factory=SynthConfig)
+    data_dir: str = "data/fineweb10B"  # directory holding the shards (relative → cwd)
+    train_pattern: str = "fineweb_train_*.bin"  # training shard file names in data_dir
+    val_pattern: str = "fineweb_val_*.bin"  # validation shard file names in data_dir
+    synthetic: bool = False  # generate `synth` shards into data_dir when none exist
+    # "file": documents in file order, the same stream for every seed (upstream); "shuffled": the
+    # seed also permutes the documents within each shard.
+    order: Literal["file", "shuffled"] = "file"
+    synth: SynthConfig = field(default_factory=SynthConfig)  # synthetic data
     bos_id: int = 50256  # documents start with this token
     train_max_seq_len: int = 2048  # documents cut at this many tokens
     align_bos: bool = True  # training sequences start at a BOS token
@@ -341,7 +415,7 @@ class RuntimeConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     preset: str = "speedrun"  # the preset this config started from (informational)
-    seed: int = 0  # run seed: init and data order
+    seed: int = 0  # run seed: initialization (and document order when data.order = shuffled)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -406,6 +480,72 @@ def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """(class name, field name) → the field's comment in this file: the trailing `# ...` of its
+    line, else the comment lines right above it. The comments are the one place a knob is explained."""
+    import ast
+    import io
+    import tokenize
+
+    src = open(__file__, encoding="utf-8").read()
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = src.splitlines()
+    out: dict[tuple[str, str], str] = {}
+    for node in ast.parse(src).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            text = comments.get(item.lineno) or comments.get(item.end_lineno or item.lineno)
+            if not text:
+                above, n = [], item.lineno - 1
+                while n >= 1 and lines[n - 1].strip().startswith("#"):
+                    above.insert(0, comments.get(n, ""))
+                    n -= 1
+                text = " ".join(above)
+            out[(node.name, item.target.id)] = text
+    return out
+
+
+def _type_name(t: Any) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list[{_type_name(args[0])}]"
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    return getattr(t, "__name__", str(t))
+
+
+def describe_keys(cfg: "TrainConfig | None" = None) -> list[dict[str, Any]]:
+    """Every dotted key with its type, its value in `cfg` (default: TrainConfig()) and a one-line
+    meaning, e.g. {"key": "optim.muon.lr", "type": "float", "default": 0.023, "meaning": "..."}.
+    A nested field's meaning is prefixed by its parent's comment ("LR multiplier: qkvo weights")."""
+    cfg = TrainConfig() if cfg is None else cfg
+    notes = _field_comments()
+    rows: list[dict[str, Any]] = []
+
+    def walk(obj: Any, prefix: str, parent_note: str) -> None:
+        hints = _hints(type(obj))
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            note = notes.get((type(obj).__name__, f.name), "")
+            if is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.", note)
+                continue
+            rows.append({"key": f"{prefix}{f.name}", "type": _type_name(hints[f.name]),
+                         "default": list(v) if isinstance(v, tuple) else v,
+                         "meaning": f"{parent_note}: {note}" if parent_note and note else (note or parent_note)})
+
+    walk(cfg, "", "")
+    return rows
 
 
 def _near(key: str, candidates: list[str]) -> str:

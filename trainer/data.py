@@ -9,9 +9,13 @@ then ntokens uint16 tokens; files `<dir>/fineweb_train_000001.bin ...`, `<dir>/f
 
 Training batches (one flat packed sequence per rank and micro-batch): documents start at BOS,
 each is clipped to data.train_max_seq_len, and documents are packed until exactly T+1 tokens
-(the last one cut; the rest of it is skipped). Document order within a shard is a permutation
-drawn from the run seed, so the seed sets the data order; ranks take consecutive sequences of
-one global stream, so rank r of W gets what micro-batch r of one rank would get.
+(the last one cut; the rest of it is skipped); ranks take consecutive sequences of one global
+stream, so rank r of W gets what micro-batch r of one rank would get. Document order
+(data.order): "file" reads documents in file order, the same stream for every seed, with the
+records' shard boundary rule (the sequences of one optimizer step, reference_world_size of them,
+never span two shards: a step that does not fit in what is left of a shard starts at the next
+shard's first document); "shuffled" permutes each shard's documents by the run seed and packs
+across shard ends.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import argparse
 import concurrent.futures
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -152,20 +157,33 @@ def _index_shard(path: Path, bos_id: int, max_seq_len: int, seed: int, epoch: in
     return _Shard(tokens, starts, lens, cum)
 
 
+ORDERS = ("file", "shuffled")
+
+
 class TrainLoader:
     """Training micro-batches for one rank of `world_size` (see the module docstring).
 
     `next_batch(T)` consumes one packed sequence of T+1 tokens per rank of the global stream and
-    returns this rank's. Deterministic in (files, seed, world-independent stream). With
-    align_bos=False sequences are plain consecutive windows of the shards instead.
+    returns this rank's. Deterministic in (files, order, seed if shuffled, world-independent
+    stream). `group` (order "file") is the number of sequences of one optimizer step over all
+    ranks and micro-batches (runtime.reference_world_size); a step's group never spans two shards,
+    as in the records' 8-GPU loader. With align_bos=False sequences are plain consecutive windows
+    of the shards instead.
     """
 
     def __init__(self, files: list[Path], *, bos_id: int, max_seq_len: int, rank: int, world_size: int,
-                 seed: int, align_bos: bool = True) -> None:
+                 seed: int, align_bos: bool = True, order: str = "file", group: int | None = None) -> None:
         if not files:
             raise DataError("TrainLoader needs at least one training shard")
+        if order not in ORDERS:
+            raise DataError(f"data.order={order!r} is invalid: choose one of {', '.join(ORDERS)}")
+        group = world_size if group is None else group
+        if group < world_size or group % world_size:
+            raise DataError(f"TrainLoader group={group} must be a multiple of world_size={world_size}")
         self.files, self.bos_id, self.max_seq_len = list(files), bos_id, max_seq_len
         self.rank, self.world_size, self.seed, self.align_bos = rank, world_size, seed, align_bos
+        self.order, self.group = order, group
+        self._in_group = 0  # sequences of the current group already taken (order "file")
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._epoch, self._idx = 0, 0
         self._next = self._submit(0, 0)
@@ -176,7 +194,7 @@ class TrainLoader:
 
     def _submit(self, epoch: int, idx: int) -> concurrent.futures.Future:
         return self._pool.submit(_index_shard, self.files[idx], self.bos_id, self.max_seq_len,
-                                 self.seed, epoch, idx, self.align_bos)
+                                 self.seed, epoch, idx, self.align_bos and self.order == "shuffled")
 
     def _advance(self) -> None:
         self._shard = self._next.result()
@@ -187,8 +205,9 @@ class TrainLoader:
         self._next = self._submit(nxt_epoch, nxt_idx)
         self._cur_epoch, self._epoch, self._idx = self._epoch, nxt_epoch, nxt_idx
         if self._cur_epoch > 0 and not self._warned:
+            again = "with a new document order" if self.order == "shuffled" else "in the same order (data.order=file)"
             print(f"[trainer.data] training data exhausted after {len(self.files)} shard(s); starting "
-                  f"epoch {self._cur_epoch} with a new document order", file=sys.stderr)
+                  f"epoch {self._cur_epoch} {again}", file=sys.stderr)
             self._warned = True
 
     def _take(self, need: int, keep: bool) -> np.ndarray | None:
@@ -225,7 +244,30 @@ class TrainLoader:
                 self._cursor, need = self._cursor + got, need - got
         return np.concatenate(pieces) if keep else None
 
+    def _fits(self, need: int, count: int) -> bool:
+        """Whether `count` sequences of `need` tokens can still be packed from the current shard."""
+        sh, c = self._shard, self._cursor
+        for _ in range(count):
+            m = int(np.searchsorted(sh.cum, sh.cum[c] + need, side="left"))
+            if m > sh.starts.size:
+                return False
+            c = m  # the last document is cut; its rest is skipped
+        return True
+
+    def _start_group(self, tokens_local: int) -> None:
+        """Order "file": move to the next shard unless the whole step's group fits in this one."""
+        for _ in range(len(self.files) + 1):
+            if self._fits(tokens_local + 1, self.group):
+                return
+            self._advance()
+        raise DataError(f"no training shard holds one step of {self.group} sequences of {tokens_local + 1} "
+                        f"tokens ({self.files[0].parent}); use larger shards or a smaller batch")
+
     def next_batch(self, tokens_local: int) -> Batch:
+        if self.order == "file" and self.align_bos:
+            if self._in_group == 0:
+                self._start_group(tokens_local)
+            self._in_group = (self._in_group + self.world_size) % self.group
         mine: np.ndarray | None = None
         for r in range(self.world_size):
             if self.align_bos:
@@ -496,12 +538,36 @@ def ensure_data(data_dir: str | Path, *, train_pattern: str, val_pattern: str, s
                             f"({diff}); delete {d} to regenerate, or set data.data_dir to a new directory")
     if not train:
         raise DataError(f"no training shards matching {train_pattern!r} in {d} (data.data_dir); download "
-                        f"FineWeb with `python -m trainer.data fineweb --out {d}`, generate with "
-                        f"`python -m trainer.data synth --out {d} ...`, or set data.synthetic=true")
+                        f"FineWeb with `python -m trainer.data fineweb --out {d} --train-shards 9`, point "
+                        f"data.data_dir at existing shards, or train on synthetic data with "
+                        f"data.synthetic=true (and e.g. data.data_dir=data/synth-speedrun)")
     if not val:
         raise DataError(f"no validation shards matching {val_pattern!r} in {d} (data.data_dir); "
                         f"add fineweb_val_000000.bin there or set data.synthetic=true with an empty directory")
     return train, val
+
+
+def data_provenance(data_dir: str | Path, train: list[Path], val: list[Path]) -> dict:
+    """What a run reads: {"dir", "synthetic", "hash", "train_shards", "val_shards", "train_tokens"}.
+
+    `synthetic` is whether data_dir holds the synthetic generator's manifest (synth.json), i.e.
+    what the shards are, whatever data.synthetic says. `hash` (16 hex digits) covers every shard's
+    file name, 1024-byte header (magic, version, token count) and first 4096 tokens: cheap to
+    compute, and different for FineWeb, for synthetic data of other settings, or for a different
+    set of shards."""
+    h = hashlib.sha256()
+    tokens = 0
+    for kind, files in (("train", train), ("val", val)):
+        for f in files:
+            with open(f, "rb") as fh:
+                head = fh.read(HEADER_BYTES + 2 * 4096)
+            h.update(f"{kind}:{Path(f).name}:".encode())
+            h.update(head)
+            if kind == "train":
+                tokens += int(np.frombuffer(head[:HEADER_BYTES], dtype=np.int32)[2])
+    d = Path(data_dir)
+    return {"dir": str(d.resolve()), "synthetic": (d / MANIFEST).exists(), "hash": h.hexdigest()[:16],
+            "train_shards": len(train), "val_shards": len(val), "train_tokens": tokens}
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,6 +581,9 @@ def download_fineweb(out_dir: str | Path, train_shards: int) -> None:
     import urllib.request
 
     out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        raise DataError(f"{out} holds synthetic shards ({MANIFEST}); download FineWeb into another directory "
+                        f"or delete {out} first (its shards would otherwise pass for FineWeb)")
     out.mkdir(parents=True, exist_ok=True)
     names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, train_shards + 1)]
     for name in names:

@@ -29,6 +29,13 @@ from trainer.attention import Rotary, apply_rotary, attend, build_mask
 from trainer.config import ModelConfig
 
 FP8_MAX_E4M3 = 448.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.param_dtype / model.rope_dtype values
+ACTIVATIONS = {  # model.mlp_activation
+    "relu2": lambda h: F.relu(h).square(),  # both records
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -75,17 +82,19 @@ class Attention(nn.Module):
         d = m.model_dim
         self.d, self.h, self.hd, self.gc = d, m.num_heads, m.head_dim, m.gate_channels
         self.premul_o = m.premul_o
+        self.qk_norm = m.qk_norm
         self.long = layer in m.long_window_layers
         # Stored (4d, d) "tall" or (d, 4d) "wide"; its memory viewed as (4, d, d) is Q, K, V, O (out×in).
-        self.qkvo_w = nn.Parameter(torch.empty((4 * d, d) if m.weight_layout == "tall" else (d, 4 * d)))
+        qkvo = torch.empty((4 * d, d) if m.weight_layout == "tall" else (d, 4 * d))
         bound = 3 ** 0.5 * m.init_scale * d ** -0.5
         with torch.no_grad():
-            w = self.qkvo_w.view(4, d, d)
-            w[:3].uniform_(-bound, bound)
+            w = qkvo.view(4, d, d)
+            w[:3].uniform_(-bound, bound)  # drawn in fp32, then stored in model.param_dtype.attn
             w[3].zero_()
+        self.qkvo_w = nn.Parameter(qkvo.to(DTYPES[m.param_dtype.attn]))
         self.gate = None
         if m.attn_gate:
-            self.gate = nn.Parameter(torch.zeros(m.num_heads, m.gate_channels, dtype=torch.bfloat16))
+            self.gate = nn.Parameter(torch.zeros(m.num_heads, m.gate_channels, dtype=DTYPES[m.param_dtype.attn_gate]))
 
     def forward(self, x: Tensor, ve: Tensor | None, lam: Tensor, cos: Tensor, sin: Tensor, mask,
                 backend: str, scale: tuple[Tensor | None, float | Tensor]) -> Tensor:
@@ -96,7 +105,11 @@ class Attention(nn.Module):
         if self.premul_o:  # 12-11: λ0 scales the QKV weight, λ1 scales W_O, ve added unscaled
             w_qkv, w_o = lam[0] * w_qkv, lam[1] * w_o
         q, k, v = F.linear(x, w_qkv.type_as(x)).view(T, 3, h, hd).unbind(1)
-        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ve is not None:  # in v's dtype (the value tables may be stored in another: model.param_dtype)
+            ve = ve.view(T, h, hd).type_as(v)
         if self.premul_o:
             if ve is not None:
                 v = v + ve.view(T, h, hd)
@@ -107,7 +120,7 @@ class Attention(nn.Module):
             q = q * q_mul.to(q.dtype)
         y = attend(q, k, v, mask, backend, kernel_scale)
         if self.gate is not None:
-            y = y * torch.sigmoid(F.linear(x[:, :self.gc], self.gate)).view(T, h, 1)
+            y = y * torch.sigmoid(F.linear(x[:, :self.gc], self.gate.type_as(x))).view(T, h, 1)
         return F.linear(y.reshape(T, d), w_o.type_as(y))
 
 
@@ -117,17 +130,19 @@ class MLP(nn.Module):
         d, hid = m.model_dim, m.hidden_dim
         self.tall = m.weight_layout == "tall"
         shape = (hid, d) if self.tall else (d, hid)
-        self.c_fc = nn.Parameter(torch.empty(shape))
-        self.c_proj = nn.Parameter(torch.zeros(shape))
+        fc = torch.empty(shape)
         bound = 3 ** 0.5 * m.init_scale * d ** -0.5
         with torch.no_grad():
-            self.c_fc.uniform_(-bound, bound)
+            fc.uniform_(-bound, bound)  # drawn in fp32, then stored in model.param_dtype.mlp_up
+        self.c_fc = nn.Parameter(fc.to(DTYPES[m.param_dtype.mlp_up]))
+        self.c_proj = nn.Parameter(torch.zeros(shape, dtype=DTYPES[m.param_dtype.mlp_down]))
+        self.act = ACTIVATIONS[m.mlp_activation]
 
     def forward(self, x: Tensor) -> Tensor:
         fc, proj = self.c_fc.type_as(x), self.c_proj.type_as(x)
         if self.tall:  # (4d, d): linear(x, c_fc), linear(h, c_projᵀ)
-            return F.linear(F.relu(F.linear(x, fc)).square(), proj.t())
-        return F.linear(F.relu(F.linear(x, fc.t())).square(), proj)  # (d, 4d)
+            return F.linear(self.act(F.linear(x, fc)), proj.t())
+        return F.linear(self.act(F.linear(x, fc.t())), proj)  # (d, 4d)
 
 
 class Block(nn.Module):
@@ -156,13 +171,15 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = m
         V, d, L = m.padded_vocab, m.model_dim, m.num_layers
-        self.embed = nn.Embedding(V, d).bfloat16()
-        self.value_embeds = nn.ModuleList(nn.Embedding(V, d).bfloat16() for _ in range(m.num_value_embeds))
+        dt = m.param_dtype
+        self.embed = nn.Embedding(V, d).to(DTYPES[dt.embed])
+        self.value_embeds = nn.ModuleList(nn.Embedding(V, d).to(DTYPES[dt.value_embed])
+                                          for _ in range(m.num_value_embeds))
         self.smear_gate = None
         if m.smear_gate:
-            self.smear_gate = nn.Parameter(torch.zeros(1, m.gate_channels, dtype=torch.bfloat16))
+            self.smear_gate = nn.Parameter(torch.zeros(1, m.gate_channels, dtype=DTYPES[dt.smear_gate]))
         self.blocks = nn.ModuleList(Block(m, i) for i in range(L))
-        self.lm_head = nn.Parameter(torch.zeros(V, d, dtype=torch.bfloat16))
+        self.lm_head = nn.Parameter(torch.zeros(V, d, dtype=DTYPES[dt.head]))
         n = 5 * L + 2
         scalars = torch.zeros(n + (-n) % world_size)
         scalars[:L] = m.skip_init
@@ -170,11 +187,12 @@ class GPT(nn.Module):
         scalars[3 * L:5 * L] = torch.tensor(m.sa_lambdas_init).repeat(L)
         scalars[5 * L] = 0.0  # smear λ: smear starts off
         scalars[5 * L + 1] = m.backout_init
-        self.scalars = nn.Parameter(scalars)
+        self.scalars = nn.Parameter(scalars.to(DTYPES[dt.scalars]))
         self.rotary = Rotary(m.head_dim, m.rope_freqs, m.rope_min_freq, m.attn_scale_init,
-                             m.yarn_alpha, m.yarn_beta)
+                             m.yarn_alpha, m.yarn_beta, m.yarn_attn_factor, DTYPES[m.rope_dtype])
         self.fp8 = False  # set by the trainer where fp8_supported(device) and model.fp8_head
-        self.fp8_scales = (d ** 0.5 / FP8_MAX_E4M3, 2.0 ** -9, 1.0 / FP8_MAX_E4M3)  # x_s, w_s, grad_s
+        # x_s, w_s, grad_s; the records' x_s = √d/448 (model.fp8_x_scale = 0)
+        self.fp8_scales = (m.fp8_x_scale or d ** 0.5 / FP8_MAX_E4M3, m.fp8_w_scale, m.fp8_grad_scale)
 
     def param_families(self) -> list[tuple[str, nn.Parameter]]:
         """Every parameter exactly once, labelled with its optimizer family."""
@@ -209,7 +227,7 @@ class GPT(nn.Module):
         used = sorted({i for i in m.ve_layout if i >= 0})
         ves = {i: self.value_embeds[i](inputs) for i in used}
         if self.smear_gate is not None:  # on the flat stream, so it crosses document boundaries
-            gate = torch.sigmoid(F.linear(x[1:, :m.gate_channels], self.smear_gate))
+            gate = torch.sigmoid(F.linear(x[1:, :m.gate_channels], self.smear_gate.type_as(x)))
             x = torch.cat([x[:1], x[1:] + smear_lambda * gate * x[:-1]])
         x = x0 = rms_norm(x)
 

@@ -23,12 +23,11 @@ from torch import Tensor
 
 from trainer.comm import all_gather_into, reduce_scatter_avg
 from trainer.config import MUON_FAMILIES
-from trainer.polar import polar_express
+from trainer.polar import coefficients, polar_express
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
-GATES = ("attn_gate", "smear_gate")
 GROUP_ORDER = ("smear_gate", "attn_gate", "attn", "mlp_up", "mlp_down")  # small groups first
 RECORD_GROUPS_8 = (1, 10, 16, 16)  # smear | attn gates | 10 attn + 6 mlp | 16 mlp
 MIN_SECOND_MOMENT = 1e-10
@@ -37,22 +36,27 @@ MIN_SECOND_MOMENT = 1e-10
 # --------------------------------------------------------------------------------------------
 # Pure rules (tested directly)
 # --------------------------------------------------------------------------------------------
-def reduction_dim(family: str, stored_shape: tuple[int, ...], orientation: str) -> int:
-    """Dim (-1 per-row statistics, -2 per-column) of NorMuon's mean-square, trainer-spec §1d.
+def stored_transposed(family: str, weight_layout: str) -> bool:
+    """Whether the stored matrix is the transpose of the layer's F.linear weight (out × in):
+    c_fc is used as c_fcᵀ in the wide layout, c_proj as c_projᵀ in the tall one. Attention
+    blocks (viewed (4, d, d)) and gates are used as stored in both layouts."""
+    return (family == "mlp_up" and weight_layout == "wide") or (family == "mlp_down" and weight_layout == "tall")
 
-    "neuron" (12-11): -1 for the gates and for stored rows ≥ cols, else -2.
-    "shape"  (10-27): -1 iff stored rows ≥ cols, gates included.
-    For attention the dim is chosen from the stored (4d, d) / (d, 4d) shape and applied to each
-    d×d block (Q, K, V, O).
+
+def reduction_dim(axis: str, stored_shape: tuple[int, ...], transposed: bool = False) -> int:
+    """Dim (-1: one statistic per stored row, -2: per stored column) of NorMuon's mean-square.
+
+    axis (optim.muon.orientation.<family>, trainer-spec §1d): "output" keeps one statistic per
+    output unit of the layer (a row of its F.linear weight), "input" one per input unit;
+    `transposed` says the stored matrix is that weight transposed. "shape" is the 10-27 rule on
+    the stored matrix: per row iff rows ≥ cols (for attention, the whole stored qkvo shape).
     """
-    if family not in MUON_FAMILIES:
-        raise ValueError(f"family={family!r} is not a NorMuon family; expected one of {', '.join(MUON_FAMILIES)}")
-    if orientation not in ("neuron", "shape"):
-        raise ValueError(f"orientation={orientation!r} is invalid: expected 'neuron' or 'shape'")
-    rows, cols = stored_shape[-2], stored_shape[-1]
-    if orientation == "neuron" and family in GATES:
-        return -1
-    return -1 if rows >= cols else -2
+    if axis == "shape":
+        return -1 if stored_shape[-2] >= stored_shape[-1] else -2
+    if axis not in ("output", "input"):
+        raise ValueError(f"orientation axis={axis!r} is invalid: expected 'output', 'input' or 'shape'")
+    per_row = (axis == "output") != transposed
+    return -1 if per_row else -2
 
 
 def shape_lr_mult(stored_shape: tuple[int, ...], tall_lr_rule: bool = True) -> float:
@@ -78,14 +82,17 @@ def variance_normalize(V: Tensor, buf: Tensor, beta2: float, red_dim: int, fp32:
 
     ms = mean over red_dim of V²; buf ← β2·buf + (1−β2)·ms; V ← V·buf^-½, then the whole matrix
     is rescaled to its Frobenius norm before the normalization (norm restoration). Both squared
-    norms are computed from ms: ‖V‖² = d·Σ ms and ‖V·s‖² = d·Σ ms·s².
+    norms are computed from ms: ‖V‖² = d·Σ ms and ‖V·s‖² = Σ (d·ms)·s².
+
+    The EMA and s = buf^-½ are computed in the buffer's dtype, as the 12-11 record does: its
+    buffer has the parameter's dtype, bf16 for the gates (optim.muon.second_moment_dtype).
     """
     d = V.shape[red_dim]
     ms = (V.float() if fp32 else V).square().mean(dim=red_dim, keepdim=True).float()
     norm_sq = ms.sum(dim=(-2, -1), keepdim=True) * d
     buf.lerp_(ms.to(buf.dtype), 1.0 - beta2)
-    scale = buf.float().clamp_min(MIN_SECOND_MOMENT).rsqrt()
-    new_sq = (ms * scale.square()).sum(dim=(-2, -1), keepdim=True) * d
+    scale = buf.clamp_min(MIN_SECOND_MOMENT).rsqrt().float()
+    new_sq = ((ms * d) * scale.square()).sum(dim=(-2, -1), keepdim=True)
     factor = scale * (norm_sq.sqrt() / new_sq.sqrt().clamp_min(MIN_SECOND_MOMENT))
     return V.mul_(factor.to(V.dtype))
 
@@ -121,13 +128,15 @@ def _fast(fn: Callable, on: Tensor) -> Callable:
 
 
 def plan_groups(families: list[str], shapes: list[tuple[int, ...]], world_size: int,
-                custom_groups_8: bool = True) -> list[list[int]]:
+                custom_groups_8: bool = True, dtypes: list[torch.dtype] | None = None) -> list[list[int]]:
     """Indices of the parameters in each NorMuon group, in processing order.
 
     The record's [1, 10, 16, 16] layout (smear gate | 10 attention gates | 10 attn + 6 mlp |
     16 mlp) when world_size is 8, custom_groups_8 is on, the counts are exactly 1/10/10/22 and
-    attn and mlp share one stored shape; otherwise one group per (family, shape), small first.
+    attn and mlp share one stored shape (and dtype); otherwise one group per (family, shape,
+    dtype), small first.
     """
+    dtypes = dtypes or [torch.float32] * len(families)
     by_fam: dict[str, list[int]] = {f: [] for f in GROUP_ORDER}
     for i, f in enumerate(families):
         if f not in by_fam:
@@ -137,14 +146,14 @@ def plan_groups(families: list[str], shapes: list[tuple[int, ...]], world_size: 
     mats = by_fam["attn"] + mlp
     if (world_size == 8 and custom_groups_8 and len(by_fam["smear_gate"]) == 1
             and len(by_fam["attn_gate"]) == 10 and len(by_fam["attn"]) == 10 and len(mlp) == 22
-            and len({shapes[i] for i in mats}) == 1
-            and len({shapes[i] for i in by_fam["attn_gate"]}) == 1):
+            and len({(shapes[i], dtypes[i]) for i in mats}) == 1
+            and len({(shapes[i], dtypes[i]) for i in by_fam["attn_gate"]}) == 1):
         return [by_fam["smear_gate"], by_fam["attn_gate"], mats[:16], mats[16:]]
     groups: list[list[int]] = []
     for f in GROUP_ORDER:
-        by_shape: dict[tuple[int, ...], list[int]] = {}
+        by_shape: dict[tuple, list[int]] = {}
         for i in by_fam[f]:
-            by_shape.setdefault(tuple(shapes[i]), []).append(i)
+            by_shape.setdefault((tuple(shapes[i]), dtypes[i]), []).append(i)
         groups.extend(by_shape.values())
     return groups
 
@@ -153,17 +162,28 @@ def plan_groups(families: list[str], shapes: list[tuple[int, ...]], world_size: 
 # Optimizer
 # --------------------------------------------------------------------------------------------
 @dataclass
+class _Norm:
+    """One variance normalization of a run: over all of its matrices, or (attention with different
+    Q/K/V and W_O axes) over the Q, K, V blocks or the O blocks of its (k, 4, d, d) view."""
+
+    blocks: str  # "all" | "qkv" | "o"
+    red_dim: int
+    second: Tensor  # EMA of the mean-square: (k', R, 1) or (k', 1, C), or (k, 3|1, ...) per block kind
+
+
+@dataclass
 class _Run:
-    """Consecutive local slots [lo, hi) processed together (same reshape, red_dim, normalization)."""
+    """Consecutive local slots [lo, hi) processed together (same reshape, axes, normalization)."""
 
     lo: int
     hi: int
     attn_d: int  # d for attention (viewed as (4k, d, d)); 0 for plain matrices
-    red_dim: int
+    red_dim: int  # Q/K/V blocks for attention
+    red_dim_o: int  # W_O blocks for attention; = red_dim otherwise
     normalize: bool
     lr_slot: Tensor  # (k, 1, 1) fp32: shape multiplier · lr_mul per matrix
     wd_slot: Tensor  # (k, 1, 1) fp32: wd_mul (· lr_slot when LR-scaled) per matrix
-    second: Tensor | None = None  # EMA of the mean-square, (k', R, 1) or (k', 1, C)
+    norms: list[_Norm] = field(default_factory=list)  # empty when normalization is off
 
 
 @dataclass
@@ -188,6 +208,7 @@ class NorMuon:
             raise ValueError(f"NorMuon: rank={rank} / world_size={world_size} are inconsistent")
         self.cfg = cfg
         self.mcfg = cfg.optim.muon
+        self.coeffs = coefficients(self.mcfg.polar_coeffs)
         self.rank, self.world_size = rank, world_size
         families = [f for f, _ in params]
         shapes = []
@@ -198,7 +219,7 @@ class NorMuon:
                 attn_block_dim(tuple(p.shape))
             shapes.append(tuple(p.shape))
         self.groups: list[_Group] = []
-        for idx in plan_groups(families, shapes, world_size, self.mcfg.custom_groups_8):
+        for idx in plan_groups(families, shapes, world_size, self.mcfg.custom_groups_8, [p.dtype for _, p in params]):
             if idx:
                 self.groups.append(self._make_group([params[i] for i in idx]))
 
@@ -221,30 +242,42 @@ class NorMuon:
         m, o = self.mcfg, self.cfg.optim
         vn = {"attn": m.variance_norm.attn, "mlp_up": m.variance_norm.mlp, "mlp_down": m.variance_norm.mlp,
               "attn_gate": m.variance_norm.gates, "smear_gate": m.variance_norm.gates}
+        layout = self.cfg.model.weight_layout
+        ax = m.orientation
+
+        def key_of(f: str) -> tuple[bool, int, int, bool]:
+            if f == "attn":
+                return True, reduction_dim(ax.attn_qkv, shape), reduction_dim(ax.attn_o, shape), vn[f]
+            r = reduction_dim(getattr(ax, f), shape, stored_transposed(f, layout))
+            return False, r, r, vn[f]
+
+        second_dtype = g.dtype if m.second_moment_dtype == "param" else torch.float32
         i = 0
         while i < count:
-            f = fams[lo + i]
-            key = (f == "attn", reduction_dim(f, shape, m.orientation), vn[f])
+            key = key_of(fams[lo + i])
             j = i + 1
-            while j < count:
-                fj = fams[lo + j]
-                if (fj == "attn", reduction_dim(fj, shape, m.orientation), vn[fj]) != key:
-                    break
+            while j < count and key_of(fams[lo + j]) == key:
                 j += 1
             slot_fams = fams[lo + i:lo + j]
             smult = shape_lr_mult(shape, m.tall_lr_rule)
             lr_s = [smult * getattr(o.lr_mul, sf) for sf in slot_fams]
             wd_s = [getattr(o.wd_mul, sf) * (mult if m.wd_lr_scaled else 1.0) for sf, mult in zip(slot_fams, lr_s)]
             run = _Run(lo=i, hi=j, attn_d=attn_block_dim(shape) if key[0] else 0, red_dim=key[1],
-                       normalize=key[2],
+                       red_dim_o=key[2], normalize=key[3],
                        lr_slot=torch.tensor(lr_s, dtype=torch.float32, device=dev).view(-1, 1, 1),
                        wd_slot=torch.tensor(wd_s, dtype=torch.float32, device=dev).view(-1, 1, 1))
             if run.normalize:
-                k = j - i
-                mats = (4 * k, run.attn_d, run.attn_d) if run.attn_d else (k,) + shape
-                stat = list(mats)
-                stat[run.red_dim] = 1
-                run.second = torch.zeros(stat, dtype=torch.float32, device=dev)
+                k, d = j - i, run.attn_d
+                if not d:
+                    parts = [("all", (k,) + shape, run.red_dim)]
+                elif run.red_dim == run.red_dim_o:  # the records: Q, K, V and O in one (4k, d, d) batch
+                    parts = [("all", (4 * k, d, d), run.red_dim)]
+                else:
+                    parts = [("qkv", (k, 3, d, d), run.red_dim), ("o", (k, 1, d, d), run.red_dim_o)]
+                for blocks, mats, red in parts:
+                    stat = list(mats)
+                    stat[red] = 1
+                    run.norms.append(_Norm(blocks, red, torch.zeros(stat, dtype=second_dtype, device=dev)))
             g.runs.append(run)
             i = j
         return g
@@ -306,11 +339,17 @@ class NorMuon:
     def _update_run(self, run: _Run, u: Tensor, p: Tensor, lr_t: Tensor, wd_t: Tensor) -> None:
         """Polar Express → variance normalization → cautious update of the stacked params p (k, R, C)."""
         m = self.mcfg
-        k = run.hi - run.lo
-        x = u.reshape(4 * k, run.attn_d, run.attn_d) if run.attn_d else u
-        V = polar_express(x, iters=m.polar_iters, backend=m.polar_backend)
-        if run.normalize:
-            V = _fast(variance_normalize, V)(V, run.second, m.beta2, run.red_dim, m.norm_fp32)
+        k, d = run.hi - run.lo, run.attn_d
+        x = u.reshape(4 * k, d, d) if d else u
+        V = polar_express(x, coeffs=self.coeffs, backend=m.polar_backend)
+        norm = _fast(variance_normalize, V)
+        for n in run.norms:
+            if n.blocks == "all":
+                V = norm(V, n.second, m.beta2, n.red_dim, m.norm_fp32)
+            else:  # Q/K/V and W_O blocks on different axes: normalize each kind on its own
+                V4 = V.view(k, 4, d, d)
+                sel = slice(0, 3) if n.blocks == "qkv" else slice(3, 4)
+                V4[:, sel] = norm(V4[:, sel].contiguous(), n.second, m.beta2, n.red_dim, m.norm_fp32)
         V = V.reshape(p.shape)
         _fast(apply_update, p)(p, V, run.lr_slot, run.wd_slot, lr_t, wd_t, m.cautious_wd)
 
@@ -320,15 +359,15 @@ class NorMuon:
         for g in self.groups:
             g.momentum.zero_()
             for run in g.runs:
-                if run.second is not None:
-                    run.second.zero_()
+                for n in run.norms:
+                    n.second.zero_()
 
     def state_dict(self) -> dict:
         """Copies of this rank's buffers (safe to keep across later steps)."""
         return {
             "rank": self.rank, "world_size": self.world_size,
             "momentum": [g.momentum.clone() for g in self.groups],
-            "second": [[None if r.second is None else r.second.clone() for r in g.runs] for g in self.groups],
+            "second": [[[n.second.clone() for n in r.norms] for r in g.runs] for g in self.groups],
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -342,23 +381,26 @@ class NorMuon:
                 raise ValueError(f"NorMuon state does not match group of shape {g.shape}: "
                                  f"momentum {tuple(mom.shape)} vs {tuple(g.momentum.shape)}")
             g.momentum.copy_(mom)
-            for run, s in zip(g.runs, sec):
-                if (s is None) != (run.second is None) or (s is not None and s.shape != run.second.shape):
+            for run, bufs in zip(g.runs, sec):
+                if len(bufs) != len(run.norms) or any(b.shape != n.second.shape for b, n in zip(bufs, run.norms)):
                     raise ValueError("NorMuon state second-moment buffers do not match this configuration")
-                if s is not None:
-                    run.second.copy_(s)
+                for b, n in zip(bufs, run.norms):
+                    n.second.copy_(b)
 
     # -- introspection (tests, logs) -----------------------------------------------------------
     def buffers(self) -> list[dict[str, Any]]:
-        """Per local run: families, red_dim and the second-moment buffer (None when off)."""
+        """Per local run: families, red_dim (Q/K/V for attention), red_dim_o (W_O), and the
+        second-moment buffers: `second` the first one (None when off), `seconds` {blocks: buffer}."""
         out = []
         for g in self.groups:
             for run in g.runs:
                 out.append({"families": g.families[g.lo + run.lo:g.lo + run.hi], "stored_shape": g.shape,
-                            "red_dim": run.red_dim, "second": run.second,
+                            "red_dim": run.red_dim, "red_dim_o": run.red_dim_o,
+                            "second": run.norms[0].second if run.norms else None,
+                            "seconds": {n.blocks: n.second for n in run.norms},
                             "lr_slot": run.lr_slot.flatten().tolist(), "wd_slot": run.wd_slot.flatten().tolist()})
         return out
 
 
-__all__ = ["NorMuon", "reduction_dim", "shape_lr_mult", "variance_normalize", "apply_update",
+__all__ = ["NorMuon", "reduction_dim", "stored_transposed", "shape_lr_mult", "variance_normalize", "apply_update",
            "plan_groups", "attn_block_dim"]

@@ -6,6 +6,11 @@
                   finishes in minutes on one H100.
 - `tiny`          CPU: 6 layers of width 64 on a 512-token synthetic vocabulary; two gloo ranks
                   finish in seconds. Used by tests and the demo experiment.
+
+The `speedrun*` presets read FineWeb from `data/fineweb10B` (`python -m trainer.data fineweb
+--out data/fineweb10B`) and train on synthetic data only with an explicit `data.synthetic: true`;
+`small` and `tiny` generate their synthetic shards on first use. Every preset keeps the records'
+data order (`data.order: file`) and numerics (bf16 RoPE, bf16 gate second moments).
 """
 from __future__ import annotations
 
@@ -30,7 +35,9 @@ def _speedrun_1027() -> TrainConfig:
         "optim.muon.weight_decay": 0.0,
         "optim.muon.cautious_wd": False,
         "optim.muon.wd_lr_scaled": False,
-        "optim.muon.orientation": "shape",
+        # 10-27's shape rule on its wide storage, per family (trainer-spec §1d)
+        "optim.muon.orientation": {"attn_qkv": "input", "attn_o": "input", "mlp_up": "output",
+                                   "mlp_down": "input", "attn_gate": "input", "smear_gate": "input"},
         "optim.muon.norm_fp32": False,
         "optim.lr_mul.mlp_up": 2.0,
         "optim.lr_mul.mlp_down": 1.0,
@@ -68,6 +75,7 @@ def _small() -> TrainConfig:
         "optim.muon.momentum_cooldown_steps": 15,
         "runtime.warmup_steps_per_stage": 4,
         "data.data_dir": "data/synth-small",
+        "data.synthetic": True,
         "data.synth.train_tokens": 100_000_000,
         "data.synth.val_tokens": 1_048_576,
     })
@@ -91,7 +99,7 @@ def _tiny() -> TrainConfig:
             train_bs_schedule=(2048, 4096, 4096), train_bs_extension=4096,
         ),
         data=DataConfig(
-            data_dir="data/synth-tiny", bos_id=511, train_max_seq_len=256,
+            data_dir="data/synth-tiny", synthetic=True, bos_id=511, train_max_seq_len=256,
             synth=SynthConfig(train_tokens=2_000_000, val_tokens=32_768, shard_tokens=1_000_000,
                               mean_doc_len=120, zipf_a=1.1, seed=1234),
         ),

@@ -8,6 +8,8 @@ optimizer step about to be taken (step k is the update that turns k completed st
 """
 from __future__ import annotations
 
+import math
+
 from trainer.config import MuonConfig, ScheduleConfig
 
 
@@ -38,11 +40,16 @@ def _part(n_parts: int, step: int, n: int) -> int:
     return min(n_parts - 1, n_parts * step // n)
 
 
+def short_window(s: ScheduleConfig, long: int) -> int:
+    """Short window (blocks) for a long one: floor(long · short_window_ratio); the records' long // 2."""
+    return int(math.floor(long * s.short_window_ratio + 1e-9))
+
+
 def window_blocks(s: ScheduleConfig, step: int) -> tuple[int, int]:
-    """(long, short) attention window in blocks of s.block_size tokens; short = long // 2."""
+    """(long, short) attention window in blocks of s.block_size tokens; short = short_window(long)."""
     n = s.num_scheduled_iterations
     long = s.ws_final if step >= n else s.ws_schedule[_part(len(s.ws_schedule), step, n)]
-    return long, long // 2
+    return long, short_window(s, long)
 
 
 def batch_tokens(s: ScheduleConfig, step: int) -> int:
@@ -80,4 +87,4 @@ def total_tokens(s: ScheduleConfig) -> int:
     return sum(batch_tokens(s, step) for step in range(s.num_iterations))
 
 
-__all__ = ["lr_multiplier", "window_blocks", "batch_tokens", "muon_momentum", "stages", "total_tokens"]
+__all__ = ["lr_multiplier", "short_window", "window_blocks", "batch_tokens", "muon_momentum", "stages", "total_tokens"]

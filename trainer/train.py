@@ -26,12 +26,11 @@ from typing import Any
 import torch
 
 from trainer.clock import StepClock
-from trainer.config import (MUON_FAMILIES, ConfigError, TrainConfig, apply_overrides, config_hash, load_config,
-                            parse_set, to_dict)
-from trainer.data import Batch, DataError, TrainLoader, ensure_data, val_batches
+from trainer.config import ConfigError, TrainConfig, apply_overrides, config_hash, load_config, parse_set, to_dict
+from trainer.data import Batch, DataError, TrainLoader, data_provenance, ensure_data, val_batches
 from trainer.events import Emitter
 from trainer.feed import Feed
-from trainer.schedule import batch_tokens, lr_multiplier, muon_momentum, stages, total_tokens, window_blocks
+from trainer.schedule import batch_tokens, lr_multiplier, muon_momentum, short_window, stages, total_tokens, window_blocks
 
 
 class InputError(ValueError):
@@ -305,8 +304,9 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
         if reuse:
             _KEPT[key] = (model, fwd)
     fams = model.param_families()
-    muon_params = [(f, p) for f, p in fams if f in MUON_FAMILIES]
-    adam_params = [(f, p) for f, p in fams if f not in MUON_FAMILIES]
+    on_muon = cfg.optim.normuon_families()  # optim.optimizer: the rest go to Adam
+    muon_params = [(f, p) for f, p in fams if f in on_muon]
+    adam_params = [(f, p) for f, p in fams if f not in on_muon]
     muon = NorMuon(muon_params, cfg, rank, world_size)
     adam = DistAdam(adam_params, cfg, rank, world_size)
     ref = cfg.runtime.reference_world_size
@@ -322,7 +322,8 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
 
 def _loader(cfg: TrainConfig, files: list, rank: int, world_size: int) -> TrainLoader:
     return TrainLoader(files, bos_id=cfg.data.bos_id, max_seq_len=cfg.data.train_max_seq_len, rank=rank,
-                       world_size=world_size, seed=cfg.seed, align_bos=cfg.data.align_bos)
+                       world_size=world_size, seed=cfg.seed, align_bos=cfg.data.align_bos, order=cfg.data.order,
+                       group=cfg.runtime.reference_world_size)
 
 
 def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
@@ -339,12 +340,12 @@ def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
                          and batch_tokens(s, i) == bs)
             t_stage = time.perf_counter()
             for _ in range(cfg.runtime.warmup_steps_per_stage):
-                run.train_step(loader, first, n, window=(long, long // 2), bs=bs)
+                run.train_step(loader, first, n, window=(long, short_window(s, long)), bs=bs)
                 if n == 0:
                     _sync(run.device)
                     compile_s = time.perf_counter() - t0
                 n += 1
-            run.evaluate(long, long // 2, limit=1)
+            run.evaluate(long, short_window(s, long), limit=1)
             if run.rank == 0:  # progress for humans on stderr; stdout stays JSON lines only
                 _sync(run.device)
                 print(f"[trainer] warmup stage window={long} batch={bs}: {time.perf_counter() - t_stage:.1f} s "
@@ -369,10 +370,7 @@ def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
 
 
 def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: torch.device,
-           grad_accum: int, reuse: bool = False) -> dict:
-    d = cfg.data
-    train_files, val_files = ensure_data(d.data_dir, train_pattern=d.train_pattern, val_pattern=d.val_pattern,
-                                         synthetic=d.synthetic, synth=synth_kwargs(cfg))
+           grad_accum: int, train_files: list, val_files: list, reuse: bool = False) -> dict:
     run = _build(cfg, device, rank, world_size, grad_accum, val_files, reuse=reuse)
     warmup_s = compile_s = 0.0
     if cfg.runtime.warmup and cfg.runtime.warmup_steps_per_stage > 0:
@@ -453,9 +451,12 @@ def main(cfg: TrainConfig, reuse: bool = False) -> dict:
         created = init_distributed(world_size, rank, device)
         from trainer.env import provenance
 
+        d = cfg.data  # shards first (generated when synthetic), so that `start` can say what they are
+        train_files, val_files = ensure_data(d.data_dir, train_pattern=d.train_pattern, val_pattern=d.val_pattern,
+                                             synthetic=d.synthetic, synth=synth_kwargs(cfg))
         ev.emit("start", config=to_dict(cfg), config_hash=config_hash(cfg), seed=cfg.seed, world_size=world_size,
-                grad_accum=grad_accum, env=provenance())
-        return _train(cfg, ev, rank, world_size, device, grad_accum, reuse=reuse)
+                grad_accum=grad_accum, env=provenance(), data=data_provenance(d.data_dir, train_files, val_files))
+        return _train(cfg, ev, rank, world_size, device, grad_accum, train_files, val_files, reuse=reuse)
     except BaseException as e:
         ev.emit("error", type=type(e).__name__, message=_one_line(e))
         raise
@@ -486,16 +487,14 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="speedrun", help="speedrun | speedrun-1027 | small | tiny")
     ap.add_argument("--config", help="YAML file of (nested or dotted) overrides, applied before --set")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeat)")
-    ap.add_argument("--seed", type=int, help="run seed (init and data order)")
-    ap.add_argument("--list-keys", action="store_true", help="print every dotted config key and exit")
+    ap.add_argument("--seed", type=int, help="run seed (init; document order too with data.order=shuffled)")
+    ap.add_argument("--list-keys", action="store_true",
+                    help="print every dotted config key with its type, value in --preset and meaning, and exit")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     args = ap.parse_args(argv)
     rank0 = os.environ.get("RANK", "0") == "0"
     if args.list_keys:
-        from trainer.config import valid_keys
-
-        print("\n".join(valid_keys()))
-        return 0
+        return _list_keys(args.preset, rank0)
     try:
         cfg = load_config(args.preset, parse_set(args.set), args.config, args.seed)
     except ConfigError as e:
@@ -507,6 +506,25 @@ def cli(argv: list[str] | None = None) -> int:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     return main_exit_code(cfg, rank0)
+
+
+def _list_keys(preset: str, rank0: bool) -> int:
+    """`--list-keys`: one line per key, `key  type  value-in-preset  meaning`, in aligned columns."""
+    from trainer.config import describe_keys
+    from trainer.presets import get_preset
+
+    try:
+        rows = describe_keys(get_preset(preset))
+    except ConfigError as e:
+        if rank0:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    cells = [(r["key"], r["type"], json.dumps(r["default"], ensure_ascii=False), r["meaning"]) for r in rows]
+    w = [max(len(c[i]) for c in cells) for i in range(3)]
+    print(f"# {len(cells)} keys; values of preset {preset!r}; set with --set KEY=VALUE")
+    for c in cells:
+        print(f"{c[0]:<{w[0]}}  {c[1]:<{w[1]}}  {c[2]:<{w[2]}}  {c[3]}")
+    return 0
 
 
 def main_exit_code(cfg: TrainConfig, rank0: bool, reuse: bool = False) -> int:

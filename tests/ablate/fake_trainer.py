@@ -70,7 +70,9 @@ def main() -> int:
          env={"python": sys.version.split()[0], "torch": None, "triton": None, "cuda": None,
               "gpu_name": "fake" if gpus else None, "gpu_count": len(gpus), "gpu_uuids": gpus, "driver": None,
               "hostname": os.uname().nodename, "git_commit": None, "cuda_visible_devices": cvd,
-              "ray_raylet_pid": observed["ray_raylet_pid"]})
+              "ray_raylet_pid": observed["ray_raylet_pid"]},
+         data={"dir": str(cfg.get("data.data_dir", "")), "synthetic": True, "hash": "fakedatafakedata",
+               "train_shards": 1, "val_shards": 1, "train_tokens": 4096})
     if a.spawn_orphan:
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
         print(f"ORPHAN {p.pid}", file=sys.stderr, flush=True)

@@ -60,9 +60,147 @@ class TestInProcess:
     def local_ray(cls):
         import ray
 
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        from ablate.orchestrate import init_embedded_ray
+
+        init_embedded_ray()  # as `ablate run` starts it (loopback only)
         yield
         ray.shutdown()
+
+    def test_embedded_ray_listens_on_loopback_only(self, tmp_path: Path) -> None:
+        """Every listening socket of the driver and its Ray processes (GCS, raylet, workers, agents,
+        Prometheus endpoints), taken while a trial runs, is on a loopback address. The trainer's own
+        process tree (under ablate/launch.py: torchrun's rendezvous store) is torch's, not Ray's,
+        and is left out."""
+        import ipaddress
+
+        import psutil  # ray[default] brings it
+
+        from ablate.orchestrate import LaunchOptions, run_experiment
+        from ablate.progress import NullProgress
+        from ablate.spec import load_spec
+
+        seen: list[tuple[int, str, str, int]] = []
+
+        class Snapshot(NullProgress):
+            def update(self, run_id: str, metrics: dict) -> None:  # a trial is alive now
+                if seen:
+                    return
+                me = psutil.Process()
+                procs = [me, *me.children(recursive=True)]
+                trainer = set()
+                for proc in procs:
+                    try:
+                        if any(a.endswith("ablate/launch.py") for a in proc.cmdline()):
+                            trainer |= {proc.pid, *(c.pid for c in proc.children(recursive=True))}
+                    except psutil.Error:
+                        continue
+                for proc in procs:
+                    if proc.pid in trainer:
+                        continue
+                    try:
+                        conns = proc.net_connections(kind="inet")
+                        name = proc.name()
+                    except psutil.Error:
+                        continue
+                    seen.extend((proc.pid, name, c.laddr.ip, c.laddr.port) for c in conns
+                                if c.status == psutil.CONN_LISTEN)
+
+        path = spec_file(tmp_path, "sockets", {"baseline": {}}, resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
+        run_experiment(load_spec(path), Store(str(tmp_path / "store")), progress=Snapshot(),
+                       options=LaunchOptions(module="tests.ablate.fake_trainer"))
+        assert len(seen) >= 5, seen  # GCS, raylet, workers, agents: the snapshot saw the cluster
+
+        def loopback(ip: str) -> bool:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+            if getattr(addr, "ipv4_mapped", None) is not None:
+                addr = addr.ipv4_mapped
+            return addr.is_loopback
+
+        exposed = [s for s in seen if not loopback(s[2])]
+        assert exposed == [], f"listening beyond loopback (pid, process, address, port): {exposed}"
+        import ray
+
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+
+    def test_first_failed_store_write_stops_the_experiment(self, tmp_path: Path) -> None:
+        """Disk full at the second run: the error names the path and the cause, the run in flight is
+        cancelled, and nothing after it starts (the old driver ran all 8 and failed at the end)."""
+        from ablate.errors import StoreError
+        from ablate.orchestrate import LaunchOptions, run_experiment
+        from ablate.progress import NullProgress
+        from ablate.spec import load_spec
+
+        path = spec_file(tmp_path, "diskfull", {"baseline": {}, "lr": {"optim.muon.lr": 0.05}}, seeds=4,
+                         resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
+        store = Store(str(tmp_path / "store"))
+        real_put, written = store._put, []
+
+        def put(p: str, data: bytes) -> None:
+            if "/runs/" in p and written:
+                raise StoreError(f"cannot write {p!r} in store {store.uri!r}: [Errno 28] No space left on device")
+            real_put(p, data)
+            if "/runs/" in p:
+                written.append(p)
+
+        store._put = put
+        events: list[tuple[str, str]] = []
+
+        class Record(NullProgress):
+            def started(self, run_id: str, arm: str, seed: int) -> None:
+                events.append(("start", run_id))
+
+            def finished(self, run_id: str, status: str, *a, **kw) -> None:
+                events.append((status, run_id))
+
+        with pytest.raises(StoreError) as info:
+            run_experiment(load_spec(path), store, progress=Record(),
+                           options=LaunchOptions(module="tests.ablate.fake_trainer"))
+        msg = str(info.value)
+        assert "stopped at the first failed store write" in msg and "No space left on device" in msg
+        assert "/diskfull/runs/" in msg and "not started" in msg
+        assert len(store.runs("diskfull")) == 1
+        starts = [e for e in events if e[0] == "start"]
+        assert len(starts) <= 3, events  # 2 slots: the one that failed to write, one in flight (+1 at most)
+        assert len([e for e in events if e[0] == "ok"]) <= 2, events
+
+    def test_lost_lock_stops_the_experiment(self, tmp_path: Path) -> None:
+        from ablate.errors import LockLost
+        from ablate.lock import LOCK_FILE, acquire
+        from ablate.orchestrate import LaunchOptions, run_experiment
+        from ablate.progress import NullProgress
+        from ablate.spec import load_spec
+
+        path = spec_file(tmp_path, "stolen", {"baseline": {}}, seeds=6,
+                         resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
+        store = Store(str(tmp_path / "store"))
+        lock = acquire(store, "stolen", heartbeat_s=0.3)
+
+        class Steal(NullProgress):
+            def started(self, run_id: str, arm: str, seed: int) -> None:  # another driver takes over
+                store.write_bytes("stolen", LOCK_FILE, b'{"token": "thief", "host": "elsewhere", "pid": 7, '
+                                  b'"heartbeat_at": 1e12}')
+
+        with pytest.raises(LockLost, match="taken over by host elsewhere, pid 7"):
+            run_experiment(load_spec(path), store, progress=Steal(), lock=lock,
+                           options=LaunchOptions(module="tests.ablate.fake_trainer"))
+        lock.release()
+        assert len(store.runs("stolen")) < 6
+        assert b"thief" in store.read_bytes("stolen", LOCK_FILE)  # the new holder's lock is kept
+
+    def test_input_error_is_not_retried_and_its_reason_is_on_the_run_line(self, tmp_path: Path) -> None:
+        """A missing data directory (trainer exit 2, DataError) fails once, not 1 + retries times."""
+        from ablate.cli import app
+
+        path = spec_file(tmp_path, "nodata", {"baseline": {"data.synthetic": False, "data.data_dir": "/nonexistent/x"}},
+                         retries=2)
+        res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
+        assert res.exit_code == 1, res.output
+        runs = Store(str(tmp_path / "store")).runs("nodata")
+        assert len(runs) == 1 and runs["status"].iloc[0] == "failed"
+        assert runs["error"].iloc[0].startswith("input error (not retried): DataError: no training shards")
+        line = next(ln for ln in res.output.splitlines() if ln.lstrip().startswith(("failed", "[")) and "-a1" in ln
+                    and "failed " in ln)
+        assert "DataError: no training shards matching" in line, res.output
 
     def test_order_resume_and_changed_arm_with_fake_trainer(self, tmp_path: Path) -> None:
         """Seed-major interleaved launch order, provenance, skip-on-rerun, rerun of a changed arm."""
@@ -267,6 +405,7 @@ class TestInProcess:
         assert res.exit_code == 2, res.output
         assert "resources.gpus_per_run=2: no node of the connected Ray cluster can hold one run" in res.output
         assert "0 GPU" in res.output and time.time() - t0 < 30
+        assert "finished: 0/0" not in res.output  # no progress summary before a pre-flight error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +422,7 @@ def test_smoke_experiment(tmp_path: Path) -> None:
                                                       ("muon-lr-0.05", 0), ("muon-lr-0.05", 1)]
     assert (runs["final_val_loss"] < 6.0).all() and (runs["steps"] == 12).all()
     assert runs["config_json"].str.contains(str(ROOT / "data")).all()  # data_dir made absolute
+    assert runs["data_synthetic"].tolist() == [True] * 4 and runs["data_hash"].nunique() == 1  # start.data
     curves = store.curves("smoke")
     assert set(curves["run_id"]) == set(runs["run_id"])
     assert curves.groupby("run_id")["step"].apply(list).map(lambda s: s[0] == 0 and s[-1] == 12).all()
@@ -326,9 +466,19 @@ def test_resume_after_driver_is_killed(tmp_path: Path) -> None:
         assert time.time() < deadline, "orphaned trainer processes"
         time.sleep(0.5)
 
+    import tempfile
+
+    left = list(Path(tempfile.gettempdir()).glob(f"ablate-tune-{driver.pid}-*"))
+    assert left and (store_dir / "resume" / "lock.json").exists()  # what the killed driver left behind
     res = ablate("run", str(path), "--store", str(store_dir))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 runs already in the store, skipped" in res.stderr
+    # its stale lock was taken over, its marker and its Tune scratch dir cleaned up
+    assert f"took over the lock of host {os.uname().nodename}, pid {driver.pid}" in res.stderr
+    assert "its driver (pid" in res.stderr and "is no longer running" in res.stderr
+    assert "cleaned up after a driver that was killed: 1 in-flight marker(s)" in res.stderr
+    assert not any(p.exists() for p in left)
+    assert not (store_dir / "resume" / "lock.json").exists()  # released at the end
     runs = Store(str(store_dir)).runs("resume")
     assert len(runs) == 2 and (runs["status"] == "ok").all()
     assert runs.groupby(["arm", "seed"]).size().tolist() == [1, 1]  # no duplicate ok rows

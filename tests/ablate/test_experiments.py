@@ -42,6 +42,12 @@ QUESTIONS = {
     "sa_lambda_init": True,
     "grad_accum_reduction": True,
     "record_check": False,  # the 3.28 target only means something full-size on FineWeb
+    # the knobs of issue 16
+    "wo_orientation": True,
+    "smear_gate_adam": True,
+    "polar_steps": True,
+    "record_numerics": True,
+    "data_order": True,
 }
 # Full-size forms that run at world size 1 on purpose (the question needs grad accumulation).
 ONE_GPU_FULL = {"grad_accum_reduction"}
@@ -228,16 +234,42 @@ def test_effective_lr_multipliers_of_lr_mul_layout() -> None:
         assert (m.attn * factor, m.mlp_up * factor, m.mlp_down * factor) == eff, arm
 
 
-def test_orientation_arms_keep_12_11_effective_lrs() -> None:
-    """attn-shape swaps to wide storage (tall factor 1) and must restore effective (2, 2, 4)."""
+def test_orientation_arms_move_only_the_axes() -> None:
+    """Each normuon_orientation arm differs from the baseline in optim.muon.orientation only, and
+    its axes are the 10-27 ones for the families it names (storage, LRs and init stay 12-11's)."""
     data = _raw(EXP / "normuon_orientation.yaml")
-    for arm in data["arms"]:
-        cfg = _resolve(data, arm)
-        factor = 2.0 if cfg.model.weight_layout == "tall" else 1.0
-        m = cfg.optim.lr_mul
-        assert (m.attn * factor, m.mlp_up * factor, m.mlp_down * factor) == (2, 2, 4), arm
-    assert _resolve(data, "gates-shape").optim.muon.orientation == "shape"
-    assert _resolve(data, "attn-shape").optim.muon.orientation == "neuron"
+    base = _flat(to_dict(_resolve(data, "baseline")))
+    ten27 = _flat(to_dict(get_preset("speedrun-1027")))
+    moved = {"gates-1027": {"attn_gate", "smear_gate"}, "attn-1027": {"attn_qkv", "attn_o"},
+             "all-1027": {"attn_gate", "smear_gate", "attn_qkv", "attn_o"}}
+    for arm, fams in moved.items():
+        cfg = _flat(to_dict(_resolve(data, arm)))
+        diff = {k for k in cfg if cfg[k] != base[k]}
+        assert diff == {f"optim.muon.orientation.{f}" for f in fams}, arm
+        assert all(cfg[k] == ten27[k] for k in diff), arm
+
+
+# (spec, arm) → the dotted keys it changes against its baseline, and to what.
+ISSUE16_ARMS = {
+    ("wo_orientation", "wo-input"): {"optim.muon.orientation.attn_o": "input"},
+    ("smear_gate_adam", "smear-adam"): {"optim.optimizer.smear_gate": "adam"},
+    ("smear_gate_adam", "smear-adam-lr-0.01"): {"optim.optimizer.smear_gate": "adam", "optim.lr_mul.smear_gate": 0.01},
+    ("polar_steps", "pe-4"): {"optim.muon.polar_coeffs": "pe-4"},
+    ("polar_steps", "pe-3"): {"optim.muon.polar_coeffs": "pe-3"},
+    ("record_numerics", "rope-fp32"): {"model.rope_dtype": "fp32"},
+    ("record_numerics", "gate-moment-fp32"): {"optim.muon.second_moment_dtype": "fp32"},
+    ("record_numerics", "scale-in-q"): {"model.scale_in_kernel": False},
+    ("data_order", "shuffled"): {"data.order": "shuffled"},
+}
+
+
+@pytest.mark.parametrize("spec,arm", list(ISSUE16_ARMS))
+def test_issue16_arms_change_exactly_their_knob(spec: str, arm: str) -> None:
+    """Against the baseline (the records' values), full size and proxy: only the question's knob."""
+    for name in (spec, f"{spec}_small"):
+        data = _raw(EXP / f"{name}.yaml")
+        base, cfg = (_flat(to_dict(_resolve(data, a))) for a in ("baseline", arm))
+        assert {k: cfg[k] for k in cfg if cfg[k] != base[k]} == ISSUE16_ARMS[(spec, arm)], name
 
 
 SCRIPT_SPECS = [p for p in SPECS if _script(_raw(p))]

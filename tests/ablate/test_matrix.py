@@ -111,7 +111,9 @@ def test_build_row_from_payload() -> None:
     att = _Attempt(PlannedRun(req, "todo", 2, 1), order=7)
     env = {"python": "3.11.7", "torch": "2.13.0", "triton": None, "cuda": None, "gpu_name": None, "gpu_count": 0,
            "gpu_uuids": [], "driver": None, "hostname": "h1", "git_commit": "abc", "cuda_visible_devices": ""}
-    payload = {"ok": True, "start": {"config": {"seed": 1}, "world_size": 2, "env": env},
+    data = {"dir": "/d", "synthetic": True, "hash": "0123456789abcdef", "train_shards": 1, "val_shards": 1,
+            "train_tokens": 10}
+    payload = {"ok": True, "start": {"config": {"seed": 1}, "world_size": 2, "env": env, "data": data},
                "end": {"final_val_loss": 4.5, "train_time_ms": 1000.0, "steps": 12, "tokens": 24576,
                        "peak_mem_mib": 1.0, "warmup_s": 0.0, "compile_s": 0.0},
                "curve": [{"step": 0, "val_loss": 6.0, "train_time_ms": 0.0}], "steps": [],
@@ -121,6 +123,7 @@ def test_build_row_from_payload() -> None:
     assert row["status"] == "ok" and row["error"] is None and row["final_val_loss"] == 4.5
     assert row["launch_s"] == 3.5 and row["wall_s"] == 10.0 and row["world_size"] == 2
     assert row["git_commit"] == "abc" and row["hostname"] == "h1" and row["node_ip"] == "1.2.3.4"
+    assert row["data_synthetic"] is True and row["data_hash"] == "0123456789abcdef"
     assert json.loads(row["overrides_json"]) == {"optim.muon.lr": 0.03, "runtime.device": "cpu"}
     assert curve == [{"run_id": row["run_id"], "experiment": "m", "arm": "a", "seed": 1, "step": 0,
                       "val_loss": 6.0, "train_time_ms": 0.0}]
@@ -129,6 +132,7 @@ def test_build_row_from_payload() -> None:
                                       "started_at": 1.0, "ended_at": 2.0}, {"python": "3.11", "git_commit": "drv"})
     assert row["status"] == "failed" and row["error"] == "boom" and row["git_commit"] == "drv"
     assert row["world_size"] == 2 and row["launch_s"] is None and json.loads(row["config_json"]) == {"seed": 1}
+    assert row["data_synthetic"] is None and row["data_hash"] is None  # unknown, not "real data"
 
 
 def test_diverged_identity_is_done_not_retried() -> None:

@@ -124,7 +124,7 @@ def test_run_requests_warns_and_goes_on_when_autoscaling(monkeypatch: pytest.Mon
     monkeypatch.setattr(orchestrate.ray, "nodes", lambda: [HEAD])
     batches: list[int] = []
 
-    def fake_batch(spec_, attempts, store_, progress, opts):
+    def fake_batch(spec_, attempts, store_, progress, opts, lock=None):
         batches.append(len(attempts))
         for a in attempts:
             a.status = "ok"

@@ -141,6 +141,14 @@ def test_build_row_of_a_script_run(tmp_path: Path) -> None:
     store_code(store, "premul-o", [att.job, att.job])
     rel = code_path("train_gpt.py", row["script_sha256"])
     assert store.read_bytes("premul-o", rel).decode() == att.job["code"][0]["text"]
+    # the log lives and goes with its run (ablate rm)
+    from ablate.script_run import write_log
+
+    write_log(store, "premul-o", row["run_id"], payload)
+    store.write_run(row, curve, steps)
+    assert store.read_bytes("premul-o", f"logs/{row['run_id']}.txt").decode() == payload["script_log"]
+    store.remove_runs("premul-o", [row["run_id"]])
+    assert store.read_bytes("premul-o", f"logs/{row['run_id']}.txt") is None and store.runs("premul-o").empty
 
 
 def test_find_log_prefers_the_named_file(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from trainer.config import load_config
 
 SPACE = {
     "optim.lr_mul.attn": {"type": "float", "low": 0.5, "high": 2.0, "log": True},
-    "optim.muon.polar_iters": {"type": "int", "low": 3, "high": 5},
+    "model.backout_layer": {"type": "int", "low": 3, "high": 5},
     "schedule.ws_schedule": {"type": "choice", "values": [[2, 4, 6], [2, 3, 4, 5, 6, 8], [2, 4, 6, 8]]},
     "model.attn_backend": {"type": "choice", "values": ["flex", "sdpa"]},
 }
@@ -36,7 +36,7 @@ def test_defaults_and_distributions():
     assert cfg.pruning is False and cfg.confirm is None and cfg.max_concurrent is None
     d = cfg.distributions()
     assert d["optim.lr_mul.attn"] == FloatDistribution(0.5, 2.0, log=True)
-    assert d["optim.muon.polar_iters"] == IntDistribution(3, 5)
+    assert d["model.backout_layer"] == IntDistribution(3, 5)
     assert d["schedule.ws_schedule"] == CategoricalDistribution(
         ["[2, 4, 6]", "[2, 3, 4, 5, 6, 8]", "[2, 4, 6, 8]"])
     assert cfg.metric_columns == ["final_val_loss"]
@@ -45,11 +45,11 @@ def test_defaults_and_distributions():
 
 def test_choice_roundtrip_decodes_lists_and_applies_to_trainer():
     cfg = parse_search(search(), preset="tiny")
-    stored = {"optim.lr_mul.attn": 1.25, "optim.muon.polar_iters": 4,
+    stored = {"optim.lr_mul.attn": 1.25, "model.backout_layer": 4,
               "schedule.ws_schedule": "[2, 3, 4, 5, 6, 8]", "model.attn_backend": "sdpa"}
     ov = cfg.to_overrides(stored)
     assert ov["schedule.ws_schedule"] == [2, 3, 4, 5, 6, 8]
-    assert ov["model.attn_backend"] == "sdpa" and ov["optim.muon.polar_iters"] == 4
+    assert ov["model.attn_backend"] == "sdpa" and ov["model.backout_layer"] == 4
     tc = load_config("tiny", overrides=ov)
     assert tc.schedule.ws_schedule == (2, 3, 4, 5, 6, 8) and tc.optim.lr_mul.attn == 1.25
     assert cfg.encode(ov) == stored
@@ -62,7 +62,7 @@ def test_choice_roundtrip_decodes_lists_and_applies_to_trainer():
 def test_base_values_and_encode_outside_space():
     cfg = parse_search(search(), preset="tiny")
     base = base_values(cfg, "tiny", {})
-    assert base == {"optim.lr_mul.attn": 1.0, "optim.muon.polar_iters": 5,
+    assert base == {"optim.lr_mul.attn": 1.0, "model.backout_layer": 4,
                     "schedule.ws_schedule": [2, 4, 6],
                     "model.attn_backend": load_config("tiny").model.attn_backend}
     assert cfg.encode(base)["schedule.ws_schedule"] == "[2, 4, 6]"

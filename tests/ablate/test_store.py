@@ -110,6 +110,17 @@ def test_round_trip_s3_moto(monkeypatch: pytest.MonkeyPatch) -> None:
                 meta = pq.read_table(f"bucket/prefix/{key}", filesystem=store.fs).schema.metadata
                 assert meta[b"ablate.dataset"].decode() == key.split("/")[1], key
         assert Store(uri).runs("exp")["run_id"].tolist() == store.runs("exp")["run_id"].tolist()
+        # the experiment lock over S3 (PUT, settle, read back), and a missing bucket named as such
+        from ablate.errors import LockHeld
+        from ablate.lock import acquire
+
+        lock = acquire(store, "exp", settle_s=0.05)
+        with pytest.raises(LockHeld, match="locked by another driver"):
+            acquire(Store(uri), "exp", settle_s=0.05)
+        lock.release()
+        assert store.read_bytes("exp", "lock.json") is None
+        with pytest.raises(StoreError, match="bucket 'nobucket' does not exist"):
+            Store(uri.replace("s3://bucket/", "s3://nobucket/"))
     finally:
         srv.stop()
 

@@ -290,6 +290,31 @@ def test_diverged_runs_are_counted_in_the_table_and_the_verdict():
     assert rows["lr-0.03"]["diverged"] == "2" and rows["baseline"]["diverged"] == "0"
 
 
+def test_mixed_data_sources_are_marked():
+    """Runs that read different shards (data_synthetic / data_hash) mark the table: a first note
+    naming each arm's data, the JSON flag and the rich title. One source, or unknown, is not mixed."""
+    from rich.console import Console
+
+    runs = runs_frame()
+    runs["data_synthetic"] = pd.Series([False] * len(runs), dtype=object)  # nullable, as read from the store
+    runs["data_hash"] = pd.Series(["aaaa111122223333"] * len(runs), dtype=object)
+    one = tables.table_from_runs(runs, "baseline", 3.28)
+    assert not tables.mixed_data(one) and set(one["data"]) == {"non-synthetic aaaa111122223333"}
+    assert not any("Mixed data" in n for n in tables.notes(one, settings_paired()))
+    runs.loc[runs["arm"] == "fast", ["data_synthetic", "data_hash"]] = [True, "bbbb444455556666"]
+    mixed = tables.table_from_runs(runs, "baseline", 3.28)
+    assert tables.mixed_data(mixed)
+    first = tables.notes(mixed, settings_paired())[0]
+    assert first.startswith("**Mixed data sources:**") and "fast: synthetic bbbb444455556666" in first
+    assert json.loads(tables.format_table(mixed, settings_paired(), "json", "x"))["mixed_data"] is True
+    console = Console(width=250, record=True)
+    console.print(tables.format_table(mixed, settings_paired(), "rich", "x"))
+    assert "MIXED DATA SOURCES" in console.export_text()
+    # rows written before the columns existed (null) are unknown, not a second source
+    runs.loc[runs["arm"] == "fast", ["data_synthetic", "data_hash"]] = [None, None]
+    assert not tables.mixed_data(tables.table_from_runs(runs, "baseline", 3.28))
+
+
 # ---------------------------------------------------------------- store and CLI
 
 def full_row(r: dict) -> dict:

@@ -137,4 +137,23 @@ def test_state_roundtrip_reset_and_validation():
     with pytest.raises(ValueError, match="divisible"):
         DistAdam([("embed", torch.nn.Parameter(torch.zeros(5, 2)))], cfg, 0, 2)
     with pytest.raises(ValueError, match="family"):
-        DistAdam([("attn", torch.nn.Parameter(torch.zeros(4, 2)))], cfg, 0, 1)
+        DistAdam([("bogus", torch.nn.Parameter(torch.zeros(4, 2)))], cfg, 0, 1)
+    # A NorMuon family moved to Adam whose dim 0 does not split is replicated, not refused.
+    opt = DistAdam([("smear_gate", torch.nn.Parameter(torch.zeros(1, 12)))], cfg, 0, 2)
+    assert opt.replicated == [True] and opt.exp_avg[0].shape == (1, 12)
+
+
+def test_state_dtype_knob():
+    """optim.adam.state_dtype=fp32 keeps m and v unrounded: the step then matches the float64
+    reference without bf16 storage to fp32 rounding (< 1e-4 of lr_p), and differs from bf16 state."""
+    torch.manual_seed(4)
+    cfg = load_config("tiny", overrides={"optim.adam.state_dtype": "fp32"})
+    p0 = torch.randn(8, 16)
+    grads = [torch.randn(8, 16) * s for s in (1.0, 0.3, 2.0, 0.01)]
+    got, opt = run_adam(cfg, "embed", p0, grads, [1.0] * 4)
+    assert opt.exp_avg[0].dtype == opt.exp_avg_sq[0].dtype == torch.float32
+    lr_p = cfg.optim.adam.lr * LR_MUL["embed"]
+    exact = reference(p0, grads, [1.0] * 4, lr=cfg.optim.adam.lr, lr_mul=LR_MUL["embed"], bf16_state=False)
+    assert (got.double() - exact).abs().max().item() < 1e-4 * lr_p
+    bf16, _ = run_adam(load_config("tiny"), "embed", p0, grads, [1.0] * 4)
+    assert (bf16 - got).abs().max().item() > 1e-3 * lr_p

@@ -87,12 +87,15 @@ def test_bos_aligned_packing(tmp_path):
         ld.close()
 
 
-def test_loader_deterministic_and_seeded(tmp_path):
+@pytest.mark.parametrize("order", ["file", "shuffled"])
+def test_loader_deterministic_and_seeded(tmp_path, order):
+    """data.order: "file" gives every seed the same stream, "shuffled" makes the seed permute it."""
     _docs_shard(tmp_path / "fineweb_train_000001.bin")
     files = list_shards(tmp_path, "fineweb_train_*.bin")
 
     def take(seed, rank=0, world=1, n=3):
-        ld = TrainLoader(files, bos_id=BOS, max_seq_len=128, rank=rank, world_size=world, seed=seed)
+        ld = TrainLoader(files, bos_id=BOS, max_seq_len=128, rank=rank, world_size=world, seed=seed, order=order,
+                         group=2)
         try:
             return [ld.next_batch(200).inputs for _ in range(n)]
         finally:
@@ -101,7 +104,14 @@ def test_loader_deterministic_and_seeded(tmp_path):
     a, b, c = take(0), take(0), take(1)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
-    assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+    if order == "shuffled":
+        assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+    else:
+        for x, y in zip(a, c):
+            np.testing.assert_array_equal(x, y)
+        # file order: documents 0, 1, 2, ... (document i is [BOS, i, i, ...])
+        firsts = [int(seg[1]) for seg in _segments(a[0]) if len(seg) > 1]
+        assert firsts == list(range(len(firsts)))
     # rank r of 2 gets what micro-batch r of a single rank gets; ranks differ
     single = take(0, n=4)
     r0, r1 = take(0, rank=0, world=2, n=2), take(0, rank=1, world=2, n=2)
@@ -110,6 +120,76 @@ def test_loader_deterministic_and_seeded(tmp_path):
     np.testing.assert_array_equal(r0[1], single[2])
     np.testing.assert_array_equal(r1[1], single[3])
     assert not np.array_equal(r0[0], r1[0])
+
+
+def _upstream_stream(files, T, world, steps, max_len=2048, bos=BOS):
+    """The records' BOS-aligned loader (BOSFinder.next_batch + its shard switch), transcribed:
+    per step, for each rank r, documents from the current BOS on, each cut at max_len and the
+    last at the remaining length, until T+1 tokens; a step that runs out of documents is thrown
+    away and restarted at the next shard's first document. Returns steps × world token arrays."""
+    out, it = [], iter(files)
+    tokens = load_shard(next(it)).astype(np.int64)
+    bos_idx, i = np.flatnonzero(tokens == bos), 0
+    while len(out) < steps:
+        seqs, idx, ok = [], i, True
+        for _ in range(world):
+            parts, cur_len = [], 0
+            while cur_len <= T:
+                if idx >= len(bos_idx):
+                    ok = False
+                    break
+                cur = bos_idx[idx]
+                nxt = bos_idx[idx + 1] if idx + 1 < len(bos_idx) else tokens.size
+                end = min(nxt, cur + max_len, cur + T - cur_len + 1)
+                parts.append(tokens[cur:end])
+                cur_len += end - cur
+                idx += 1
+            if not ok:
+                break
+            seqs.append(np.concatenate(parts))
+        if not ok:
+            tokens = load_shard(next(it)).astype(np.int64)
+            bos_idx, i = np.flatnonzero(tokens == bos), 0
+            continue
+        i = idx
+        out.append(seqs)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_file_order_is_the_records_stream_across_shards(tmp_path, world):
+    """order "file" with group = 4 (a reference world size of 4) reproduces the records' 4-GPU
+    loader sequence for sequence over 3 shards, at world size 1, 2 and 4 (4/world micro-batches per
+    step), including the shard switches that throw away a shard's tail. "shuffled" does not."""
+    for k in range(3):  # document j of shard k is [BOS, 100k + j, ...]
+        lens = np.random.default_rng(k).integers(2, 300, 60)
+        write_shard(tmp_path / f"fineweb_train_00000{k + 1}.bin",
+                    np.concatenate([np.r_[BOS, np.full(n - 1, 100 * k + j)] for j, n in enumerate(lens)]))
+    files = list_shards(tmp_path, "fineweb_train_*.bin")
+    T, steps = 255, 12
+    want = _upstream_stream(files, T, 4, steps, max_len=128)
+    got = [[None] * 4 for _ in range(steps)]
+    for rank in range(world):
+        ld = TrainLoader(files, bos_id=BOS, max_seq_len=128, rank=rank, world_size=world, seed=0, order="file", group=4)
+        try:
+            for step in range(steps):
+                for micro in range(4 // world):
+                    got[step][micro * world + rank] = ld.next_batch(T).inputs
+        finally:
+            ld.close()
+    for step in range(steps):
+        for r in range(4):
+            np.testing.assert_array_equal(got[step][r], want[step][r][:-1], err_msg=f"step {step} seq {r}")
+    # the steps cross both shard boundaries, each dropping a tail (so the rule was exercised)
+    assert int(want[-1][-1][1]) >= 200
+    for k in (0, 1):
+        last = max(int(x) for step in want for seq in step for x in seq if 100 * k <= x < 100 * k + 60)
+        assert last < 100 * k + 59, f"shard {k}: its last document should be dropped"
+    ld = TrainLoader(files, bos_id=BOS, max_seq_len=128, rank=0, world_size=1, seed=0, order="shuffled", group=4)
+    try:
+        assert not np.array_equal(ld.next_batch(T).inputs, want[0][0][:-1])
+    finally:
+        ld.close()
 
 
 def test_loader_crosses_shards_and_epochs(tmp_path, capfd):

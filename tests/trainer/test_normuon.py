@@ -11,9 +11,9 @@ import torch
 
 from trainer.config import load_config
 from trainer.normuon import (
-    NorMuon, apply_update, plan_groups, reduction_dim, shape_lr_mult, variance_normalize,
+    NorMuon, apply_update, plan_groups, reduction_dim, shape_lr_mult, stored_transposed, variance_normalize,
 )
-from trainer.polar import POLAR_COEFFS, polar_express
+from trainer.polar import POLAR_COEFFS, POLAR_SETS, polar_express
 
 D, H, GC = 16, 2, 4  # model_dim, heads, gate channels of the small test model
 
@@ -44,58 +44,88 @@ def make_params(layout: str, seed: int = 0, families=("attn", "mlp_up", "mlp_dow
 # --------------------------------------------------------------------------------------------
 # Normalization axis (trainer-spec §1d)
 # --------------------------------------------------------------------------------------------
-# (layout, orientation) → family → expected dim, for the speedrun shapes (d = 768, 6 heads, 12 ch).
+# Axis settings (optim.muon.orientation) of the records, and the 10-27 rule as a setting.
+ORIENT = {
+    "12-11": {"attn_qkv": "output", "attn_o": "output", "mlp_up": "output", "mlp_down": "input",
+              "attn_gate": "output", "smear_gate": "output"},
+    "10-27": {"attn_qkv": "input", "attn_o": "input", "mlp_up": "output", "mlp_down": "input",
+              "attn_gate": "input", "smear_gate": "input"},
+    "shape": dict.fromkeys(["attn_qkv", "attn_o", "mlp_up", "mlp_down", "attn_gate", "smear_gate"], "shape"),
+}
+FAMS = ("attn", "mlp_up", "mlp_down", "attn_gate", "smear_gate")
+# (layout, axes) → family → expected dim on the stored matrix (d = 768, 6 heads, 12 channels).
 EXPECTED_DIM = {
-    ("tall", "neuron"): {"attn": -1, "mlp_up": -1, "mlp_down": -1, "attn_gate": -1, "smear_gate": -1},  # 12-11
-    ("wide", "shape"): {"attn": -2, "mlp_up": -2, "mlp_down": -2, "attn_gate": -2, "smear_gate": -2},   # 10-27
+    ("tall", "12-11"): {"attn": -1, "mlp_up": -1, "mlp_down": -1, "attn_gate": -1, "smear_gate": -1},  # 12-11
+    ("wide", "10-27"): {"attn": -2, "mlp_up": -2, "mlp_down": -2, "attn_gate": -2, "smear_gate": -2},  # 10-27
+    ("tall", "10-27"): {"attn": -2, "mlp_up": -1, "mlp_down": -1, "attn_gate": -2, "smear_gate": -2},
+    ("wide", "12-11"): {"attn": -1, "mlp_up": -2, "mlp_down": -2, "attn_gate": -1, "smear_gate": -1},
     ("tall", "shape"): {"attn": -1, "mlp_up": -1, "mlp_down": -1, "attn_gate": -2, "smear_gate": -2},
-    ("wide", "neuron"): {"attn": -2, "mlp_up": -2, "mlp_down": -2, "attn_gate": -1, "smear_gate": -1},
+    ("wide", "shape"): {"attn": -2, "mlp_up": -2, "mlp_down": -2, "attn_gate": -2, "smear_gate": -2},
 }
 
 
-@pytest.mark.parametrize("layout,orientation", list(EXPECTED_DIM))
-@pytest.mark.parametrize("family", ["attn", "mlp_up", "mlp_down", "attn_gate", "smear_gate"])
-def test_reduction_dim_table(layout, orientation, family):
-    shape = stored_shapes(layout, 768, 6, 12)[family]
-    assert reduction_dim(family, shape, orientation) == EXPECTED_DIM[(layout, orientation)][family]
+def _dim(family, layout, axes, d=768):
+    shape = stored_shapes(layout, d, 6, 12)[family]
+    axis = ORIENT[axes]["attn_qkv" if family == "attn" else family]
+    return reduction_dim(axis, shape, stored_transposed(family, layout))
+
+
+@pytest.mark.parametrize("layout,axes", list(EXPECTED_DIM))
+@pytest.mark.parametrize("family", FAMS)
+def test_reduction_dim_table(layout, axes, family):
+    assert _dim(family, layout, axes) == EXPECTED_DIM[(layout, axes)][family]
+
+
+def test_presets_carry_the_records_axes():
+    for preset, axes in (("speedrun", "12-11"), ("speedrun-1027", "10-27")):
+        o = load_config(preset).optim.muon.orientation
+        assert {k: getattr(o, k) for k in ORIENT[axes]} == ORIENT[axes], preset
+    # The 10-27 axes are its shape rule on its wide storage, family by family.
+    for f in FAMS:
+        assert EXPECTED_DIM[("wide", "10-27")][f] == EXPECTED_DIM[("wide", "shape")][f]
 
 
 def test_reduction_axis_meaning_in_both_records():
-    """Spec §1d in words: the MLP is normalized per hidden unit in both records; attention per
-    output channel in 12-11 and per input channel in 10-27; attn gate per head (12-11) vs per
-    input channel (10-27); smear gate one statistic (12-11) vs one per entry (10-27)."""
+    """Spec §1d in words: the MLP is normalized per hidden unit in both records (either storage);
+    attention per output channel in 12-11 and per input channel in 10-27; attn gate per head (12-11)
+    vs per input channel (10-27); smear gate one statistic (12-11) vs one per entry (10-27)."""
     d = 768
-    # Number of statistics per matrix = the length of the kept axis.
-    def kept(family, layout, orientation, block=None):
-        shape = stored_shapes(layout, d, 6, 12)[family]
-        mat = block or shape
-        return mat[-2] if reduction_dim(family, shape, orientation) == -1 else mat[-1]
 
-    for layout, orient in (("tall", "neuron"), ("wide", "shape")):
-        assert kept("mlp_up", layout, orient) == 4 * d  # hidden units
-        assert kept("mlp_down", layout, orient) == 4 * d
+    def kept(family, layout, axes):  # number of statistics per matrix = length of the kept axis
+        shape = (d, d) if family == "attn" else stored_shapes(layout, d, 6, 12)[family]
+        return shape[-2] if _dim(family, layout, axes) == -1 else shape[-1]
+
+    for layout in ("tall", "wide"):
+        for axes in ("12-11", "10-27"):
+            assert kept("mlp_up", layout, axes) == 4 * d  # hidden units
+            assert kept("mlp_down", layout, axes) == 4 * d
     # Attention blocks are (out, in); 12-11 keeps rows (out), 10-27 keeps columns (in).
-    assert reduction_dim("attn", (4 * d, d), "neuron") == -1
-    assert reduction_dim("attn", (d, 4 * d), "shape") == -2
-    assert kept("attn_gate", "tall", "neuron") == 6 and kept("attn_gate", "wide", "shape") == 12
-    assert kept("smear_gate", "tall", "neuron") == 1 and kept("smear_gate", "wide", "shape") == 12
+    assert reduction_dim("output", (4 * d, d)) == -1 and reduction_dim("input", (d, 4 * d)) == -2
+    assert kept("attn_gate", "tall", "12-11") == 6 and kept("attn_gate", "wide", "10-27") == 12
+    assert kept("smear_gate", "tall", "12-11") == 1 and kept("smear_gate", "wide", "10-27") == 12
+    with pytest.raises(ValueError, match="'output', 'input' or 'shape'"):
+        reduction_dim("neuron", (4, 4))
 
 
-@pytest.mark.parametrize("layout,orientation", list(EXPECTED_DIM))
-def test_buffer_shapes_and_values_after_a_step(layout, orientation):
+def _orient(axes):
+    return {f"optim.muon.orientation.{k}": v for k, v in ORIENT[axes].items()}
+
+
+@pytest.mark.parametrize("layout,axes", list(EXPECTED_DIM))
+def test_buffer_shapes_and_values_after_a_step(layout, axes):
     """After one step from zero state with momentum 0 (u = g), each second-moment buffer is
     (1−β2)·mean(V², red_dim) of V = polar_express(g) (attention per d×d block)."""
-    cfg = cfg_with(**{"model.weight_layout": layout, "optim.muon.orientation": orientation})
+    cfg = cfg_with(**{"model.weight_layout": layout, "optim.muon.second_moment_dtype": "fp32", **_orient(axes)})
     params = make_params(layout)
     grads = {f: p.grad.clone() for f, p in params}
     opt = NorMuon(params, cfg, 0, 1)
     opt.step(lr_mult=1.0, momentum=0.0)
     bufs = {b["families"][0]: b for b in opt.buffers()}
-    assert set(bufs) == {"attn", "mlp_up", "mlp_down", "attn_gate", "smear_gate"}
+    assert set(bufs) == set(FAMS)
     beta2 = cfg.optim.muon.beta2
     for f, b in bufs.items():
         shape = stored_shapes(layout)[f]
-        dim = EXPECTED_DIM[(layout, orientation)][f]
+        dim = EXPECTED_DIM[(layout, axes)][f]
         assert b["red_dim"] == dim
         mats = (4, D, D) if f == "attn" else (1,) + shape
         expect_shape = list(mats)
@@ -395,3 +425,130 @@ def test_nesterov_momentum_over_two_steps():
     # Express: allow 1% of the update.
     torch.testing.assert_close(p.detach(), expect, rtol=0, atol=1e-2 * lr_eff)
     assert (p.detach() - p1).abs().max() > 0.1 * lr_eff
+
+
+# --------------------------------------------------------------------------------------------
+# Knobs of issue 16: W_O axis, second-moment dtype, Polar Express sets, dtype-aware grouping
+# --------------------------------------------------------------------------------------------
+def _hand_normalize(V: torch.Tensor, red_dim: int, beta2: float) -> torch.Tensor:
+    """One NorMuon normalization from a zero buffer, per matrix of V (..., R, C), in float64."""
+    V = V.double()
+    ms = V.square().mean(dim=red_dim, keepdim=True)
+    s = ((1 - beta2) * ms).rsqrt()
+    out = V * s
+    return out * (V.norm(dim=(-2, -1), keepdim=True) / out.norm(dim=(-2, -1), keepdim=True))
+
+
+@pytest.mark.parametrize("attn_o", ["input", "output"])
+def test_w_o_axis_is_its_own_knob(attn_o):
+    """optim.muon.orientation.attn_o moves only W_O's statistics: Q/K/V stay per output channel
+    (per row of each d×d block), W_O goes per head dimension (per column) with "input". The step
+    equals the hand formula block by block, and the two settings give different updates."""
+    lr = 0.05
+    cfg = cfg_with(**{"optim.muon.orientation.attn_o": attn_o, "optim.muon.weight_decay": 0.0,
+                      "optim.muon.lr": lr})
+    params = make_params("tall", seed=7, families=("attn",))
+    p = params[0][1]
+    p0, g = p.detach().clone(), p.grad.clone()
+    opt = NorMuon(params, cfg, 0, 1)
+    opt.step(lr_mult=1.0, momentum=0.0)
+    (b,) = opt.buffers()
+    beta2 = cfg.optim.muon.beta2
+    V = polar_express(g.reshape(4, D, D), backend="torch").float()
+    if attn_o == "input":
+        assert (b["red_dim"], b["red_dim_o"]) == (-1, -2)
+        assert {k: tuple(v.shape) for k, v in b["seconds"].items()} == {"qkv": (1, 3, D, 1), "o": (1, 1, 1, D)}
+        torch.testing.assert_close(b["seconds"]["o"][0, 0], (1 - beta2) * V[3].square().mean(dim=-2, keepdim=True))
+    else:  # the records: one (4k, d, d) batch on one axis
+        assert (b["red_dim"], b["red_dim_o"]) == (-1, -1) and set(b["seconds"]) == {"all"}
+    o_dim = -2 if attn_o == "input" else -1
+    want = torch.cat([_hand_normalize(V[:3], -1, beta2), _hand_normalize(V[3:], o_dim, beta2)])
+    # lr_eff = lr · 2 (tall (4d, d) storage) · lr_mul 1; bf16 V → compare at bf16 resolution
+    torch.testing.assert_close(p.detach(), (p0 - 2 * lr * want.reshape(p.shape)).float(), rtol=0, atol=2 * lr * 1e-2)
+    other = cfg_with(**{"optim.muon.orientation.attn_o": "output" if attn_o == "input" else "input",
+                        "optim.muon.weight_decay": 0.0, "optim.muon.lr": lr})
+    q = torch.nn.Parameter(p0.clone())
+    q.grad = g.clone()
+    NorMuon([("attn", q)], other, 0, 1).step(lr_mult=1.0, momentum=0.0)
+    assert (q.detach() - p.detach()).abs().max() > 0.05 * lr
+
+
+def _record_variance_reduction(v, buf, beta2, red_dim):
+    """The 12-11 record's compiled NorMuon helper, transcribed formula by formula (eager)."""
+    v_mean = v.float().square().mean(dim=red_dim, keepdim=True)
+    d = v.size(red_dim)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * d).sqrt()
+    buf.lerp_(v_mean.to(dtype=buf.dtype), 1 - beta2)
+    step_size = buf.clamp_min(1e-10).rsqrt()
+    v_norm_new = ((v_mean * d) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return v.mul_((step_size * (v_norm / v_norm_new.clamp_min(1e-10))).type_as(v))
+
+
+@pytest.mark.parametrize("buf_dtype", [torch.bfloat16, torch.float32])
+def test_variance_normalize_equals_the_record_helper(buf_dtype):
+    """Bit for bit over 5 EMA steps, for the record's bf16 gate buffer and its fp32 matrix buffer."""
+    g = torch.Generator().manual_seed(3)
+    ours, rec = torch.zeros(10, 6, 1, dtype=buf_dtype), torch.zeros(10, 6, 1, dtype=buf_dtype)
+    for _ in range(5):
+        V = torch.randn(10, 6, 12, generator=g).bfloat16()
+        a = variance_normalize(V.clone(), ours, 0.95, -1)
+        b = _record_variance_reduction(V.clone(), rec, 0.95, -1)
+        assert torch.equal(a, b) and torch.equal(ours, rec)
+
+
+def test_gate_second_moment_dtype_follows_the_knob():
+    """"param" (records): the bf16 gates keep a bf16 EMA, the fp32 matrices an fp32 one; "fp32":
+    all fp32. The bf16 EMA is what the record computes (previous test); it differs from fp32."""
+    shapes = stored_shapes("tall")
+
+    def run(second_dtype):
+        params = []
+        for f in ("attn_gate", "smear_gate", "mlp_up"):
+            p = torch.nn.Parameter((torch.randn(shapes[f], generator=torch.Generator().manual_seed(1)) * 0.1)
+                                   .to(torch.float32 if f == "mlp_up" else torch.bfloat16))
+            params.append((f, p))
+        opt = NorMuon(params, cfg_with(**{"optim.muon.second_moment_dtype": second_dtype}), 0, 1)
+        for step in range(4):
+            for f, p in params:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + step)).to(p.dtype)
+            opt.step(1.0, 0.9)
+        return opt, params
+
+    rec, p_rec = run("param")
+    f32, p_f32 = run("fp32")
+    dt = {b["families"][0]: b["second"].dtype for b in rec.buffers()}
+    assert dt == {"attn_gate": torch.bfloat16, "smear_gate": torch.bfloat16, "mlp_up": torch.float32}
+    assert {b["second"].dtype for b in f32.buffers()} == {torch.float32}
+    gate_rec = next(b["second"] for b in rec.buffers() if b["families"][0] == "attn_gate")
+    gate_f32 = next(b["second"] for b in f32.buffers() if b["families"][0] == "attn_gate")
+    assert not torch.equal(gate_rec.float(), gate_f32)  # the knob reaches the EMA ...
+    torch.testing.assert_close(gate_rec.float(), gate_f32, rtol=2e-2, atol=0)  # ... at bf16 resolution
+
+
+@pytest.mark.parametrize("name", ["pe-4", "pe-3"])
+def test_polar_coeffs_set_reaches_the_update(name):
+    """optim.muon.polar_coeffs: the step uses the named set (Δp = −lr_eff·polar(g; set) with
+    normalization and WD off), not the first k steps of the record's list."""
+    over = {"optim.muon.variance_norm.mlp": False, "optim.muon.weight_decay": 0.0, "optim.muon.polar_coeffs": name}
+    cfg = cfg_with(**over)
+    params = make_params("tall", seed=6, families=("mlp_up",))
+    p = params[0][1]
+    p0, g = p.detach().clone(), p.grad.clone()
+    NorMuon(params, cfg, 0, 1).step(1.0, 0.0)
+    lr_eff = cfg.optim.muon.lr * 2.0
+    want = polar_express(g, coeffs=POLAR_SETS[name], backend="torch").float()
+    torch.testing.assert_close(p.detach(), p0 - lr_eff * want, rtol=0, atol=1e-6)
+    k = len(POLAR_SETS[name])
+    truncated = polar_express(g, coeffs=POLAR_COEFFS[:k], backend="torch").float()
+    assert (truncated - want).abs().max() > 1e-2
+
+
+def test_groups_split_by_dtype():
+    """The record's 8-rank grouping stacks attention and MLP matrices in one buffer: only if they
+    share a dtype (model.param_dtype); otherwise one group per (family, shape, dtype)."""
+    fams, shapes = _record_families()
+    same = plan_groups(fams, shapes, 8, True, [torch.float32] * len(fams))
+    assert [len(x) for x in same] == [1, 10, 16, 16]
+    dtypes = [torch.bfloat16 if f == "attn" else torch.float32 for f in fams]
+    split = plan_groups(fams, shapes, 8, True, dtypes)
+    assert [len(x) for x in split] == [1, 10, 10, 11, 11]

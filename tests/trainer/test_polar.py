@@ -15,17 +15,18 @@ import pytest
 import torch
 
 from trainer import triton_polar
-from trainer.polar import POLAR_COEFFS, polar_express
+from trainer.config import MuonConfig
+from trainer.polar import POLAR_COEFFS, POLAR_SETS, coefficients, derive_coefficients, polar_express
 
 SHAPES = [(3, 48, 96), (3, 96, 48), (2, 2, 64, 64), (1, 200, 72), (2, 96, 384)]  # wide, tall, square, batched
 
 
-def poly_reference(G: torch.Tensor, iters: int = 5) -> torch.Tensor:
-    """U·diag(p(σ))·Vᵀ in float64, p the composition of the first `iters` odd quintics."""
+def poly_reference(G: torch.Tensor, coeffs=POLAR_COEFFS) -> torch.Tensor:
+    """U·diag(p(σ))·Vᵀ in float64, p the composition of the odd quintics `coeffs`."""
     G = G.double()
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     s = S / (G.norm(dim=(-2, -1)).unsqueeze(-1) * 1.02 + 1e-6)
-    for a, b, c in POLAR_COEFFS[:iters]:
+    for a, b, c in coeffs:
         s = a * s + b * s ** 3 + c * s ** 5
     return (U * s.unsqueeze(-2)) @ Vh
 
@@ -41,15 +42,61 @@ def test_coefficients_are_the_records():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("iters", [1, 3, 5])
-def test_matches_polynomial_reference(shape, iters):
+@pytest.mark.parametrize("coeffs", [POLAR_COEFFS[:1], POLAR_SETS["pe-3"], POLAR_COEFFS], ids=["1", "pe-3", "record-5"])
+def test_matches_polynomial_reference(shape, coeffs):
     """Measured worst relative Frobenius error vs the float64 polynomial over these shapes:
     fp32 path 4.2e-6 (asserted ≤ 2e-5); bf16 path 2.3e-2 (asserted ≤ 4e-2)."""
     torch.manual_seed(0)
     G = torch.randn(shape)
-    R = poly_reference(G, iters)
-    assert rel_err(polar_express(G, iters=iters, backend="torch", dtype=torch.float32), R) < 2e-5
-    assert rel_err(polar_express(G, iters=iters, backend="torch", dtype=torch.bfloat16), R) < 4e-2
+    R = poly_reference(G, coeffs)
+    assert rel_err(polar_express(G, coeffs, backend="torch", dtype=torch.float32), R) < 2e-5
+    assert rel_err(polar_express(G, coeffs, backend="torch", dtype=torch.bfloat16), R) < 4e-2
+
+
+def test_derivation_reproduces_the_records_coefficients():
+    """The Polar Express construction with the records' parameters (ℓ = 1e-3, safety 2e-2,
+    cushion 0.02) gives the records' 5 tuples; the named 4- and 3-step sets are that construction
+    with 4 and 3 steps. Each set shares all but its last step with the records' list."""
+    for name, n in (("record-5", 5), ("pe-4", 4), ("pe-3", 3)):
+        derived = derive_coefficients(n)
+        assert len(POLAR_SETS[name]) == n
+        for got, want in zip(derived, POLAR_SETS[name]):
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12), name
+        assert POLAR_SETS[name][:-1] == POLAR_COEFFS[:n - 1]
+    # The last step of a shorter set is a different polynomial, not the record's step n.
+    assert POLAR_SETS["pe-4"][-1][0] == pytest.approx(3.3514687, abs=1e-6)
+    assert abs(POLAR_SETS["pe-4"][-1][0] - POLAR_COEFFS[3][0]) > 0.05
+    # Other parameters give other coefficients (the test can fail).
+    assert derive_coefficients(5, safety=1e-2)[0][0] != pytest.approx(POLAR_COEFFS[0][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pe-4", "pe-3"])
+def test_shorter_set_ends_without_the_safety_factor(name):
+    """In the construction only the last step skips the safety factor: a k-step set is the first
+    k − 1 record steps plus record step k with x ↦ 1.02·x undone, (a, b, c)·(1.02, 1.02³, 1.02⁵).
+    Over singular values in [1e-3, 1]/1.02 that lands closer to 1 than the first k record steps."""
+    k = len(POLAR_SETS[name])
+    a, b, c = POLAR_COEFFS[k - 1]
+    assert POLAR_SETS[name][-1] == pytest.approx((a * 1.02, b * 1.02 ** 3, c * 1.02 ** 5), rel=1e-12)
+    s0 = torch.logspace(-3, 0, 2001, dtype=torch.float64) / 1.02
+
+    def final(coeffs):
+        s = s0.clone()
+        for a, b, c in coeffs:
+            s = a * s + b * s ** 3 + c * s ** 5
+        return s
+
+    derived, truncated = final(POLAR_SETS[name]), final(POLAR_COEFFS[:k])
+    assert derived.min() > truncated.min() and (derived - 1).abs().max() < (truncated - 1).abs().max()
+
+
+def test_config_names_every_set():
+    """optim.muon.polar_coeffs accepts exactly the names of POLAR_SETS; others are refused."""
+    import typing
+
+    assert set(typing.get_args(typing.get_type_hints(MuonConfig)["polar_coeffs"])) == set(POLAR_SETS)
+    with pytest.raises(ValueError, match="choose one of"):
+        coefficients("pe-2")
 
 
 def _conditioned(batch: int, m: int, n: int, cond: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +156,8 @@ def test_output_dtype_and_scale_invariance():
 
 def test_bad_arguments():
     G = torch.randn(8, 8)
-    with pytest.raises(ValueError, match="iters"):
-        polar_express(G, iters=6)
+    with pytest.raises(ValueError, match="coeffs"):
+        polar_express(G, coeffs=[])
     with pytest.raises(ValueError, match="backend"):
         polar_express(G, backend="cuda")
     with pytest.raises(ValueError, match="needs a"):

@@ -95,3 +95,15 @@ def test_tiny_schedule_parts():
     s = load_config("tiny").schedule
     assert [window_blocks(s, i)[0] for i in (0, 19, 20, 39, 40, 59, 60, 63)] == [2, 2, 4, 4, 6, 6, 8, 8]
     assert [batch_tokens(s, i) for i in (0, 19, 20, 60)] == [2048, 2048, 4096, 4096]
+
+
+def test_short_window_ratio_knob():
+    """schedule.short_window_ratio: short = floor(long · ratio); 0.5 is the records' long // 2."""
+    from trainer.config import apply_overrides, load_config
+
+    base = load_config("speedrun").schedule
+    assert [window_blocks(base, s)[1] for s in (0, 1000, 2000, 2150)] == [1, 3, 5, 6]
+    third = apply_overrides(load_config("speedrun"), {"schedule.short_window_ratio": 1 / 3}).schedule
+    assert [window_blocks(third, s) for s in (0, 1000, 2000, 2150)] == [(3, 1), (7, 2), (11, 3), (13, 4)]
+    full = apply_overrides(load_config("speedrun"), {"schedule.short_window_ratio": 1.0}).schedule
+    assert window_blocks(full, 2150) == (13, 13)

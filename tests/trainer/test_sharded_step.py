@@ -6,7 +6,8 @@ Each rank gets its own gradients; the one-process reference gets their average. 
 family has an odd count (3, or 1 for the smear gate), so each group is padded to 4 (or 2) slots
 and rank 1 owns a padding slot (the smear gate's rank 1 owns nothing real). Two steps run, so
 the momentum and second-moment buffers that live on the shards are exercised too; both weight
-layouts are covered. The same workers also check every fallback path of trainer/comm.py.
+layouts are covered, and DistAdam's replicated path (a 1×4 gate moved to Adam: all-reduce, every
+rank updates all of it). The same workers also check every fallback path of trainer/comm.py.
 
 Tolerance: the 2-rank run performs the same arithmetic on the same values — gloo's average of
 two tensors is (g0 + g1)/2 like the reference's — except that Polar Express runs on a different
@@ -49,7 +50,9 @@ def build(layout: str):
     adam = [("embed", torch.nn.Parameter(torch.randn(8, 6, generator=g).bfloat16())),
             ("value_embed", torch.nn.Parameter(torch.randn(8, 6, generator=g).bfloat16())),
             ("scalars", torch.nn.Parameter(torch.randn(6, generator=g))),
-            ("head", torch.nn.Parameter(torch.randn(4, 6, generator=g) * 0.1))]
+            ("head", torch.nn.Parameter(torch.randn(4, 6, generator=g) * 0.1)),
+            # a gate moved to Adam (optim.optimizer): dim 0 of 1 does not split over 2 ranks → replicated
+            ("smear_gate", torch.nn.Parameter((torch.randn(1, 4, generator=g) * 0.1).bfloat16()))]
     return muon, adam
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from trainer.train import cli, main
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {
-    "start": {"config", "config_hash", "seed", "world_size", "grad_accum", "env"},
+    "start": {"config", "config_hash", "seed", "world_size", "grad_accum", "env", "data"},
     "warmup": {"warmup_s", "compile_s"},
     "val": {"step", "val_loss", "train_time_ms"},
     "step": {"step", "train_time_ms", "step_ms"},
@@ -29,6 +30,7 @@ KEYS = {
 }
 ENV_KEYS = {"python", "torch", "triton", "cuda", "gpu_name", "gpu_count", "gpu_uuids", "driver", "hostname",
             "git_commit", "cuda_visible_devices"}
+DATA_KEYS = {"dir", "synthetic", "hash", "train_shards", "val_shards", "train_tokens"}
 
 
 def _fast(data_dir, **extra):
@@ -56,6 +58,7 @@ def _check_contract(events):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[1] == "warmup" and kinds[-1] == "end"
     assert set(events[0]["env"]) == ENV_KEYS
+    assert set(events[0]["data"]) == DATA_KEYS
 
 
 def test_same_seed_same_curve_and_event_contract(tiny_data, capsys):
@@ -147,13 +150,109 @@ def test_injected_failure_exit_code_and_error_event(tiny_data, capsys):
     assert [e["step"] for e in evs if e["event"] == "step"] == [1, 2]
 
 
+def test_file_order_same_batches_for_every_seed_different_init(tiny_data):
+    """data.order=file (every preset): seeds 0 and 1 read identical batches, step after step, and
+    start from different weights. With data.order=shuffled the batches differ too."""
+    from trainer.data import list_shards
+    from trainer.train import _build, _loader
+
+    files = list_shards(tiny_data, "fineweb_train_*.bin")
+    cfgs = [apply_overrides(_fast(tiny_data), {"seed": s}) for s in (0, 1)]
+    assert all(c.data.order == "file" for c in cfgs)
+    loaders = [_loader(c, files, 0, 1) for c in cfgs]
+    try:
+        for _ in range(6):
+            a, b = (ld.next_batch(1024) for ld in loaders)
+            np.testing.assert_array_equal(a.inputs, b.inputs)
+    finally:
+        for ld in loaders:
+            ld.close()
+    val = list_shards(tiny_data, "fineweb_val_*.bin")
+    w0, w1 = (dict(_build(c, torch.device("cpu"), 0, 1, 2, val).model.named_parameters()) for c in cfgs)
+    assert not torch.equal(w0["embed.weight"], w1["embed.weight"])
+    assert not torch.equal(w0["blocks.1.attn.qkvo_w"], w1["blocks.1.attn.qkvo_w"])
+    shuffled = [apply_overrides(c, {"data.order": "shuffled"}) for c in cfgs]
+    loaders = [_loader(c, files, 0, 1) for c in shuffled]
+    try:
+        a, b = (ld.next_batch(1024) for ld in loaders)
+        assert not np.array_equal(a.inputs, b.inputs)
+    finally:
+        for ld in loaders:
+            ld.close()
+
+
+def test_start_event_says_what_data_ran(tiny_data, tmp_path, capsys):
+    """`start.data`: synthetic (the generator's manifest is there) and a hash of the shard headers
+    and first tokens, equal for the same shards, different for other shards."""
+    from trainer.data import data_provenance, list_shards
+
+    main(_fast(tiny_data, **{"schedule.num_scheduled_iterations": 2, "schedule.num_extension_iterations": 0}))
+    start = _events(capsys.readouterr().out)[0]
+    files = (list_shards(tiny_data, "fineweb_train_*.bin"), list_shards(tiny_data, "fineweb_val_*.bin"))
+    assert start["data"] == data_provenance(tiny_data, *files)
+    assert start["data"]["synthetic"] is True and len(start["data"]["hash"]) == 16
+    assert start["data"]["train_shards"] == 2 and start["data"]["train_tokens"] == 400_000
+    # Copy the shards without the manifest and change one token of one shard: "real" data, other hash.
+    other = tmp_path / "copy"
+    other.mkdir()
+    for f in files[0] + files[1]:
+        (other / f.name).write_bytes(f.read_bytes())
+    assert data_provenance(other, *(list_shards(other, p) for p in ("fineweb_train_*.bin", "fineweb_val_*.bin"))) \
+        == {**start["data"], "dir": str(other.resolve()), "synthetic": False}
+    raw = bytearray((other / files[0][1].name).read_bytes())
+    raw[1024:1026] = b"\x07\x00"
+    (other / files[0][1].name).write_bytes(bytes(raw))
+    moved = data_provenance(other, *(list_shards(other, p) for p in ("fineweb_train_*.bin", "fineweb_val_*.bin")))
+    assert moved["hash"] != start["data"]["hash"]
+
+
+def test_family_optimizer_map_moves_the_smear_gate_to_adam(tiny_data, capsys):
+    """optim.optimizer.smear_gate=adam: NorMuon no longer holds the gate, DistAdam does (replicated:
+    its dim 0 of 1 does not shard), it is stepped with Adam's lr·lr_mul, and it keeps its gradient
+    over Adam's pair of steps (not zeroed on even steps with the NorMuon gradients)."""
+    from trainer.data import list_shards
+    from trainer.train import _build, _loader
+
+    cfg = _fast(tiny_data, **{"optim.optimizer.smear_gate": "adam", "optim.lr_mul.smear_gate": 0.5})
+    run = _build(cfg, torch.device("cpu"), 0, 1, 2, list_shards(tiny_data, "fineweb_val_*.bin"))
+    gate = run.model.smear_gate
+    assert "smear_gate" not in {f for g in run.muon.groups for f in g.families}
+    assert "smear_gate" in run.adam.families and all(p is not gate for p in run.muon_params)
+    base = _build(_fast(tiny_data), torch.device("cpu"), 0, 1, 2, list_shards(tiny_data, "fineweb_val_*.bin"))
+    assert "smear_gate" in {f for g in base.muon.groups for f in g.families}
+    loader = _loader(cfg, list_shards(tiny_data, "fineweb_train_*.bin"), 0, 1)
+    with torch.no_grad():  # the zero lm_head and smear λ = 0 zero the gate's first gradients: switch on
+        run.model.scalars[5 * cfg.model.num_layers] = 1.0
+        run.model.lm_head.normal_(0, 0.05)
+    try:
+        g0 = gate.detach().clone()
+        run.train_step(loader, 0, 0)  # even step: NorMuon only; the gate keeps its gradient
+        assert gate.grad is not None and torch.equal(gate.detach(), g0)
+        run.train_step(loader, 1, 1)  # odd step: Adam moves it by about lr·lr_mul per entry
+        step = (gate.detach().float() - g0.float()).abs()
+        lr = cfg.optim.adam.lr * 0.5
+        assert 0.3 * lr < step.max().item() < 3 * lr
+    finally:
+        loader.close()
+    end = main(apply_overrides(cfg, {"schedule.num_scheduled_iterations": 4, "schedule.num_extension_iterations": 0}))
+    capsys.readouterr()
+    assert end["final_val_loss"] < 7.0
+
+
 def test_print_config_and_list_keys(capsys):
     assert cli(["--preset", "tiny", "--set", "optim.muon.lr=0.05", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["optim"]["muon"]["lr"] == 0.05 and cfg["preset"] == "tiny"
     assert cli(["--list-keys"]) == 0
-    keys = capsys.readouterr().out.split()
-    assert "optim.muon.lr" in keys and "model.attn_backend" in keys
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: ln.split(None, 3) for ln in lines[1:]}
+    assert "optim.muon.lr" in rows and "model.attn_backend" in rows
+    assert rows["optim.muon.lr"][1:3] == ["float", "0.023"] and "base LR" in rows["optim.muon.lr"][3]
+    assert rows["data.order"][1:3] == ["file|shuffled", '"file"']
+    assert all(len(r) == 4 and r[3].strip() for r in rows.values())  # every key has a meaning
+    assert cli(["--list-keys", "--preset", "speedrun-1027"]) == 0
+    rows = {ln.split()[0]: ln.split(None, 3) for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["optim.muon.lr"][2] == "0.03"
 
 
 def _run_cli(args, env_extra=None, cwd=None):
@@ -171,9 +270,12 @@ def _run_cli(args, env_extra=None, cwd=None):
     (["--preset", "tinyy"], None, "choose one of"),
     (["--preset", "tiny"], {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}, "reference_world_size=2"),
     (["--preset", "tiny", "--set", "data.synthetic=false", "--set", "data.data_dir=EMPTY"], None, "data.data_dir"),
+    (["--preset", "speedrun", "--set", "model.attn_backend=sdpa"], None,
+     "python -m trainer.data fineweb --out data/fineweb10B"),
     (["--preset", "tiny", "--set", "runtime.device=cuda"], None, "CUDA is not available"),
     (["--preset", "tiny", "--bogus"], None, "unrecognized arguments"),
-], ids=["unknown-key", "wrong-type", "unknown-preset", "world-size-3", "missing-shards", "no-cuda", "bad-flag"])
+], ids=["unknown-key", "wrong-type", "unknown-preset", "world-size-3", "missing-shards", "speedrun-no-fineweb",
+        "no-cuda", "bad-flag"])
 def test_bad_input_exits_2_with_one_clean_line(tmp_path, args, env, needle):
     if "runtime.device=cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
