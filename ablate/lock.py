@@ -12,8 +12,9 @@ over. Writers of an experiment take it: `ablate run`, `ablate rm`, `ablate impor
 
 Taking the lock:
   * local paths: the lock file is created with a hard link of a complete temporary file, which
-    fails if the file exists (atomic; never a half-written lock); a stale lock is first renamed
-    aside, which only one of several drivers taking it over at once can do;
+    fails if the file exists (atomic; never a half-written lock); a stale lock is replaced in place
+    (atomic rename of a complete file) by the one driver that holds the take-over mutex
+    `lock.takeover` (itself created exclusively), after checking the lock is still the stale one;
   * object stores (S3, ...) have no create-if-absent in pyarrow: the driver PUTs its lock, waits
     `settle_s`, and reads it back; the token read back owns the experiment. Two drivers starting
     within the same instant could both read their own token; the heartbeat re-reads the lock
@@ -46,6 +47,8 @@ from ablate import __version__
 from ablate.errors import AblateError, LockHeld, LockLost, StoreError
 
 LOCK_FILE = "lock.json"
+TAKEOVER_FILE = "lock.takeover"  # mutex of drivers replacing a stale lock (local stores)
+TAKEOVER_STALE_S = 30.0  # a take-over mutex older than this was left by a crashed taker
 HEARTBEAT_S = 30.0  # how often the holder rewrites its heartbeat (and checks it still owns the lock)
 STALE_AFTER_S = 600.0  # a heartbeat older than this marks a crashed driver on any host
 SETTLE_S = 2.0  # object stores: wait between PUT and read-back
@@ -237,6 +240,26 @@ def _held_error(store: Any, experiment: str, cur: LockInfo) -> LockHeld:
         f"(same machine) or its heartbeat is {STALE_AFTER_S:.0f} s old")
 
 
+def _replace_stale(store: Any, experiment: str, raw: bytes, me: LockInfo) -> bool:
+    """Local stores: replace the lock whose bytes are `raw` by ours, under a take-over mutex
+    (TAKEOVER_FILE, created exclusively) so that of several drivers taking over the same stale
+    lock exactly one does, and a fresh lock is never moved or replaced. The lock file exists
+    throughout (overwritten atomically), so no driver can create one in between. A mutex left by
+    a taker that crashed is dropped after TAKEOVER_STALE_S. False: not taken (look again)."""
+    if not store.create_exclusive(experiment, TAKEOVER_FILE, me.dump()):
+        held = _info(store.read_bytes(experiment, TAKEOVER_FILE, max_bytes=64 * 1024))
+        if held is not None and time.time() - held.started_at > TAKEOVER_STALE_S:
+            store.delete(experiment, TAKEOVER_FILE)
+        return False
+    try:
+        if store.read_bytes(experiment, LOCK_FILE, max_bytes=64 * 1024) != raw:
+            return False  # changed since we judged it stale
+        store.write_bytes(experiment, LOCK_FILE, me.dump())  # atomic replace (temp file + rename)
+        return True
+    finally:
+        store.delete(experiment, TAKEOVER_FILE)
+
+
 def acquire(store: Any, experiment: str, *, command: str = "", take_over: bool = False,
             heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
             settle_s: float | None = None, on_lost: Callable[[str], None] | None = None) -> ExperimentLock:
@@ -246,7 +269,7 @@ def acquire(store: Any, experiment: str, *, command: str = "", take_over: bool =
     if settle_s is None:
         settle_s = SETTLE_S
     note = None
-    for _ in range(3):  # a lock that vanishes while we look is retried
+    for attempt in range(3):  # a lock that vanishes or changes while we look is looked at again
         raw = store.read_bytes(experiment, LOCK_FILE, max_bytes=64 * 1024)
         cur = _info(raw)
         if cur is not None:
@@ -256,16 +279,14 @@ def acquire(store: Any, experiment: str, *, command: str = "", take_over: bool =
             note = (f"took over the lock of {cur.describe(time.time())}: "
                     + (why or "--take-over"))
         exclusive = isinstance(store.fs, pafs.LocalFileSystem)
-        if cur is not None and exclusive:  # move the stale lock aside (only one taker gets it)
-            moved = store.move_aside(experiment, LOCK_FILE)
-            if moved is None:
-                continue  # another taker moved it first: look again
-            if moved != raw:  # a fresh lock of a faster taker: put it back
-                store.create_exclusive(experiment, LOCK_FILE, moved)
-                raise _held_error(store, experiment, _info(moved))  # type: ignore[arg-type]
-            cur = None
         created = None
-        if cur is None:
+        if cur is not None and exclusive:  # replace the stale lock, one taker at a time
+            taken = _replace_stale(store, experiment, raw, me)
+            if not taken:
+                time.sleep(0.05 * (attempt + 1))  # another taker is at it, or the lock changed
+                continue
+            created = True
+        elif cur is None:
             created = store.create_exclusive(experiment, LOCK_FILE, me.dump())
             if created is False:
                 continue  # another driver was faster: look at its lock

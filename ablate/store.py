@@ -226,24 +226,6 @@ class Store:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-    def move_aside(self, experiment: str, relpath: str) -> bytes | None:
-        """Local stores: rename the file to a hidden unique name (atomic: of several callers only
-        one gets it), delete that, and return its bytes; None if it was gone already."""
-        path = self._path(experiment, *relpath.split("/"))
-        aside = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.aside"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StoreError(f"cannot move {path!r} in store {self.uri!r}: {_cause(e)}") from None
-        try:
-            with open(aside, "rb") as f:
-                return f.read(1024 * 1024)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(aside)
-
     def delete(self, experiment: str, relpath: str) -> None:
         """Delete one file under the experiment (absent: nothing to do); StoreError if it fails."""
         path = self._path(experiment, *relpath.split("/"))
