@@ -18,8 +18,9 @@ Rows:
 - pytest: the GPU tests (tests/trainer/test_attention_gpu.py: fa4 and flex against an fp32
   reference, 50 `small` steps fa4 vs flex; Polar Express kernels; FP8 head).
 - ablate: `ablate run experiments/gpu_acceptance.yaml` (2 arms × 1 seed, `small`, 1 GPU per run) with
-  resources.reuse_workers off and on: every run ok, losses finite and falling. Needs ray and optuna
-  (on the lent GPU machines: the carried .devwheels bundle).
+  resources.reuse_workers off and on: every run ok, losses finite and falling; and script arms (the
+  CPU tests' fake record script, one GPU bundle per run): one ok, one diverged, GPU ids recorded.
+  Needs ray and optuna (on the lent GPU machines: the carried .devwheels bundle).
 
 Jobs run up to --parallel at a time on the GPU (compiles are CPU-bound; the speedrun preset peaks
 near 30 GiB at world size 1), so timings printed here are not benchmarks (benchmarks/bench_trainer.py).
@@ -212,6 +213,49 @@ def ablate_rows(data: Path, out: Path) -> list[Row]:
     return rows
 
 
+def script_row(out: Path) -> Row:
+    """`ablate run` of script arms on GPU bundles: the fake record script of the CPU tests
+    (tests/ablate/fixtures/script/, the record's log format, no model) placed on one GPU per run,
+    launched by torchrun in its own working directory and parsed like a record log."""
+    import shutil as _sh
+
+    try:
+        import optuna  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as e:
+        return Row("ablate run · script arms", "SKIP", 0.0, f"ray/optuna not importable ({e})")
+    work = out / "script-arms"
+    _sh.rmtree(work, ignore_errors=True)
+    _sh.copytree(ROOT / "tests/ablate/fixtures/script", work / "fork")
+    (work / "data" / "fineweb10B").mkdir(parents=True)
+    spec = work / "script-arms.yaml"
+    spec.write_text(f"""name: gpu-acceptance-script
+trainer: {{script: fork/train_gpt.py, files: [fork/fake_kernels.py]}}
+data_root: {work / 'data'}
+arms:
+  baseline: {{}}
+  nan: {{env: {{FAKE_NAN_AT: "4"}}}}
+seeds: [1]
+resources: {{gpus_per_run: 1}}
+""")
+    store = out / "store"
+    rc, _, secs = sh([sys.executable, "-m", "ablate", "run", str(spec), "--store", str(store)],
+                     out / "script-arms.log", timeout=300, env={"COLUMNS": "160"})
+    try:
+        from ablate.store import Store
+
+        runs = Store(str(store)).runs("gpu-acceptance-script").set_index("arm")
+        got = {a: runs.loc[a, "status"] for a in runs.index}
+        ok = got == {"baseline": "ok", "nan": "diverged"} and str(runs.loc["baseline", "gpu_uuids"]).startswith("GPU")
+        detail = f"statuses {got}; baseline final {runs.loc['baseline', 'final_val_loss']}, " \
+                 f"gpu {runs.loc['baseline', 'gpu_uuids']}"
+    except Exception as e:  # noqa: BLE001
+        ok, detail = False, f"store: {type(e).__name__}: {e}"
+    # exit 1 is expected: a diverged run is an outcome, but the command reports it
+    return Row("ablate run · script arms (fake record script, 1 GPU per run)", "PASS" if ok else "FAIL", secs,
+               detail + ("" if ok else f"; exit {rc}"))
+
+
 def machine() -> dict:
     import torch
 
@@ -307,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                             weight=3))
     jobs.append(Job("pytest", lambda: [pytest_row(out)]))
     jobs.append(Job("ablate run", lambda: ablate_rows(data_root / "small", out)))
+    jobs.append(Job("ablate script", lambda: [script_row(out)]))
     if args.only:
         jobs = [j for j in jobs if any(k in j.name for k in args.only)]
     commit = commit_of(args.commit)
@@ -314,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     # small first (its compiled graphs warm the cache for pytest and ablate), then the heavy presets,
     # then pytest and ablate once every small job has finished
     order = sorted(jobs, key=lambda j: (0 if j.name.startswith(("mask", "small")) else
-                                        2 if j.name in ("pytest", "ablate run") else 1, -j.weight))
+                                        2 if j.name in ("pytest", "ablate run", "ablate script") else 1, -j.weight))
     running: dict[cf.Future, Job] = {}
     load = 0
     with cf.ThreadPoolExecutor(max_workers=8) as pool:
