@@ -89,13 +89,15 @@ def synth(out: Path, train_tokens: int, val_tokens: int) -> None:
 
 
 def short_overrides(preset: str, backend: str, data: Path) -> dict:
-    """The preset's shapes with its schedule shortened to STEPS_PER_STAGE steps per batch stage."""
+    """The preset's shapes with its schedule shortened to STEPS_PER_STAGE steps per batch stage.
+    sdpa runs eagerly: compiled, its banded mask recompiles per window (293 s of a cold run on an
+    H200, 2026-12-01), and `auto` never picks it on a GPU."""
     from trainer.config import load_config
 
     cfg = load_config(preset)
     s = cfg.schedule
     n = len(s.train_bs_schedule) * STEPS_PER_STAGE
-    return {
+    return {**({"runtime.compile": False} if backend == "sdpa" else {}),
         "model.attn_backend": backend, "data.data_dir": str(data), "data.synthetic": False,
         "schedule.num_scheduled_iterations": n, "schedule.num_extension_iterations": STEPS_PER_STAGE,
         "eval.val_loss_every": STEPS_PER_STAGE, "eval.val_tokens": cfg.eval.val_batch_size,
@@ -322,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs/gpu-acceptance.md"))
     ap.add_argument("--commit", default=os.environ.get("ACCEPT_COMMIT"))
     ap.add_argument("--machine", default=os.environ.get("ACCEPT_MACHINE", ""))
-    ap.add_argument("--parallel", type=int, default=4, help="GPU memory weight running at once (speedrun = 2)")
+    ap.add_argument("--parallel", type=int, default=5,
+                    help="GPU memory weight running at once (speedrun presets 2, the rest 1); 2026-12-01: two "
+                         "speedrun-size jobs beside a third ran out of the H200's 140 GiB")
     ap.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         data = data_root / ("small" if preset == "small" else "speedrun")
         for b in backends + (["sdpa"] if preset == "small" else []):
             jobs.append(Job(f"{preset} · {b}", (lambda p=preset, b=b, d=data: [preset_row(p, b, d, out)]),
-                            weight=2 if preset == "speedrun" else 1))
+                            weight=1 if preset == "small" else 2))  # speedrun*: ~30-40 GiB each
     n_gpu = len(info["gpus"])
     for nproc in (2, 4):
         if n_gpu >= nproc:
@@ -356,10 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [j for j in jobs if any(k in j.name for k in args.only)]
     commit = commit_of(args.commit)
     machine_name = args.machine or f"{n_gpu}×{info['gpus'][0]}"
-    # small first (its compiled graphs warm the cache for pytest and ablate), then the heavy presets,
-    # then pytest and ablate once every small job has finished
-    order = sorted(jobs, key=lambda j: (0 if j.name.startswith(("mask", "small")) else
-                                        2 if j.name in ("pytest", "ablate run", "ablate script") else 1, -j.weight))
+    # The order is the critical path: small fa4/flex first (their compiled graphs serve pytest and
+    # ablate, which wait for them), then the long jobs (speedrun, pytest, ablate), then the rest.
+    rank = ["mask", "small · fa4", "small · flex", "speedrun · fa4", "speedrun · flex", "pytest", "ablate run",
+            "ablate script", "speedrun-1027 · fa4", "speedrun-1027 · flex", "small · sdpa"]
+    order = sorted(jobs, key=lambda j: rank.index(j.name) if j.name in rank else len(rank))
+    gates = ("small · fa4", "small · flex")
     running: dict[cf.Future, Job] = {}
     load = 0
     with cf.ThreadPoolExecutor(max_workers=8) as pool:
@@ -367,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         while pending or running:
             while pending and (load + pending[0].weight <= args.parallel or not running):
                 j = pending[0]
-                if j.name in ("pytest", "ablate run") and any(r.name.startswith("small") for r in running.values()):
+                if j.name in ("pytest", "ablate run") and any(r.name in gates for r in running.values()):
                     break
                 pending.pop(0)
                 load += j.weight
