@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import json
 import math
@@ -294,7 +295,8 @@ def commit_of(arg: str | None) -> str:
         return "unknown (no git; pass --commit)"
 
 
-def write_doc(path: Path, rows: list[Row], info: dict, commit: str, wall: float, machine_name: str) -> None:
+def write_doc(path: Path, rows: list[Row], info: dict, commit: str, wall: float, machine_name: str,
+              calls: int = 1) -> None:
     ok = all(r.status != "FAIL" for r in rows)
     lines = [
         "# GPU acceptance record",
@@ -308,7 +310,9 @@ def write_doc(path: Path, rows: list[Row], info: dict, commit: str, wall: float,
         f"host {info['host']}",
         f"- software: Python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
         f"flash-attn-4 {info['flash_attn_4']}",
-        f"- result: **{'PASS' if ok else 'FAIL'}** in {wall:.0f} s wall (jobs in parallel; times are not benchmarks)",
+        f"- result: **{'PASS' if ok else 'FAIL'}** in {wall:.0f} s wall"
+        + (f" over {calls} calls (`--resume`: each row says its call)" if calls > 1 else "")
+        + " (jobs in parallel; times are not benchmarks)",
         "",
         "| check | result | s | detail |",
         "|---|---|---|---|",
@@ -328,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="GPU memory weight running at once (speedrun presets 2, the rest 1); 2026-12-01: two "
                          "speedrun-size jobs beside a third ran out of the H200's 140 GiB")
     ap.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
+    ap.add_argument("--state", default=os.environ.get("ACCEPT_STATE", "/tmp/gpu-acceptance-state.json"),
+                    help="where each finished job's rows are kept (JSON), for --resume")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the jobs that passed in an earlier call at the same commit (from --state) and run "
+                         "the rest: a suite cut off by a time limit finishes in a second call, one record")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -360,6 +369,37 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [j for j in jobs if any(k in j.name for k in args.only)]
     commit = commit_of(args.commit)
     machine_name = args.machine or f"{n_gpu}×{info['gpus'][0]}"
+    state_path = Path(args.state)
+    state = {"commit": commit, "calls": 0, "seconds": 0.0, "jobs": {}}
+    if args.resume:
+        try:
+            old = json.loads(state_path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"gpu_acceptance: --resume: no earlier state at {state_path} ({e}); running every job",
+                  file=sys.stderr)
+            old = None
+        if old and old.get("commit") == commit:
+            state = old
+            for j in jobs:
+                kept = state["jobs"].get(j.name)
+                if kept and all(r["status"] == "PASS" for r in kept):
+                    j.rows = [Row(r["name"], r["status"], r["seconds"], r["detail"] + f" (call {r.get('call', 1)})")
+                              for r in kept]
+            print(f"gpu_acceptance: --resume: {sum(bool(j.rows) for j in jobs)} jobs passed in earlier calls "
+                  f"at {commit[:12]}; running {sum(not j.rows for j in jobs)}", flush=True)
+        elif old:
+            print(f"gpu_acceptance: --resume: the earlier state is for commit {old.get('commit')}, not {commit}; "
+                  "running every job", file=sys.stderr)
+    state["calls"] += 1
+    call = state["calls"]
+    kept_before = {j.name for j in jobs if j.rows}
+    done_before = float(state["seconds"])
+
+    def keep(job: Job) -> None:
+        state["jobs"][job.name] = [{**r.__dict__, "call": call} for r in job.rows]
+        state["seconds"] = done_before + time.perf_counter() - t0
+        with contextlib.suppress(OSError):
+            state_path.write_text(json.dumps(state))
     # The order is the critical path: small fa4/flex first (their compiled graphs serve pytest and
     # ablate, which wait for them), then the long jobs (speedrun, pytest, ablate), then the rest.
     rank = ["mask", "small · fa4", "small · flex", "speedrun · fa4", "speedrun · flex", "pytest", "ablate run",
@@ -369,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     running: dict[cf.Future, Job] = {}
     load = 0
     with cf.ThreadPoolExecutor(max_workers=8) as pool:
-        pending = list(order)
+        pending = [j for j in order if not j.rows]
         while pending or running:
             while pending and (load + pending[0].weight <= args.parallel or not running):
                 j = pending[0]
@@ -387,15 +427,22 @@ def main(argv: list[str] | None = None) -> int:
                     j.rows = f.result()
                 except Exception as e:  # noqa: BLE001
                     j.rows = [Row(j.name, "FAIL", 0.0, f"{type(e).__name__}: {e}")]
+                keep(j)
                 for r in j.rows:
                     print(f"[acceptance {time.perf_counter() - t0:5.0f} s] {r.status} {r.name}: {r.detail}", flush=True)
                 # the record so far, so that a run cut off by a time limit still leaves its rows
                 partial = [r for jj in jobs for r in jj.rows]
-                write_doc(out / "gpu-acceptance.partial.md", partial, info, commit, time.perf_counter() - t0,
+                write_doc(out / "gpu-acceptance.partial.md", partial, info, commit,
+                          done_before + time.perf_counter() - t0,
                           machine_name)
+    if call > 1:
+        for j in order:
+            if j.name not in kept_before:
+                for r in j.rows:
+                    r.detail += f" (call {call})"
     rows = [r for j in jobs for r in j.rows]
-    wall = time.perf_counter() - t0
-    write_doc(Path(args.doc), rows, info, commit, wall, machine_name)
+    wall = done_before + time.perf_counter() - t0
+    write_doc(Path(args.doc), rows, info, commit, wall, machine_name, calls=call)
     shutil.copy(args.doc, out / "gpu-acceptance.md")
     print()
     print(f"{'result':6}  {'s':>5}  check")

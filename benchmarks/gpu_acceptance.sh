@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/gpu_acceptance.sh                  # from the repository root, on the GPU node
 #   ACCEPT_COMMIT=<sha> bash benchmarks/gpu_acceptance.sh   # where the checkout has no .git
+#   bash benchmarks/gpu_acceptance.sh --resume         # a second call finishes a run cut off by a time limit
+#                                                      # (jobs that passed at the same commit are kept: /tmp state)
 #
 # Needs: torch with CUDA; for the fa4 rows flash-attn-4 (`pip install -e ".[fa4]"`, sm90+); for the
 # ablate rows ray + optuna (`pip install -e .`). On an offline machine the wheels can be carried:
