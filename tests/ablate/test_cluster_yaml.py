@@ -119,7 +119,8 @@ def test_torch_is_pinned_cpu_on_head_cuda_on_workers() -> None:
     # The project installs after torch, so its unpinned torch>=... keeps the pinned build.
     for cmds in (cfg["head_setup_commands"], cfg["worker_setup_commands"]):
         joined = "\n".join(cmds)
-        assert joined.index("torch==") < joined.index("-e ~/ablate")
+        assert joined.index("torch==") < joined.index('-e "$HOME/ablate[cluster,report]"')
+        assert "-c ~/ablate/constraints.txt" in joined, "nodes install the versions CI passed with"
 
 
 def test_ray_version_matches_the_installed_one() -> None:
