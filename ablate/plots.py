@@ -17,12 +17,16 @@ in the step-time traces, which show every run (a stall may be why a run failed).
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy import stats as sps
+
+from ablate.errors import AblateError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STALL_FACTOR = 1.5
 STALL_WINDOW = 21   # logged steps (centred) whose median a step is compared with
@@ -30,8 +34,26 @@ ZOOM_FRACTION = 0.3
 CONFIDENCE = 0.95
 
 
+class PlotsUnavailable(AblateError):
+    """matplotlib is not installed (it is the `report` extra)."""
+
+
+def _new_figure(**kw) -> Figure:
+    """A matplotlib Figure on no global state; matplotlib is imported here, so the rest of ablate
+    (run, table, status) works without the `report` extra."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise PlotsUnavailable(
+            f"the report's figures need matplotlib ({e}); install it with `pip install -e \".[report]\"` "
+            "(or `pip install 'matplotlib>=3.8,<4'`)") from None
+    return Figure(**kw)
+
+
 def to_png(fig: Figure, dpi: int = 110) -> bytes:
     """Render a figure to PNG bytes with the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -73,7 +95,7 @@ def curves_figure(curves: pd.DataFrame, runs: pd.DataFrame, x: str = "step",
     """Val loss mean ± CI band per arm against `x` ("step" or "time")."""
     if x not in ("step", "time"):
         raise ValueError(f"x={x!r} must be 'step' or 'time'")
-    fig = Figure(figsize=(11, 4.2))
+    fig = _new_figure(figsize=(11, 4.2))
     ax_full, ax_zoom = fig.subplots(1, 2)
     data = curves[curves["run_id"].isin(_ok_ids(runs))]
     arms = [a for a in _arm_order(runs, baseline) if a in set(data["arm"])]
@@ -123,7 +145,7 @@ def finals_figure(runs: pd.DataFrame, target: float | None = None, baseline: str
                   seed: int = 0) -> Figure:
     """Strip plots of final val loss and train time per run; per arm the mean (bar) ± 95% CI
     (error bar) and n in the tick label; the baseline's mean as a dashed line across each panel."""
-    fig = Figure(figsize=(11, 4.2))
+    fig = _new_figure(figsize=(11, 4.2))
     ax_loss, ax_time = fig.subplots(1, 2)
     ok = runs[(runs["status"] == "ok") & runs["final_val_loss"].notna()]
     arms = [a for a in _arm_order(runs, baseline) if a in set(ok["arm"])]
@@ -172,7 +194,7 @@ def stalls(steps: pd.DataFrame, factor: float = STALL_FACTOR, window: int = STAL
 
 def step_times_figure(steps: pd.DataFrame, runs: pd.DataFrame, baseline: str | None = None) -> Figure:
     """Step time (ms) against step for every run; stalls marked with ×."""
-    fig = Figure(figsize=(11, 4.2))
+    fig = _new_figure(figsize=(11, 4.2))
     ax = fig.subplots()
     arms = [a for a in _arm_order(runs, baseline) if a in set(steps["arm"])]
     colors = _colors(arms)

@@ -227,3 +227,20 @@ def test_report_on_imported_search_and_mixed_experiments(tmp_path):
     report.write_report(store, "mix")
     md = store.read_bytes("mix", "report.md").decode()
     assert "| record | 2 |" in md and "| baseline | 4 |" in md and "| import |" in md
+
+
+def test_without_matplotlib_the_cli_works_and_report_names_the_extra(tmp_path):
+    """matplotlib is the `report` extra: importing the CLI and running table/status must not need it;
+    `ablate report` exits 1 with the install command, no traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # `import matplotlib...` now raises ImportError
+        "import ablate.cli, ablate.report, ablate.tables\n"
+        "from ablate import plots\n"
+        "try:\n    plots.curves_figure(None, None)\nexcept plots.PlotsUnavailable as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and 'pip install -e ".[report]"' in out.stdout
