@@ -12,10 +12,10 @@ import importlib.metadata
 import importlib.util
 import platform
 import socket
-import subprocess
 from pathlib import Path
 
 from ablate import __version__
+from trainer.env import git_commit as _git_commit
 
 
 def project_root() -> Path:
@@ -28,18 +28,9 @@ def project_root() -> Path:
 
 @functools.lru_cache(maxsize=8)
 def git_commit(root: str | None = None) -> str | None:
-    """HEAD commit of the checkout at `root` (default: project root), '+dirty' if modified."""
-    cwd = root or str(project_root())
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                              text=True, timeout=5)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """HEAD commit of the checkout at `root` (default: project root), '+dirty' if modified
+    (trainer.env.git_commit, cached: the driver asks once per run)."""
+    return _git_commit(root or str(project_root()))
 
 
 def package_version(name: str) -> str | None:

@@ -14,8 +14,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,10 +25,13 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout holding the trainer; "+dirty" (as in ablate/provenance.py) if tracked files changed."""
-    head = _run(["git", "rev-parse", "HEAD"], REPO_ROOT)
-    if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO_ROOT):
+def git_commit(root: str | Path | None = None) -> str | None:
+    """HEAD of the git checkout at `root` (default: the one holding the trainer), "+dirty" if tracked
+    files changed; None without git or outside a checkout. The one implementation: ablate's driver
+    (ablate/provenance.py) and script runs use it too. torch-free, so the driver can call it cheaply."""
+    where = Path(root) if root is not None else REPO_ROOT
+    head = _run(["git", "rev-parse", "HEAD"], where)
+    if head and _run(["git", "status", "--porcelain", "--untracked-files=no"], where):
         head += "+dirty"
     return head
 
@@ -44,6 +45,8 @@ def _triton_version() -> str | None:
 
 
 def provenance() -> dict[str, Any]:
+    import torch  # noqa: PLC0415 (git_commit above is used by ablate's driver, which need not load torch)
+
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     names, uuids = [], []
