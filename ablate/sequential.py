@@ -122,12 +122,14 @@ def _compare(a: pd.DataFrame, b: pd.DataFrame, alternative: str) -> tuple[dict[s
 
 
 def _target_z(losses: pd.Series, target: float) -> float:
+    """z of the one-sample t statistic (target − mean)/SE: the speedrun rule's
+    scipy.stats.ttest_1samp(losses, target), sign flipped so that positive means below the target.
+    Zero variance gives ±inf (0 at the target), where scipy would give NaN."""
     x = losses.to_numpy(dtype=float)
-    s = x.std(ddof=1)
-    if s == 0:
+    if x.std(ddof=1) == 0:
         return math.copysign(math.inf, target - x.mean()) if x.mean() != target else 0.0
-    t = (target - x.mean()) / (s / math.sqrt(len(x)))
-    return float(z_from_t(t, len(x) - 1))
+    res = sps.ttest_1samp(x, target)
+    return float(z_from_t(-res.statistic, res.df))
 
 
 def arm_looks(runs: pd.DataFrame, arm: str, plan: SeqPlan) -> list[Look]:
@@ -262,12 +264,9 @@ def arms_to_continue(runs: pd.DataFrame, spec: Any) -> list[str]:
 # ---------------------------------------------------------------- simulation (benchmark, tests)
 
 def _welch_z(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Vectorised Welch z (t mapped to z) of rows of a vs rows of b."""
-    na, nb = a.shape[1], b.shape[1]
-    va, vb = a.var(axis=1, ddof=1) / na, b.var(axis=1, ddof=1) / nb
-    t = (a.mean(axis=1) - b.mean(axis=1)) / np.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
-    return z_from_t(t, df)
+    """Welch z (t mapped to z) of rows of a vs rows of b: scipy.stats.ttest_ind(equal_var=False), row-wise."""
+    res = sps.ttest_ind(a, b, axis=1, equal_var=False)
+    return z_from_t(res.statistic, res.df)
 
 
 @dataclass

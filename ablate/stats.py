@@ -1,11 +1,19 @@
 """Per-arm statistics for the results table: summaries, Welch/paired comparisons, Hedges g,
 the speedrun target rule, multiple-comparison corrections and runs-needed estimates.
 
-    python -m pytest tests/ablate/test_stats.py -q
+    python -m pytest tests/ablate/test_stats.py tests/ablate/test_stats_library.py -q
 
 Pure functions of numbers (numpy arrays) plus `pair_runs`, which reads the runs frame's
-`order`/`round`/`seed`/`hostname`/`gpu_uuids` columns to form blocks. Every formula is written out in
-docs/statistics.md; tests compare each one with scipy/statsmodels on fixed data.
+`order`/`round`/`seed`/`hostname`/`gpu_uuids` columns to form blocks. Library calls where a
+library gives the table's numbers: scipy.stats for every distribution and the target rule
+(`t.ppf`/`t.sf`/`t.cdf`, `nct`, `ttest_1samp`), statsmodels' `multipletests` for BH. The rest
+are thin wrappers, each docstring saying why: `welch`/`paired` (scipy's `ttest_ind(equal_var=
+False)`/`ttest_rel` and `confidence_interval` numbers, from numpy moments so that the
+full-precision tables stay byte-identical), Holm (statsmodels' runs gc.collect() per call),
+`hedges_g` (exact J), `t_power`/`runs_needed*` (statsmodels' power is NaN at large
+noncentrality and has no unequal-variance Welch sample size). docs/statistics.md names the
+library function behind every column; tests/ablate/test_stats_library.py pins each wrapper to
+the library and to the hand-written formulas it replaced.
 Conventions: Δ = mean(arm) − mean(baseline); "less" means the arm is lower (better) than the
 baseline; CIs are two-sided at `confidence` unless the alternative is one-sided.
 """
@@ -17,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import special, stats
+from statsmodels.stats.multitest import multipletests
 
 ALTERNATIVES = ("two-sided", "less", "greater")
 CORRECTIONS = ("holm", "bh", "none")
@@ -93,26 +102,29 @@ _NAN_CMP = dict(delta=math.nan, ci_low=math.nan, ci_high=math.nan, p=math.nan, g
                 df=math.nan, stat=math.nan)
 
 
-def _ci(delta: float, se: float, df: float, alternative: str, confidence: float) -> tuple[float, float]:
+def _t_test(delta: float, se: float, df: float, alternative: str, confidence: float, g: float,
+            method: str, n_pairs: int = 0) -> Comparison:
+    """t = Δ/SE on `df` degrees of freedom: p from scipy.stats.t's tails, CI Δ ± t.ppf · SE
+    (one-sided: the other bound is ±inf), what ttest_ind/ttest_rel and their confidence_interval
+    compute from the same Δ, SE and df."""
+    t = delta / se
     if alternative == "two-sided":
+        p = float(2 * stats.t.sf(abs(t), df))
         h = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
-        return delta - h, delta + h
-    h = float(stats.t.ppf(confidence, df)) * se
-    return (-math.inf, delta + h) if alternative == "less" else (delta - h, math.inf)
-
-
-def _p_from_t(t: float, df: float, alternative: str) -> float:
-    if alternative == "two-sided":
-        return float(2 * stats.t.sf(abs(t), df))
-    if alternative == "less":
-        return float(stats.t.cdf(t, df))
-    return float(stats.t.sf(t, df))
+        lo, hi = delta - h, delta + h
+    else:
+        h = float(stats.t.ppf(confidence, df)) * se
+        p = float(stats.t.cdf(t, df) if alternative == "less" else stats.t.sf(t, df))
+        lo, hi = (-math.inf, delta + h) if alternative == "less" else (delta - h, math.inf)
+    return Comparison(delta, float(lo), float(hi), p, g, float(df), float(t), method, n_pairs)
 
 
 def hedges_g(arm, base) -> float:
     """(mean_arm − mean_base) / pooled sd, times the exact small-sample factor J(df).
 
     J(df) = Γ(df/2) / (sqrt(df/2) Γ((df−1)/2)), df = n_arm + n_base − 2.
+    A wrapper because no library has it exactly: statsmodels' `effectsize_smd` uses the
+    approximation J ≈ 1 − 3/(4(n_a + n_b) − 9) (0.2 % off at 6 + 7 runs), scipy has no Hedges g.
     """
     a, b = _arr(arm), _arr(base)
     na, nb = len(a), len(b)
@@ -127,7 +139,16 @@ def hedges_g(arm, base) -> float:
 
 
 def welch(arm, base, alternative: str = "two-sided", confidence: float = 0.95) -> Comparison:
-    """Welch's unequal-variance t-test of arm vs base with the Welch–Satterthwaite df."""
+    """Welch's unequal-variance t-test of arm vs base with the Welch–Satterthwaite df.
+
+    The numbers of scipy.stats.ttest_ind(arm, base, equal_var=False, alternative=...) and its
+    confidence_interval(confidence), to 1e-12 (tests/ablate/test_stats_library.py). A wrapper
+    because scipy's sample variance (second moment × n/(n−1)) differs from numpy's var(ddof=1)
+    in the last bit, which the full-precision CSV/JSON tables (and their golden files) would show;
+    and for its edge cases: NaN/inf values are dropped, fewer than 2 values per arm give NaN
+    statistics with Δ kept, zero variance in both arms gives p = 1 with Δ = 0 (scipy: NaN) and
+    p = 0 with a zero-width CI otherwise (scipy: t = ±inf, p = 0).
+    """
     check_alternative(alternative)
     a, b = _arr(arm), _arr(base)
     na, nb = len(a), len(b)
@@ -141,13 +162,17 @@ def welch(arm, base, alternative: str = "two-sided", confidence: float = 0.95) -
     if se == 0:
         return Comparison(delta, delta, delta, 1.0 if delta == 0 else 0.0, g, math.nan, math.nan, "welch")
     df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
-    t = delta / se
-    lo, hi = _ci(delta, se, df, alternative, confidence)
-    return Comparison(delta, lo, hi, _p_from_t(t, df, alternative), g, float(df), float(t), "welch")
+    return _t_test(delta, se, df, alternative, confidence, g, "welch")
 
 
 def paired(arm, base, alternative: str = "two-sided", confidence: float = 0.95) -> Comparison:
-    """Paired t-test on aligned pairs (arm[i], base[i]); g is the two-sample Hedges g."""
+    """Paired t-test on aligned pairs (arm[i], base[i]); g is the two-sample Hedges g.
+
+    The numbers of scipy.stats.ttest_rel(arm, base, alternative=...) and its
+    confidence_interval(confidence), to 1e-12; a wrapper for the same reasons as `welch`
+    (last-bit variance, edge cases: pairs with a NaN/inf side are dropped, < 2 pairs or zero
+    variance of the differences as in `welch`) and to count the pairs used.
+    """
     check_alternative(alternative)
     a = np.asarray(arm, dtype=float).ravel()
     b = np.asarray(base, dtype=float).ravel()
@@ -163,9 +188,7 @@ def paired(arm, base, alternative: str = "two-sided", confidence: float = 0.95) 
     se = float(d.std(ddof=1)) / math.sqrt(n)
     if se == 0:
         return Comparison(delta, delta, delta, 1.0 if delta == 0 else 0.0, g, n - 1, math.nan, "paired", n)
-    t = delta / se
-    lo, hi = _ci(delta, se, n - 1, alternative, confidence)
-    return Comparison(delta, lo, hi, _p_from_t(t, n - 1, alternative), g, float(n - 1), float(t), "paired", n)
+    return _t_test(delta, se, n - 1, alternative, confidence, g, "paired", n)
 
 
 def target_pvalue(losses, target: float) -> float:
@@ -179,48 +202,32 @@ def target_pvalue(losses, target: float) -> float:
 # ---------------------------------------------------------------- several arms
 
 def adjust_pvalues(pvalues, method: str = "holm") -> np.ndarray:
-    """Holm step-down (FWER) or Benjamini–Hochberg step-up (FDR); NaNs pass through untouched."""
+    """Holm step-down (FWER) or Benjamini–Hochberg step-up (FDR) adjusted p-values of the finite
+    p-values; NaNs pass through untouched and stay out of the family (multipletests would
+    propagate them). BH is statsmodels' multipletests(method="fdr_bh"). Holm is written out
+    (min(1, running max of (m − i)·p₍ᵢ₎)) because multipletests(method="holm") runs gc.collect()
+    on every call, 0.1–0.3 s in an ablate process; it equals multipletests bit for bit (tested)."""
     check_correction(method)
-    p = np.asarray(pvalues, dtype=float)
-    out = p.copy()
-    ok = np.isfinite(p)
+    out = np.array(pvalues, dtype=float)
+    ok = np.isfinite(out)
     m = int(ok.sum())
-    if method == "none" or m == 0:
-        return out
-    q = p[ok]
-    order = np.argsort(q, kind="mergesort")
-    ranked = q[order]
-    if method == "holm":
-        adj = np.maximum.accumulate((m - np.arange(m)) * ranked)
-    else:
-        adj = np.minimum.accumulate((m / np.arange(m, 0, -1) * ranked[::-1]))[::-1]
-    res = np.empty(m)
-    res[order] = np.minimum(adj, 1.0)
-    out[ok] = res
+    if method == "bh" and m:
+        out[ok] = multipletests(out[ok], method="fdr_bh")[1]
+    elif method == "holm" and m:
+        order = np.argsort(out[ok], kind="mergesort")
+        adjusted = np.empty(m)
+        adjusted[order] = np.minimum(np.maximum.accumulate(out[ok][order] * np.arange(m, 0, -1)), 1.0)
+        out[ok] = adjusted
     return out
 
 
 # ---------------------------------------------------------------- runs needed
 
-def _power_two_sample(n: int, delta: float, var_a: float, var_b: float, alpha: float, alternative: str) -> float:
-    se = math.sqrt((var_a + var_b) / n)
-    df = (n - 1) * (var_a + var_b) ** 2 / (var_a ** 2 + var_b ** 2)
-    return _power_t(delta / se, df, alpha, alternative)
-
-
-def _power_t(nc: float, df: float, alpha: float, alternative: str) -> float:
-    if alternative == "two-sided":
-        c = stats.t.isf(alpha / 2, df)
-        return float(stats.nct.sf(c, df, nc) + stats.nct.cdf(-c, df, nc))
-    c = stats.t.isf(alpha, df)
-    if alternative == "less":
-        nc = -nc
-    return float(stats.nct.sf(c, df, nc))
-
-
 def _smallest_n(power_at, power: float, n_normal: float) -> int | None:
     """Smallest n ≥ 2 with power_at(n) ≥ power, searched upwards from just below the normal
-    approximation (the noncentral t is only evaluated near the answer, where it is accurate)."""
+    approximation (the noncentral t is only evaluated near the answer, where it is accurate).
+    Not statsmodels' solve_power: it root-finds a real n on statsmodels' power, which is NaN at
+    large noncentrality (`t_power`); the answer here is an integer by construction."""
     if not math.isfinite(n_normal) or n_normal > MAX_RUNS_NEEDED:
         return None
     n = max(2, int(math.floor(n_normal)) - 2)
@@ -238,34 +245,66 @@ def _normal_n(delta: float, var_sum: float, alpha: float, power: float, alternat
     return (z_a + stats.norm.ppf(power)) ** 2 * var_sum / delta ** 2
 
 
+def _undetectable(delta: float, spread: float, alternative: str) -> bool:
+    """No n helps: Δ is 0/NaN, the spread is 0/NaN, or Δ points away from a one-sided alternative."""
+    if not (math.isfinite(delta) and math.isfinite(spread)) or delta == 0 or spread == 0:
+        return True
+    return (alternative == "less" and delta > 0) or (alternative == "greater" and delta < 0)
+
+
+def t_power(nc: float, df: float, alpha: float, alternative: str = "two-sided") -> float:
+    """P(reject at level alpha) when the t statistic is noncentral t(df, nc): scipy.stats.nct's
+    tails beyond scipy.stats.t's critical values, the formula of statsmodels' ttest_power
+    (behind TTestPower and TTestIndPower; they agree to 1e-9, tests/ablate/test_stats_library.py).
+    A wrapper because statsmodels takes its tails as 1 − special.nctdtr, which is NaN where
+    scipy.stats.nct is finite (df = 1, nc = −21.9: NaN vs power 0.269), and a NaN power stops the
+    runs-needed search early (2 pairs reported where 3 are needed)."""
+    if alternative == "two-sided":
+        c = stats.t.isf(alpha / 2, df)
+        return float(stats.nct.sf(c, df, nc) + stats.nct.cdf(-c, df, nc))
+    c = stats.t.isf(alpha, df)
+    if alternative == "less":
+        nc = -nc
+    return float(stats.nct.sf(c, df, nc))
+
+
+def welch_power(n: int, delta: float, sd_arm: float, sd_base: float, alpha: float,
+                alternative: str = "two-sided") -> float:
+    """Power of Welch's test with n runs per arm: noncentrality Δ / sqrt((s_a² + s_b²)/n) on the
+    Welch df (n−1)(s_a² + s_b²)² / (s_a⁴ + s_b⁴). A wrapper because statsmodels' TTestIndPower
+    assumes one common sd (df = 2n − 2); with s_a = s_b it is TTestIndPower().power."""
+    va, vb = sd_arm ** 2, sd_base ** 2
+    df = (n - 1) * (va + vb) ** 2 / (va ** 2 + vb ** 2)
+    return t_power(delta / math.sqrt((va + vb) / n), df, alpha, alternative)
+
+
 def runs_needed(delta: float, sd_arm: float, sd_base: float, alpha: float, power: float = 0.8,
                 alternative: str = "two-sided") -> int | None:
     """Runs per arm (equal n) for Welch's test to detect `delta` with `power` at level `alpha`.
 
-    Smallest n with P(reject | Δ) ≥ power under the noncentral t: noncentrality
-    Δ / sqrt((s_a² + s_b²)/n), Welch df (n−1)(s_a² + s_b²)² / (s_a⁴ + s_b⁴). Close to the
-    normal formula n ≈ (z_{1−α/2} + z_{power})² (s_a² + s_b²) / Δ². None when it would exceed
-    MAX_RUNS_NEEDED, when Δ is 0/NaN, or when Δ points away from a one-sided alternative.
+    Smallest n with `welch_power(n, ...)` ≥ power. Close to the normal formula
+    n ≈ (z_{1−α/2} + z_{power})² (s_a² + s_b²) / Δ². None when it would exceed MAX_RUNS_NEEDED,
+    when Δ is 0/NaN, or when Δ points away from a one-sided alternative. A wrapper because
+    statsmodels has no Welch sample size with unequal variances (with s_a = s_b it equals
+    ceil(TTestIndPower().solve_power(...)), tested).
     """
     check_alternative(alternative)
     va, vb = sd_arm ** 2, sd_base ** 2
-    if not all(map(math.isfinite, (delta, va, vb))) or delta == 0 or va + vb == 0:
+    if _undetectable(delta, va + vb, alternative):     # va + vb is finite iff both are
         return None
-    if (alternative == "less" and delta > 0) or (alternative == "greater" and delta < 0):
-        return None
-    return _smallest_n(lambda n: _power_two_sample(n, delta, va, vb, alpha, alternative), power,
+    return _smallest_n(lambda n: welch_power(n, delta, sd_arm, sd_base, alpha, alternative), power,
                        _normal_n(delta, va + vb, alpha, power, alternative))
 
 
 def runs_needed_paired(delta: float, sd_diff: float, alpha: float, power: float = 0.8,
                        alternative: str = "two-sided") -> int | None:
-    """Pairs needed for the paired t-test: noncentrality Δ sqrt(n) / s_d with n − 1 df."""
+    """Pairs needed for the paired t-test: smallest n with `t_power` ≥ power at noncentrality
+    Δ sqrt(n) / s_d on n − 1 df, i.e. TTestPower().power(effect_size=Δ/s_d, nobs=n, alpha) where
+    statsmodels is finite; ceil(TTestPower().solve_power(...)) there (tested)."""
     check_alternative(alternative)
-    if not (math.isfinite(delta) and math.isfinite(sd_diff)) or delta == 0 or sd_diff == 0:
+    if _undetectable(delta, sd_diff, alternative):
         return None
-    if (alternative == "less" and delta > 0) or (alternative == "greater" and delta < 0):
-        return None
-    return _smallest_n(lambda n: _power_t(delta * math.sqrt(n) / sd_diff, n - 1, alpha, alternative), power,
+    return _smallest_n(lambda n: t_power(delta * math.sqrt(n) / sd_diff, n - 1, alpha, alternative), power,
                        _normal_n(delta, sd_diff ** 2, alpha, power, alternative))
 
 

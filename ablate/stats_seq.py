@@ -14,6 +14,10 @@ Efficacy bounds spend alpha by the Hwang–Shih–DeCani family and are computed
 futility (non-binding futility: stopping early for futility can only lower the type-I error).
 Futility bounds spend beta = 1 - power under the design drift theta, the drift at which a fixed
 design of `max` runs has the requested power. docs/statistics.md explains the choice.
+
+Written here because neither scipy nor statsmodels has a group-sequential design (alpha/beta
+spending boundaries, crossing probabilities, stage-wise p-values); the normal and t
+distributions, root finding and the t → z map are scipy's (`stats.norm`, `stats.t`, `optimize.brentq`).
 """
 from __future__ import annotations
 

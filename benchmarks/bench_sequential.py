@@ -66,8 +66,8 @@ def n_equal_power(effect: float, power: float, plan: sq.SeqPlan) -> float:
         return float("nan")
     if n <= 2:
         return float(n)
-    lo = stats._power_two_sample(n - 1, effect, 1.0, 1.0, plan.alpha, alt)
-    hi = stats._power_two_sample(n, effect, 1.0, 1.0, plan.alpha, alt)
+    lo = stats.welch_power(n - 1, effect, 1.0, 1.0, plan.alpha, alt)
+    hi = stats.welch_power(n, effect, 1.0, 1.0, plan.alpha, alt)
     return (n - 1) + (power - lo) / (hi - lo) if hi > lo else float(n)
 
 
