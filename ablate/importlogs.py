@@ -29,6 +29,7 @@ from typing import Any
 
 from ablate import __version__
 from ablate.errors import AblateError
+from ablate.record import RunRecord
 
 SEPARATOR = re.compile(r"^={20,}\s*$")
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:([0-9.]+)ms step_avg:([0-9.]+)ms\s*$")
@@ -160,30 +161,29 @@ def _check_total(log: ParsedLog, total: int, lineno: int) -> None:
 
 
 def run_row(log: ParsedLog, *, experiment: str, arm: str, seed: int, order: int, path: str,
-            mtime: float | None = None) -> dict[str, Any]:
-    """The store's `runs` row for a parsed log."""
+            mtime: float | None = None) -> RunRecord:
+    """The store's `runs` record for a parsed log (columns a log does not tell stay null)."""
     started = log.started_at or datetime.fromtimestamp(mtime or 0.0, tz=timezone.utc)
     train_s = (log.train_time_ms or 0.0) / 1000.0
     gpu = log.gpu_names[0] if log.gpu_names else None
-    return {
-        "experiment": experiment, "arm": arm, "seed": seed, "run_id": import_run_id(arm, log.log_sha256),
-        "attempt": 0, "round": 0, "order": order, "source": "import", "search_trial": None,
-        "config_hash": log.source_sha256[:12],
-        "config_json": json.dumps({"import": {"path": path, "log_sha256": log.log_sha256,
-                                              "source_sha256": log.source_sha256,
-                                              "total_steps": log.total_steps}}, sort_keys=True),
-        "overrides_json": "{}", "status": log.status, "error": log.error,
-        "final_val_loss": log.final_val_loss, "train_time_ms": log.train_time_ms,
-        "steps": log.last_step, "tokens": None, "peak_mem_mib": log.peak_mem_mib,
-        "warmup_s": None, "compile_s": None,
-        "world_size": max(len(log.gpu_names), 1), "node_id": None, "node_ip": None, "hostname": None,
-        "gpu_model": gpu, "gpu_count": len(log.gpu_names), "gpu_uuids": "",
-        "python_version": log.python_version, "torch_version": log.torch_version,
-        "triton_version": log.triton_version, "cuda_version": log.cuda_version, "driver": log.driver,
-        "git_commit": None, "ablate_version": __version__,
-        "started_at": started, "ended_at": started + timedelta(seconds=train_s),
-        "launch_s": None, "wall_s": math.nan,   # the log does not record wall-clock time
-    }
+    return RunRecord(
+        experiment=experiment, arm=arm, seed=seed, run_id=import_run_id(arm, log.log_sha256),
+        attempt=0, round=0, order=order, source="import", search_trial=None,
+        config_hash=log.source_sha256[:12],
+        config_json=json.dumps({"import": {"path": path, "log_sha256": log.log_sha256,
+                                           "source_sha256": log.source_sha256,
+                                           "total_steps": log.total_steps}}, sort_keys=True),
+        overrides_json="{}", status=log.status, error=log.error,
+        final_val_loss=log.final_val_loss, train_time_ms=log.train_time_ms,
+        steps=log.last_step, peak_mem_mib=log.peak_mem_mib,
+        world_size=max(len(log.gpu_names), 1),
+        gpu_model=gpu, gpu_count=len(log.gpu_names), gpu_uuids="",
+        python_version=log.python_version, torch_version=log.torch_version,
+        triton_version=log.triton_version, cuda_version=log.cuda_version, driver=log.driver,
+        ablate_version=__version__,
+        started_at=started, ended_at=started + timedelta(seconds=train_s),
+        wall_s=math.nan,  # the log does not record wall-clock time
+    )
 
 
 def import_run_id(arm: str, log_sha256: str) -> str:
@@ -232,7 +232,7 @@ def read_log(path: Path, max_bytes: int = MAX_LOG_BYTES) -> bytes:
 
 def import_logs(store: Any, paths: list[str | Path], experiment: str, arm: str) -> list[FileResult]:
     """Parse and store every log; one FileResult per file (errors included, never raised)."""
-    existing = store.runs(experiment)
+    existing = store.runs(experiment, columns=["run_id", "arm", "seed", "order"])
     arm_rows = existing[existing["arm"] == arm] if len(existing) else existing
     known_ids = set(existing["run_id"]) if len(existing) else set()
     next_seed = int(arm_rows["seed"].max()) + 1 if len(arm_rows) else 0

@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import ray
 import yaml
@@ -50,6 +50,7 @@ from ablate.matrix import PlannedRun, RunRequest, expand, plan
 from ablate.progress import NullProgress
 from ablate.provenance import driver_info, project_root
 from ablate.placement import check_cluster, concurrency_limit, run_bundle
+from ablate.record import CurvePoint, RunRecord, StepTime
 from ablate.spec import CACHE_KEY, Spec, data_root_path
 from ablate.store import Store
 
@@ -80,12 +81,13 @@ class LaunchOptions:
 
 @dataclass
 class RunResult:
-    """The outcome of one request. `row` is the runs row (written now, or found in the store)."""
+    """The outcome of one request. `row` is the runs row: the RunRecord written now, or the row
+    found in the store (a dict); both map column → value."""
 
     request: RunRequest
     status: str  # "ok" | "diverged" | "failed" | "cancelled" | "not-run"
     run_id: str | None = None
-    row: dict | None = None
+    row: Mapping[str, Any] | None = None
     attempts: int = 0  # attempts launched by this call
     reused: bool = False  # the store already had the outcome; nothing ran
     input_error: bool = False  # the trainer rejected its input (config, data, world size): not retried
@@ -260,7 +262,7 @@ class _Attempt:
     started_at: float | None = None  # when Tune started the trial (driver clock)
     node: dict = field(default_factory=dict)  # node_id/node_ip/hostname, from the trial's first report
     status: str | None = None  # set when the row is written
-    row: dict | None = None
+    row: RunRecord | None = None
     input_error: bool = False  # failed on bad input: not retried
 
     @property
@@ -315,8 +317,10 @@ def divergence(payload: dict) -> str | None:
     return None
 
 
-def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dict, list[dict], list[dict]]:
-    """The runs row (schema v1) and the curve/step rows of one finished attempt."""
+def build_row(spec: Spec, a: _Attempt, payload: dict,
+              driver: dict) -> tuple[RunRecord, list[CurvePoint], list[StepTime]]:
+    """The runs record (ablate.record.RunRecord) and the curve/step rows of one finished attempt,
+    from the trial's payload (trainer and script runs alike)."""
     req, r = a.request, spec.resources
     start = payload.get("start") or {}
     end = payload.get("end") or {}
@@ -331,36 +335,35 @@ def build_row(spec: Spec, a: _Attempt, payload: dict, driver: dict) -> tuple[dic
     elif status == "failed" and is_input_error(payload):
         error = f"input error (not retried): {error}"
     config = start.get("config") or payload.get("resolved_config") or a.job.get("script_config") or {}
-    row = {
-        "experiment": spec.name, "arm": req.arm, "seed": req.seed, "run_id": a.run_id,
-        "attempt": a.planned.attempt, "round": req.round, "order": a.order, "source": req.source,
-        "search_trial": req.search_trial, "config_hash": req.config_hash,
-        "config_json": json.dumps(config, sort_keys=True), "overrides_json": json.dumps(req.overrides, sort_keys=True),
-        "status": status, "error": error,
-        "final_val_loss": end.get("final_val_loss"), "train_time_ms": end.get("train_time_ms"),
-        "steps": end.get("steps"), "tokens": end.get("tokens"), "peak_mem_mib": end.get("peak_mem_mib"),
-        "warmup_s": end.get("warmup_s"), "compile_s": end.get("compile_s"), "eval_s": end.get("eval_s"),
-        "world_size": start.get("world_size") or r.ranks,
-        "node_id": payload.get("node_id"), "node_ip": payload.get("node_ip"),
-        "hostname": env.get("hostname") or payload.get("hostname"),
-        "gpu_model": env.get("gpu_name"), "gpu_count": env.get("gpu_count", r.gpus_per_run) or 0,
-        "gpu_uuids": ",".join(env.get("gpu_uuids") or []),
-        "python_version": env.get("python") or driver.get("python"),
-        "torch_version": env.get("torch") or driver.get("torch"),
-        "triton_version": env.get("triton"), "cuda_version": env.get("cuda"), "driver": env.get("driver"),
-        "git_commit": env.get("git_commit") or driver.get("git_commit"), "ablate_version": __version__,
-        "started_at": started, "ended_at": ended,
-        "launch_s": (payload["start_event_at"] - started) if payload.get("start_event_at") else None,
-        "wall_s": max(0.0, ended - started),
-        "worker_runs_before": payload.get("worker_runs_before"),
-        "attn_backend": (config.get("model") or {}).get("attn_backend"),
-        "data_synthetic": data.get("synthetic"), "data_hash": data.get("hash"),
-        "script_sha256": a.job.get("script_sha256"),
-    }
-    keys = {"run_id": a.run_id, "experiment": spec.name, "arm": req.arm, "seed": req.seed}
-    curve = [{**keys, **c} for c in payload.get("curve") or []]
-    steps = [{**keys, **s} for s in payload.get("steps") or []]
-    return row, curve, steps
+    record = RunRecord(
+        experiment=spec.name, arm=req.arm, seed=req.seed, run_id=a.run_id,
+        attempt=a.planned.attempt, round=req.round, order=a.order, source=req.source,
+        search_trial=req.search_trial, config_hash=req.config_hash,
+        config_json=json.dumps(config, sort_keys=True), overrides_json=json.dumps(req.overrides, sort_keys=True),
+        status=status, error=error,
+        final_val_loss=end.get("final_val_loss"), train_time_ms=end.get("train_time_ms"),
+        steps=end.get("steps"), tokens=end.get("tokens"), peak_mem_mib=end.get("peak_mem_mib"),
+        warmup_s=end.get("warmup_s"), compile_s=end.get("compile_s"), eval_s=end.get("eval_s"),
+        world_size=start.get("world_size") or r.ranks,
+        node_id=payload.get("node_id"), node_ip=payload.get("node_ip"),
+        hostname=env.get("hostname") or payload.get("hostname"),
+        gpu_model=env.get("gpu_name"), gpu_count=env.get("gpu_count", r.gpus_per_run) or 0,
+        gpu_uuids=",".join(env.get("gpu_uuids") or []),
+        python_version=env.get("python") or driver.get("python"),
+        torch_version=env.get("torch") or driver.get("torch"),
+        triton_version=env.get("triton"), cuda_version=env.get("cuda"), driver=env.get("driver"),
+        git_commit=env.get("git_commit") or driver.get("git_commit"), ablate_version=__version__,
+        started_at=started, ended_at=ended,
+        launch_s=(payload["start_event_at"] - started) if payload.get("start_event_at") else None,
+        wall_s=max(0.0, ended - started),
+        worker_runs_before=payload.get("worker_runs_before"),
+        attn_backend=(config.get("model") or {}).get("attn_backend"),
+        data_synthetic=data.get("synthetic"), data_hash=data.get("hash"),
+        script_sha256=a.job.get("script_sha256"),
+    )
+    curve = [CurvePoint.for_run(record, c) for c in payload.get("curve") or []]
+    steps = [StepTime.for_run(record, s) for s in payload.get("steps") or []]
+    return record, curve, steps
 
 
 class _Batch(tune.Callback):

@@ -17,9 +17,10 @@ resources.compile_cache_dir is set. stdout lines in the record format
 (`step:N/M val_loss:X train_time:Tms step_avg:Sms`) are progress as they come; when the process
 ends, the log file the script wrote (`logs/<id>.txt`, named by its first stdout line, else the
 newest there; else its stdout lines) is parsed by ablate.importlogs.parse_log, the parser of
-`ablate import-logs`, into the run's curve, step times, status and environment. The driver writes
-the row (source=script, script_sha256), the log (without the script, which the store keeps once
-per sha256 under scripts/) and the curves, as for trainer runs.
+`ablate import-logs`, into the run's curve, step times, status and environment: the payload from
+which the driver builds the run's ablate.record.RunRecord (ablate.orchestrate.build_row, as for
+trainer runs; source=script, script_sha256) and writes it with the log (without the script, which
+the store keeps once per sha256 under scripts/) and the curves.
 """
 from __future__ import annotations
 

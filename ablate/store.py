@@ -3,6 +3,7 @@
     from ablate.store import Store
     store = Store("results")              # or "s3://bucket/prefix", "memory://x", any fsspec URI
     store.runs("smoke")                   # pandas DataFrame, one row per run attempt
+    store.write_run(record, curve, steps) # an ablate.record.RunRecord and its curve/step rows
 
 Layout (schema version 1, documented in docs/store.md):
 
@@ -16,6 +17,7 @@ Layout (schema version 1, documented in docs/store.md):
 A run is visible once its `runs` file exists: it is written last, so readers never see a run
 whose curve is missing. Local writes go to a hidden temporary file that is renamed into place;
 object stores get one PUT of the finished object. Either way a killed writer leaves no torn file.
+The rows and their schemas are ablate.record's; each read is one pyarrow.dataset scan of a folder.
 """
 from __future__ import annotations
 
@@ -24,93 +26,23 @@ import io
 import json
 import os
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ablate.errors import StoreError
 from ablate.names import check_experiment, check_relpath, is_experiment
+from ablate.record import (CURVES_SCHEMA, DATASETS, RUN_STATUSES, RUNS_SCHEMA, SCHEMA_VERSION, SCHEMAS, STEPS_SCHEMA,
+                           CurvePoint, RunRecord, StepTime, from_table, to_table)
 
-SCHEMA_VERSION = 1
-DATASETS = ("runs", "curves", "steps")
-_TS = pa.timestamp("us", tz="UTC")
-
-
-def _f(name: str, typ: pa.DataType, nullable: bool = True) -> pa.Field:
-    return pa.field(name, typ, nullable=nullable)
-
-
-RUNS_SCHEMA = pa.schema([
-    _f("schema_version", pa.int32(), False),
-    _f("experiment", pa.string(), False),
-    _f("arm", pa.string(), False),
-    _f("seed", pa.int64(), False),
-    _f("run_id", pa.string(), False),
-    _f("attempt", pa.int32(), False),
-    _f("round", pa.int32(), False),
-    _f("order", pa.int64(), False),
-    _f("source", pa.string(), False),
-    _f("search_trial", pa.int64()),
-    _f("config_hash", pa.string(), False),
-    _f("config_json", pa.string(), False),
-    _f("overrides_json", pa.string(), False),
-    _f("status", pa.string(), False),
-    _f("error", pa.string()),
-    _f("final_val_loss", pa.float64()),
-    _f("train_time_ms", pa.float64()),
-    _f("steps", pa.int64()),
-    _f("tokens", pa.int64()),
-    _f("peak_mem_mib", pa.float64()),
-    _f("warmup_s", pa.float64()),
-    _f("compile_s", pa.float64()),
-    _f("eval_s", pa.float64()),  # added in v1 (nullable; older files read as null)
-    _f("world_size", pa.int32(), False),
-    _f("node_id", pa.string()),
-    _f("node_ip", pa.string()),
-    _f("hostname", pa.string()),
-    _f("gpu_model", pa.string()),
-    _f("gpu_count", pa.int32(), False),
-    _f("gpu_uuids", pa.string(), False),
-    _f("python_version", pa.string()),
-    _f("torch_version", pa.string()),
-    _f("triton_version", pa.string()),
-    _f("cuda_version", pa.string()),
-    _f("driver", pa.string()),
-    _f("git_commit", pa.string()),
-    _f("ablate_version", pa.string(), False),
-    _f("started_at", _TS, False),
-    _f("ended_at", _TS, False),
-    _f("launch_s", pa.float64()),
-    _f("wall_s", pa.float64(), False),
-    _f("worker_runs_before", pa.int64()),
-    _f("attn_backend", pa.string()),  # the trainer's resolved model.attn_backend (fa4 / flex / sdpa)
-    _f("data_synthetic", pa.bool_()),  # added in v1: the trainer's `start.data.synthetic` (null: unknown)
-    _f("data_hash", pa.string()),  # added in v1: `start.data.hash` of the shards that ran (null: unknown)
-    _f("script_sha256", pa.string()),  # script runs (source=script): the script that ran, after patches
-])
-_KEYS = [_f("run_id", pa.string(), False), _f("experiment", pa.string(), False),
-         _f("arm", pa.string(), False), _f("seed", pa.int64(), False)]
-CURVES_SCHEMA = pa.schema(_KEYS + [_f("step", pa.int64(), False), _f("val_loss", pa.float64()),
-                                   _f("train_time_ms", pa.float64())])
-STEPS_SCHEMA = pa.schema(_KEYS + [_f("step", pa.int64(), False), _f("step_ms", pa.float64()),
-                                  _f("train_time_ms", pa.float64())])
-SCHEMAS = {"runs": RUNS_SCHEMA, "curves": CURVES_SCHEMA, "steps": STEPS_SCHEMA}
-RUN_STATUSES = ("ok", "failed", "cancelled", "diverged")  # docs/store.md, "runs columns"
-
-
-def _with_meta(schema: pa.Schema, dataset: str) -> pa.Schema:
-    return schema.with_metadata({"ablate.dataset": dataset, "ablate.schema_version": str(SCHEMA_VERSION)})
-
-
-def _timestamp(v: Any) -> datetime:
-    if isinstance(v, datetime):
-        return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
-    if isinstance(v, (int, float)):
-        return datetime.fromtimestamp(float(v), tz=timezone.utc)
-    return datetime.fromisoformat(str(v))
+# The schemas come from the record types (ablate.record); these names stay importable from here.
+__all__ = ["CURVES_SCHEMA", "DATASETS", "RUNS_SCHEMA", "RUN_STATUSES", "SCHEMAS", "SCHEMA_VERSION", "STEPS_SCHEMA",
+           "Store"]
 
 
 class Store:
@@ -164,35 +96,29 @@ class Store:
         pq.write_table(table, buf, compression="zstd")
         return buf.getvalue()
 
-    def write_run(self, run: dict, curve: list[dict], steps: list[dict]) -> None:
-        """Write one run attempt: curves and steps first, the `runs` row last (the commit point)."""
-        row = {**run, "schema_version": SCHEMA_VERSION}
-        missing = [f.name for f in RUNS_SCHEMA if not f.nullable and row.get(f.name) is None]
-        if missing:
-            raise StoreError(f"run row {row.get('run_id')!r} lacks required columns: {', '.join(missing)}")
-        unknown = sorted(set(row) - set(RUNS_SCHEMA.names))
-        if unknown:
-            raise StoreError(f"run row {row.get('run_id')!r} has columns not in schema v{SCHEMA_VERSION}: "
-                             f"{', '.join(unknown)}; fix: drop them or add them to the schema (docs/store.md)")
-        if row["status"] not in RUN_STATUSES:
-            raise StoreError(f"status={row['status']!r} is invalid: one of {', '.join(RUN_STATUSES)}")
-        for k in ("started_at", "ended_at"):
-            row[k] = _timestamp(row[k])
-        exp, run_id = row["experiment"], row["run_id"]
-        keys = {k: row[k] for k in ("run_id", "experiment", "arm", "seed")}
-        files = []  # every file is built before the first is written: a bad value writes nothing
-        for dataset, items, cols in (("curves", curve, ("step", "val_loss", "train_time_ms")),
-                                     ("steps", steps, ("step", "step_ms", "train_time_ms")),
-                                     ("runs", None, None)):
-            rows = [{f.name: row.get(f.name) for f in RUNS_SCHEMA}] if items is None else \
-                [{**keys, **{c: it.get(c) for c in cols}} for it in items]
+    def write_run(self, run: RunRecord | Mapping[str, Any], curve: Iterable[Mapping[str, Any]],
+                  steps: Iterable[Mapping[str, Any]]) -> None:
+        """Write one run attempt: curves and steps first, the `runs` row last (the commit point).
+
+        `run` is a RunRecord (a mapping of its columns is made one: RunRecord.from_row); `curve`
+        and `steps` are CurvePoint/StepTime rows or mappings with their value columns (`step`,
+        `val_loss`/`step_ms`, `train_time_ms`); their keys are the run's. Every file is built
+        before the first is written: a value that does not fit writes nothing."""
+        record = RunRecord.from_row(run)
+        if record.schema_version != SCHEMA_VERSION:
+            record = replace(record, schema_version=SCHEMA_VERSION)
+        exp, run_id = record.experiment, record.run_id
+        files = []
+        rows = {"curves": [CurvePoint.for_run(record, c) for c in curve],
+                "steps": [StepTime.for_run(record, s) for s in steps], "runs": [record]}
+        for dataset in ("curves", "steps", "runs"):  # curves and steps first, the runs row last
             try:
-                table = pa.Table.from_pylist(rows, schema=_with_meta(SCHEMAS[dataset], dataset))
+                table = to_table(dataset, rows[dataset])
             except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
                 raise StoreError(f"run {run_id!r}: a value does not fit the {dataset} schema v{SCHEMA_VERSION} "
                                  f"({type(e).__name__}: {e}); nothing of this run was written") from None
             files.append((self._path(exp, dataset, f"{run_id}.parquet"), self._table_bytes(table)))
-        for path, data in files:  # curves and steps first, the runs row last (the commit point)
+        for path, data in files:
             self._put(path, data)
         self.clear_inflight(exp, run_id)
 
@@ -306,6 +232,16 @@ class Store:
         for name in names:
             _quiet_delete(self.fs, self._path(experiment, "inflight", name))
 
+    def _list(self, experiment: str, folder: str, suffix: str) -> list[str]:
+        """The files `*<suffix>` in a folder of the experiment (in-flight markers), sorted."""
+        sel = pafs.FileSelector(self._path(experiment, folder), allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except OSError as e:
+            raise StoreError(f"cannot list {sel.base_dir!r} in store {self.uri!r}: {_cause(e)}") from None
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                      and i.base_name.endswith(suffix) and not i.base_name.startswith((".", "_")))
+
     def inflight(self, experiment: str) -> list[dict]:
         out = []
         for path in self._list(experiment, "inflight", ".json"):
@@ -317,44 +253,77 @@ class Store:
         return out
 
     # ---- reading ---------------------------------------------------------------------------
-    def _list(self, experiment: str, dataset: str, suffix: str = ".parquet") -> list[str]:
-        sel = pafs.FileSelector(self._path(experiment, dataset), allow_not_found=True)
+    def _dataset(self, experiment: str, dataset: str, run_ids: set[str] | None = None) -> ds.FileSystemDataset:
+        """The dataset's files in the experiment's folder, with the dataset's schema (this lists the
+        folder; it reads no file). Names starting with `.` or `_` (a writer's temporary files) and
+        other than *.parquet are left out; with `run_ids`, the files of those runs only."""
+        folder = self._path(experiment, dataset)
+        selector = pafs.FileSelector(folder, allow_not_found=True)
+        options = ds.FileSystemFactoryOptions(selector_ignore_prefixes=[".", "_"])
         try:
-            infos = self.fs.get_file_info(sel)
-        except OSError as e:
-            raise StoreError(f"cannot list {sel.base_dir!r} in store {self.uri!r}: {_cause(e)}") from None
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File
-                      and i.base_name.endswith(suffix) and not i.base_name.startswith((".", "_")))
+            found = ds.FileSystemDatasetFactory(self.fs, selector, ds.ParquetFileFormat(), options).finish(
+                SCHEMAS[dataset])
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"cannot list {folder!r} in store {self.uri!r}: {_cause(e)}") from None
+        keep = [f for f in found.get_fragments() if f.path.endswith(".parquet")
+                and (run_ids is None or _run_id_of(f.path) in run_ids)]
+        if len(keep) == len(found.files):
+            return found
+        return ds.FileSystemDataset(keep, SCHEMAS[dataset], ds.ParquetFileFormat(), self.fs)
 
-    def _read(self, experiment: str, dataset: str) -> pa.Table:
+    def read(self, experiment: str, dataset: str, columns: list[str] | None = None,
+             where: ds.Expression | None = None, run_ids: set[str] | None = None) -> pa.Table:
+        """One scan of a dataset ("runs", "curves", "steps") of the experiment, with its schema
+        (ablate.record): every file read once, cast to the current schema (a nullable column an
+        older file lacks reads as null), in no particular row order. `columns`: only these;
+        `where`: a pyarrow.dataset filter, e.g. `ds.field("arm") == "lr"`; `run_ids`: only these
+        runs' files. StoreError naming the file for a file newer than this ablate, one lacking a
+        required column, or one that cannot be read."""
         schema = SCHEMAS[dataset]
-        tables = []
-        for path in self._list(experiment, dataset):
-            try:
-                t = pq.read_table(path, filesystem=self.fs)
-            except (OSError, pa.ArrowInvalid) as e:
-                raise StoreError(f"cannot read {path!r}: {_cause(e)}; fix: move the damaged file aside") from None
-            tables.append(_conform(t, schema, path))
-        return pa.concat_tables(tables) if tables else schema.empty_table()
+        cols = list(schema.names if columns is None else columns)
+        unknown = [c for c in cols if c not in schema.names]
+        if unknown:
+            raise ValueError(f"columns {unknown} are not in the {dataset} schema: {', '.join(schema.names)}")
+        data = self._dataset(experiment, dataset, run_ids)
+        batches, files = [], {}
+        try:
+            for tagged in data.scanner(columns=cols, filter=where).scan_batches():
+                batches.append(tagged.record_batch)
+                files[tagged.fragment.path] = tagged.fragment.physical_schema  # read with the file, not again
+        except (OSError, pa.ArrowException) as e:
+            raise StoreError(f"cannot read {dataset} of {experiment!r} in store {self.uri!r}: {_cause(e)}; fix: "
+                             "move the damaged file aside") from None
+        for path, physical in files.items():
+            _check_file(physical, schema, path)
+        return pa.Table.from_batches(batches, schema=pa.schema([schema.field(c) for c in cols]))
 
-    def runs(self, experiment: str):
-        """One row per run attempt, in launch order (`order`, then `attempt`)."""
-        df = self._read(experiment, "runs").to_pandas()
-        return df.sort_values(["order", "attempt", "run_id"], kind="stable").reset_index(drop=True)
+    def runs(self, experiment: str, columns: list[str] | None = None, where: ds.Expression | None = None):
+        """One row per run attempt, in launch order (`order`, then `attempt`): a pandas DataFrame
+        of the runs schema (ablate.record.RunRecord). `columns`/`where`: as for `read`."""
+        keys = ["order", "attempt", "run_id"]
+        wanted = list(RUNS_SCHEMA.names) if columns is None else list(columns)
+        df = self.read(experiment, "runs", wanted + [k for k in keys if k not in wanted], where).to_pandas()
+        df = df.sort_values(keys, kind="stable").reset_index(drop=True)
+        return df if columns is None else df[wanted]
+
+    def run_records(self, experiment: str, where: ds.Expression | None = None) -> list[RunRecord]:
+        """The runs as RunRecords, in launch order."""
+        table = self.read(experiment, "runs", where=where)
+        return from_table("runs", table.sort_by([("order", "ascending"), ("attempt", "ascending"),
+                                                 ("run_id", "ascending")]))
 
     def _per_step(self, experiment: str, dataset: str):
-        df = self._read(experiment, dataset).to_pandas()
-        if len(df):
-            visible = set(self._read(experiment, "runs").column("run_id").to_pylist())
-            df = df[df["run_id"].isin(visible)]
+        """Rows of the runs whose `runs` file exists (the commit point): only their files are read."""
+        visible = {_run_id_of(path) for path in self._dataset(experiment, "runs").files}
+        df = self.read(experiment, dataset, run_ids=visible).to_pandas()
         return df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
 
     def curves(self, experiment: str):
-        """Val loss per evaluated step of every written run."""
+        """Val loss per evaluated step of every written run (ablate.record.CurvePoint columns)."""
         return self._per_step(experiment, "curves")
 
     def steps(self, experiment: str):
-        """Step time per logged step of every written run."""
+        """Step time per logged step of every written run (ablate.record.StepTime columns)."""
         return self._per_step(experiment, "steps")
 
     def experiments(self) -> list[str]:
@@ -372,23 +341,21 @@ class Store:
         return sorted(out)
 
 
-def _conform(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
-    """Cast a file's table to the current schema: missing nullable columns become null."""
-    meta = table.schema.metadata or {}
-    version = int(meta.get(b"ablate.schema_version", b"1"))
+def _run_id_of(path: str) -> str:
+    """The run a file belongs to: every dataset names its file `<run_id>.parquet`."""
+    return path.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def _check_file(physical: pa.Schema, schema: pa.Schema, path: str) -> None:
+    """A file the current schema can read: not of a newer version, no required column missing."""
+    version = int((physical.metadata or {}).get(b"ablate.schema_version", b"1"))
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path!r} has schema version {version}, newer than this ablate ({SCHEMA_VERSION}); "
                          "fix: upgrade ablate")
-    cols = []
-    for f in schema:
-        if f.name in table.column_names:
-            cols.append(table.column(f.name).cast(f.type))
-        elif f.nullable:
-            cols.append(pa.nulls(table.num_rows, f.type))
-        else:
-            raise StoreError(f"{path!r} lacks required column {f.name!r} (schema v{version}); fix: move the "
-                             "file aside or migrate it (docs/store.md)")
-    return pa.Table.from_arrays(cols, schema=schema)
+    missing = [f.name for f in schema if not f.nullable and f.name not in physical.names]
+    if missing:
+        raise StoreError(f"{path!r} lacks required column {missing[0]!r} (schema v{version}); fix: move the "
+                         "file aside or migrate it (docs/store.md)")
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:

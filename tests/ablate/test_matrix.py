@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pandas as pd
 
@@ -105,6 +106,7 @@ def test_max_concurrency_counts_whole_bundles() -> None:
 def test_build_row_from_payload() -> None:
     from ablate.matrix import PlannedRun
     from ablate.orchestrate import _Attempt, build_row
+    from ablate.record import CurvePoint, RunRecord
 
     spec = parse_spec_text(SPEC)
     req = make_request(spec, "a", 1)
@@ -119,14 +121,16 @@ def test_build_row_from_payload() -> None:
                "curve": [{"step": 0, "val_loss": 6.0, "train_time_ms": 0.0}], "steps": [],
                "started_at": 100.0, "start_event_at": 103.5, "ended_at": 110.0, "node_id": "n1", "node_ip": "1.2.3.4"}
     row, curve, steps = build_row(spec, att, payload, {"python": "x", "git_commit": "drv"})
-    assert row["run_id"] == f"a-s1-{req.config_hash}-a2" and row["attempt"] == 2 and row["order"] == 7
+    assert isinstance(row, RunRecord) and row.run_id == f"a-s1-{req.config_hash}-a2"
+    assert row["run_id"] == row.run_id and row["attempt"] == 2 and row["order"] == 7
     assert row["status"] == "ok" and row["error"] is None and row["final_val_loss"] == 4.5
     assert row["launch_s"] == 3.5 and row["wall_s"] == 10.0 and row["world_size"] == 2
     assert row["git_commit"] == "abc" and row["hostname"] == "h1" and row["node_ip"] == "1.2.3.4"
     assert row["data_synthetic"] is True and row["data_hash"] == "0123456789abcdef"
     assert json.loads(row["overrides_json"]) == {"optim.muon.lr": 0.03, "runtime.device": "cpu"}
-    assert curve == [{"run_id": row["run_id"], "experiment": "m", "arm": "a", "seed": 1, "step": 0,
-                      "val_loss": 6.0, "train_time_ms": 0.0}]
+    assert row.started_at == datetime(1970, 1, 1, 0, 1, 40, tzinfo=timezone.utc)  # epoch seconds → UTC
+    assert curve == [CurvePoint(run_id=row.run_id, experiment="m", arm="a", seed=1, step=0, val_loss=6.0,
+                                train_time_ms=0.0)]
     # died before `start`: provenance from the driver, config from the trial's own resolution
     row, _, _ = build_row(spec, att, {"ok": False, "error": "boom", "resolved_config": {"seed": 1},
                                       "started_at": 1.0, "ended_at": 2.0}, {"python": "3.11", "git_commit": "drv"})

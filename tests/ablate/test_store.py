@@ -4,20 +4,24 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from ablate.errors import StoreError
+from ablate.record import RECORDS, SCHEMAS, CurvePoint, RunRecord, file_schema
 from ablate.store import CURVES_SCHEMA, RUNS_SCHEMA, SCHEMA_VERSION, STEPS_SCHEMA, Store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
@@ -143,6 +147,132 @@ def test_frozen_v1_fixture_reads() -> None:
     assert curves["val_loss"].iloc[2] == pytest.approx(10.8 - 2160 / 400)
     assert len(store.steps("fixture")) == 9
     assert store.read_bytes("fixture", "spec.yaml") == b"name: fixture\n"
+
+
+PATHS = Path(__file__).parent / "fixtures" / "store_v1_paths"  # written at edd618f, before RunRecord
+PATHS_GOLDEN = Path(__file__).parent / "golden" / "store_v1_paths"
+
+
+@pytest.mark.parametrize("experiment", ["paths", "premul-o"])
+def test_store_written_before_runrecord_reads_the_same(experiment: str) -> None:
+    """A store written by the run paths before RunRecord (ok, failed-then-retried, diverged, an
+    imported log; script runs) reads as it did then: the same frames, the same `ablate table`."""
+    from ablate.tables import render_table
+
+    store = Store(str(PATHS))
+    assert store.experiments() == ["paths", "premul-o"]
+    for what in ("runs", "curves", "steps"):
+        got = getattr(store, what)(experiment).to_csv(index=False)
+        assert got == (PATHS_GOLDEN / f"{experiment}-{what}.csv").read_text(), what
+    for fmt in ("md", "csv"):
+        assert render_table(store, experiment, fmt) == (PATHS_GOLDEN / f"{experiment}.{fmt}").read_text(), fmt
+    records = store.run_records(experiment)
+    assert all(isinstance(r, RunRecord) for r in records)
+    assert [r.run_id for r in records] == store.runs(experiment)["run_id"].tolist()
+    statuses = {"paths": ["ok", "ok", "ok", "failed", "ok", "ok", "diverged", "ok"], "premul-o": ["ok"] * 4}
+    assert [r.status for r in records] == statuses[experiment]
+    sources = {"paths": ["ablate"] * 7 + ["import"], "premul-o": ["script"] * 4}
+    assert [r.source for r in records] == sources[experiment]
+
+
+def test_todays_run_paths_write_the_files_they_wrote_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_row → RunRecord and import-logs → RunRecord write the same Parquet files (columns,
+    types, values, schema metadata) as the hand-built rows did (the frozen store_v1_paths)."""
+    from tests.ablate.fixtures import make_store_v1_paths as make
+
+    monkeypatch.chdir(ROOT)  # the imported log's path is recorded as given (relative)
+    store = Store(str(tmp_path))
+    make.write_trainer_runs(store)
+    make.write_imported_log(store)
+    old_files = sorted((PATHS / "paths").glob("*/*.parquet"))
+    assert len(old_files) == 24
+    assert sorted(tmp_path.glob("paths/*/*.parquet")) == [tmp_path / p.relative_to(PATHS) for p in old_files]
+    for old in old_files:
+        new = pq.read_table(tmp_path / old.relative_to(PATHS))
+        before = pq.read_table(old)
+        assert new.schema.equals(before.schema, check_metadata=True), old.name
+        if "ablate_version" in new.column_names:  # the package version that wrote it
+            new, before = new.drop(["ablate_version"]), before.drop(["ablate_version"])
+        assert new.to_pandas().equals(before.to_pandas()), old.name  # (NaN == NaN here, unlike Arrow's)
+    assert pq.read_schema(old_files[0]).equals(file_schema(old_files[0].parent.name), check_metadata=True)
+
+
+def test_schema_is_derived_from_the_records() -> None:
+    """The Parquet schemas are the record dataclasses' fields: names and order, types, nullability."""
+    for dataset, cls in RECORDS.items():
+        assert SCHEMAS[dataset].names == [f.name for f in dataclasses.fields(cls)], dataset
+        # nullable exactly when the field may be None (and then it defaults to None)
+        assert [f.nullable for f in SCHEMAS[dataset]] == [f.default is None for f in dataclasses.fields(cls)]
+    assert RUNS_SCHEMA is RunRecord.schema() and len(RUNS_SCHEMA) == 46
+    assert RUNS_SCHEMA.field("attempt").type == pa.int32() and RUNS_SCHEMA.field("order").type == pa.int64()
+    assert RUNS_SCHEMA.field("started_at").type == pa.timestamp("us", tz="UTC")
+    assert RUNS_SCHEMA.field("data_synthetic").type == pa.bool_() and RUNS_SCHEMA.field("data_synthetic").nullable
+    assert not RUNS_SCHEMA.field("gpu_uuids").nullable
+    assert CURVES_SCHEMA.names[:4] == STEPS_SCHEMA.names[:4] == ["run_id", "experiment", "arm", "seed"]
+
+    # a new column is one field: the schema, the file and the read-back record follow
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class WithColour(RunRecord):
+        colour: str | None = None
+
+    assert WithColour.schema().names == RUNS_SCHEMA.names + ["colour"]
+    assert WithColour.schema().field("colour") == pa.field("colour", pa.string(), nullable=True)
+    rec = WithColour(**make_run(), colour="red")
+    assert rec["colour"] == "red" and dict(rec)["colour"] == "red" and list(rec)[-1] == "colour"
+
+
+def test_docs_list_every_runs_column_in_order() -> None:
+    """docs/store.md's `runs` table names the columns of ablate.record.RunRecord, in schema order."""
+    text = (ROOT / "docs" / "store.md").read_text()
+    table = text.split("## `runs` columns", 1)[1].split("\n## ", 1)[0]
+    cells = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [c.strip() for cell in cells for c in cell.split(",")] == RUNS_SCHEMA.names
+
+
+def test_run_records_round_trip_and_bad_records(store: Store) -> None:
+    record = RunRecord.from_row(make_run(loss=3.25))
+    assert record.started_at == datetime(2027, 1, 15, 8, 0, tzinfo=timezone.utc)  # epoch seconds → UTC
+    store.write_run(record, [CurvePoint.for_run(record, c) for c in CURVE], STEPS)
+    assert store.run_records("exp") == [record]
+    assert store.curves("exp").to_dict("records")[1] == {**record.run_keys, **CURVE[1]}
+    with pytest.raises(StoreError, match="status='weird' is invalid"):
+        RunRecord.from_row({**make_run(), "status": "weird"})
+    with pytest.raises(StoreError, match="curves row 'r' lacks required columns: step"):
+        CurvePoint(run_id="r", experiment="exp", arm="a", seed=0, step=None)
+
+
+class _CountingFS(pafs.FSSpecHandler):
+    """The local filesystem, counting the files opened for reading."""
+
+    def __init__(self) -> None:
+        import fsspec
+
+        super().__init__(fsspec.filesystem("file"))
+        self.opened: list[str] = []
+
+    def open_input_file(self, path):
+        self.opened.append(path.rsplit("/", 2)[-2])  # the dataset folder
+        return super().open_input_file(path)
+
+
+def test_each_read_is_one_scan_with_projection_and_filter(store: Store) -> None:
+    """runs/curves/steps read each file of their dataset once (curves/steps open no runs file: the
+    runs files' names say which runs are written); `columns` and `where` narrow the read."""
+    import pyarrow.dataset as ds
+
+    for i, arm in enumerate(["baseline", "lr", "baseline"]):
+        store.write_run(make_run(arm, seed=i, order=i), CURVE, STEPS)
+    counting = _CountingFS()
+    store.fs = pafs.PyFileSystem(counting)
+    assert len(store.runs("exp")) == 3 and counting.opened == ["runs"] * 3
+    counting.opened.clear()
+    assert len(store.curves("exp")) == 6 and counting.opened == ["curves"] * 3
+    counting.opened.clear()
+    got = store.runs("exp", columns=["run_id", "seed"], where=ds.field("arm") == "baseline")
+    assert list(got.columns) == ["run_id", "seed"] and got["seed"].tolist() == [0, 2]
+    assert counting.opened == ["runs"] * 3
+    with pytest.raises(ValueError, match="not in the runs schema"):
+        store.runs("exp", columns=["colour"])
 
 
 def test_old_file_missing_nullable_column_and_newer_version(store: Store) -> None:
