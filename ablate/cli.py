@@ -169,7 +169,7 @@ def run(
     except Interrupted as e:
         _say(err, "interrupted:", "yellow", str(e).removeprefix("interrupted: "))
         code = e.exit_code
-    except KeyboardInterrupt:  # outside a Tune run (starting Ray, between batches)
+    except KeyboardInterrupt:  # outside a Tune run (starting Ray, between seed rounds or search waves)
         _say(err, "interrupted:", "yellow", "run the same spec again to resume")
         code = EXIT_INTERRUPTED
     except SpecError as e:  # e.g. no node can hold one run

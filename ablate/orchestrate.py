@@ -12,15 +12,17 @@ the run's overrides to a temporary YAML file, starts `python -m torch.distribute
 port) — or, with `resources.reuse_workers`, hands the run to the long-lived trainer worker its
 reused actor keeps (ablate.workers) — reports val/step events to Tune as they arrive, and returns
 everything in one final report. The driver's Tune callback writes the run to the store as each
-trial ends, so a killed driver loses at most the runs in flight. Tune never retries
-(max_failures=0): a failed attempt gets its own row, and the driver launches the next attempt in a
-new batch; a run the trainer rejected as bad input (exit 2: config, data, world size) is not
-retried. A run whose loss went non-finite is `diverged` (`divergence`): an outcome of its config
-and seed, recorded once and never retried. The first store write that fails, or losing the
-experiment lock (ablate.lock), stops the batch at once: the runs in flight are cancelled and
-nothing else starts. A script arm (your own train_gpt.py, ablate.script) takes the same path: its
-trial runs the script in a working directory of its own (ablate.script_run) and reports the same
-events and payload.
+trial ends, so a killed driver loses at most the runs in flight. One Tune experiment runs all the
+requests of a call; Tune takes its trials from a queue of attempts (`_Runs`, `_Queue`), one trial
+per attempt, so every attempt has its own row and run id. A failed attempt is relaunched at once,
+as the next attempt (`-a2`, ...) at the head of the queue, while the other runs go on; Tune itself
+never restarts a trial (max_failures=0). `retries` bounds the attempts; a run the trainer rejected
+as bad input (exit 2: config, data, world size) is not retried. A run whose loss went non-finite
+is `diverged` (`divergence`): an outcome of its config and seed, recorded once and never retried.
+The first store write that fails, or losing the experiment lock (ablate.lock), stops everything at
+once: the runs in flight are cancelled and nothing else starts, retries included. A script arm
+(your own train_gpt.py, ablate.script) takes the same path: its trial runs the script in a working
+directory of its own (ablate.script_run) and reports the same events and payload.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -42,6 +45,7 @@ from typing import Any, Iterator, Mapping
 import ray
 import yaml
 from ray import tune
+from ray.tune.search import Searcher
 
 from ablate import __version__
 from ablate.errors import AblateError, Interrupted, LaunchError, LockLost, StoreError
@@ -63,7 +67,7 @@ _RAY_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS
 # `error` event types of the trainer's input errors (trainer.train.INPUT_ERRORS, and argparse's
 # usage errors): the same input fails the same way every time, so such a run is never retried.
 INPUT_ERROR_TYPES = ("ConfigError", "DataError", "InputError", "UsageError")
-TUNE_DIR_PREFIX = "ablate-tune-"  # + "<driver pid>-": Tune's scratch dir of one batch
+TUNE_DIR_PREFIX = "ablate-tune-"  # + "<driver pid>-": Tune's scratch dir of one run_requests call
 
 
 @dataclass(frozen=True)
@@ -244,9 +248,11 @@ def _trial(job: dict, opts: LaunchOptions) -> None:
 
 
 def _make_trainable(jobs: list[dict], opts: LaunchOptions):
-    # A fresh function object per batch: tune.with_resources sets an attribute on it.
+    """The Tune trainable of one run_requests call. A trial's config names its run (`index` in
+    `jobs`, one job per run, the same for every attempt) and the attempt's `run_id`. A fresh
+    function object per call: tune.with_resources sets an attribute on it."""
     def ablate_run(config: dict) -> None:
-        _trial(jobs[config["index"]], opts)
+        _trial({**jobs[config["index"]], "run_id": config["run_id"]}, opts)
 
     return ablate_run
 
@@ -257,8 +263,9 @@ def _make_trainable(jobs: list[dict], opts: LaunchOptions):
 @dataclass
 class _Attempt:
     planned: PlannedRun
-    order: int
+    order: int  # launch order in the experiment (given when Tune takes the attempt from the queue)
     job: dict = field(default_factory=dict)
+    index: int = 0  # which run of the call (its job in the trainable's list)
     started_at: float | None = None  # when Tune started the trial (driver clock)
     node: dict = field(default_factory=dict)  # node_id/node_ip/hostname, from the trial's first report
     status: str | None = None  # set when the row is written
@@ -274,17 +281,18 @@ class _Attempt:
         return self.request.run_id(self.planned.attempt)
 
 
-def _job(spec: Spec, a: _Attempt, opts: LaunchOptions) -> dict:
-    r, req = spec.resources, a.request
+def _job(spec: Spec, req: RunRequest, run_id: str, opts: LaunchOptions) -> dict:
+    """What a trial needs to run `req` as attempt `run_id` (another attempt: the same job, its own run_id)."""
+    r = spec.resources
     if spec.is_script_arm(req.arm):
         from ablate.script_run import job
 
-        return job(spec, req, a.run_id)
+        return job(spec, req, run_id)
     data_dir = spec.resolve(req.arm, req.overrides).data.data_dir
     overrides = dict(req.overrides)
     if r.compile_cache_dir:  # where this node's compile cache lives; not part of the config hash
         overrides[CACHE_KEY] = r.compile_cache_dir
-    return {"run_id": a.run_id, "arm": req.arm, "seed": req.seed, "preset": spec.trainer.preset,
+    return {"run_id": run_id, "arm": req.arm, "seed": req.seed, "preset": spec.trainer.preset,
             "overrides": overrides, "data_dir": data_dir, "data_root": spec.data_root,
             "ranks": r.ranks, "omp_threads": r.omp_threads, "timeout_s": r.timeout_s,
             "module": opts.module, "serve_module": opts.serve_module, "reuse_workers": r.reuse_workers}
@@ -366,20 +374,33 @@ def build_row(spec: Spec, a: _Attempt, payload: dict,
     return record, curve, steps
 
 
-class _Batch(tune.Callback):
-    """Tune callback: progress, in-flight markers and the store write of each finished trial.
+class _Runs(tune.Callback):
+    """The attempts of one run_requests call: the queue Tune takes its trials from (`_Queue`), and
+    the Tune callback that shows progress, marks runs in flight and writes each attempt's row as
+    its trial ends.
 
-    `store_error` holds the first failed store write; with it (or a lost lock) `stop_reason`
-    is set, and `_StopAll` makes Tune stop every trial and start no other."""
+    The queue starts with the first attempt of every run, in request order. A failed attempt that
+    has attempts left (`retries`) and did not fail on bad input goes back to the head of the queue
+    as the run's next attempt the moment its row is written, so it starts in the slot it freed
+    while the other runs go on. `store_error` holds the first failed store write; with it (or a
+    lost lock) `stop_reason` is set, nothing more is handed out, and `_StopAll` makes Tune stop
+    every trial."""
 
-    def __init__(self, spec: Spec, attempts: list[_Attempt], store: Store, progress: Any, lock: Any = None) -> None:
-        self.spec, self.attempts, self.store, self.progress, self.lock = spec, attempts, store, progress, lock
+    def __init__(self, spec: Spec, todo: list[PlannedRun], jobs: list[dict], store: Store, progress: Any,
+                 lock: Any = None, first_order: int = 0) -> None:
+        self.spec, self.todo, self.jobs = spec, todo, jobs
+        self.store, self.progress, self.lock = store, progress, lock
         self.driver = driver_info()
         self.store_error: str | None = None
+        self.queue: deque[tuple[int, PlannedRun]] = deque(enumerate(todo))  # (run index, its next attempt)
+        self.next_order = first_order
+        self.attempts: list[_Attempt] = []  # launched, in launch order
+        self.trials: dict[str, _Attempt] = {}  # Tune trial id → attempt
+        self.live: set[str] = set()  # trial ids Tune has not yet reported ended
 
     def __getstate__(self) -> dict:
-        # Tune pickles its callbacks into tuner.pkl (for Tuner.restore, which ablate does not use);
-        # the store and the live display do not pickle.
+        # Tune pickles its callbacks and search algorithm into tuner.pkl (for Tuner.restore, which
+        # ablate does not use); the store and the live display do not pickle.
         return {}
 
     def stop_reason(self) -> str | None:
@@ -389,15 +410,50 @@ class _Batch(tune.Callback):
             return self.lock.reason
         return None
 
-    def _a(self, trial: Any) -> _Attempt:
-        return self.attempts[trial.config["index"]]
+    # ---- the queue (called through _Queue) ---------------------------------------------------
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """The next attempt's trial config; None while attempts are in flight (one may fail and
+        come back as a retry); FINISHED when every run has an outcome or the experiment stops."""
+        if self.stop_reason() is not None:
+            return Searcher.FINISHED
+        if not self.queue:
+            return None if self.live else Searcher.FINISHED
+        index, planned = self.queue.popleft()
+        a = _Attempt(planned, self.next_order, index=index)
+        a.job = {**self.jobs[index], "run_id": a.run_id}
+        self.next_order += 1
+        self.attempts.append(a)
+        self.trials[trial_id] = a
+        self.live.add(trial_id)
+        return {"index": index, "run_id": a.run_id}
 
+    def ended(self, trial_id: str) -> None:
+        self.live.discard(trial_id)
+
+    def results(self) -> list[RunResult]:
+        """One RunResult per planned run (`todo` order): its last attempt, and how many started."""
+        last: dict[int, _Attempt] = {}
+        started: dict[int, int] = {}
+        for a in self.attempts:
+            last[a.index] = a
+            started[a.index] = started.get(a.index, 0) + (a.started_at is not None)
+        out = []
+        for i, p in enumerate(self.todo):
+            a = last.get(i)
+            if a is None:
+                out.append(RunResult(p.request, "not-run", p.request.run_id(p.attempt)))
+            else:
+                out.append(RunResult(p.request, a.status or "not-run", a.run_id, a.row, started[i],
+                                     input_error=a.input_error))
+        return out
+
+    # ---- Tune callback -----------------------------------------------------------------------
     def _store_failed(self, e: StoreError) -> None:
         if self.store_error is None:
             self.store_error = str(e)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        a = self._a(trial)
+        a = self.trials[trial.trial_id]
         a.started_at = time.time()
         self.progress.started(a.run_id, a.request.arm, a.request.seed)
         if self.stop_reason() is not None:  # Tune stops it at its next step
@@ -410,7 +466,7 @@ class _Batch(tune.Callback):
             self._store_failed(e)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        a = self._a(trial)
+        a = self.trials[trial.trial_id]
         if "ablate_node" in result:
             a.node = json.loads(result["ablate_node"])
         elif "ablate_payload" not in result:
@@ -421,12 +477,15 @@ class _Batch(tune.Callback):
         payload = json.loads(raw) if raw else {"ok": False, "error": "trial ended without a result (Ray)"}
         if not raw and self.stop_reason() is not None:  # stopped by _StopAll, not a failure of the run
             payload = {"status": "cancelled", "error": f"cancelled: the experiment stopped: {self.stop_reason()}"}
-        self.record(self._a(trial), payload)
+        self.record(self.trials[trial.trial_id], payload)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.record(self._a(trial), {"ok": False, "error": f"Ray trial failed: {_trial_error(trial)}"[-4000:]})
+        # e.g. the run was lost with its node: a failed attempt like any other (retried)
+        error = f"Ray trial failed: {_trial_error(trial)}"[-4000:]
+        self.record(self.trials[trial.trial_id], {"ok": False, "error": error})
 
     def record(self, a: _Attempt, payload: dict) -> None:
+        """Write the attempt's row; queue the run's next attempt if it failed and may be retried."""
         if a.status is not None:
             return
         payload = {**a.node, **payload}  # a trial lost with its node still names the node
@@ -441,27 +500,54 @@ class _Batch(tune.Callback):
             self._store_failed(e)
         a.status, a.row = row["status"], row
         a.input_error = row["status"] == "failed" and is_input_error(payload)
-        left = a.planned.attempts_left - 1 if row["status"] == "failed" and not a.input_error else 0
-        self.progress.finished(a.run_id, row["status"], row["final_val_loss"], row["wall_s"], retries_left=left,
-                               error=row["error"])
+        p = a.planned
+        retry = (row["status"] == "failed" and not a.input_error and p.attempts_left > 1
+                 and self.stop_reason() is None)
+        if retry:  # the head of the queue: Tune starts it in the slot this attempt freed
+            self.queue.appendleft((a.index, PlannedRun(p.request, "todo", p.attempt + 1, p.attempts_left - 1)))
+        self.progress.finished(a.run_id, row["status"], row["final_val_loss"], row["wall_s"],
+                               retries_left=p.attempts_left - 1 if retry else 0, error=row["error"])
 
     def cancel_unfinished(self, why: str) -> bool:
-        """`cancelled` rows for trials that started but never finished (driver interrupted, or
-        the batch stopped); True if any attempt of the batch has no outcome."""
-        missing = False
+        """`cancelled` rows for attempts that started but never finished (driver interrupted, or
+        the experiment stopped); True if some run has no outcome (an attempt unfinished or queued)."""
         for a in self.attempts:
             if a.status is None and a.started_at is not None:
                 self.record(a, {"status": "cancelled", "error": f"cancelled: {why}",
                                 "started_at": a.started_at, "ended_at": time.time()})
-            missing |= a.status is None
-        return missing
+        return bool(self.queue) or any(a.status is None for a in self.attempts)
+
+
+class _Queue(Searcher):
+    """Tune's search algorithm here: hands out `_Runs`' queue of attempts, one trial each."""
+
+    def __init__(self, runs: _Runs) -> None:
+        super().__init__()
+        self.runs = runs
+
+    def __getstate__(self) -> dict:  # pickled into tuner.pkl, like the callback
+        return {}
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        return self.runs.suggest(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Tune calls this before the callback's on_trial_complete/on_trial_error, in the same step:
+        # a retry is queued before Tune asks for the next trial.
+        self.runs.ended(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:  # nothing to restore: the store is the state
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
 
 
 class _StopAll(tune.Stopper):
-    """Stops the whole Tune run once the batch has a stop reason (polled by Tune every step)."""
+    """Stops the whole Tune run once the runs have a stop reason (polled by Tune every step)."""
 
-    def __init__(self, batch: _Batch) -> None:
-        self.batch = batch
+    def __init__(self, runs: _Runs) -> None:
+        self.runs = runs
 
     def __getstate__(self) -> dict:  # pickled with the RunConfig, like the callback
         return {}
@@ -470,7 +556,7 @@ class _StopAll(tune.Stopper):
         return False
 
     def stop_all(self) -> bool:
-        return getattr(self, "batch", None) is not None and self.batch.stop_reason() is not None
+        return getattr(self, "runs", None) is not None and self.runs.stop_reason() is not None
 
 
 def _trial_error(trial: Any) -> str:
@@ -507,31 +593,36 @@ def _quiet_tune() -> Iterator[None]:
             logging.getLogger(n).setLevel(lvl)
 
 
-def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any, opts: LaunchOptions,
-               lock: Any = None) -> bool:
-    """Run the attempts as one Tune experiment, in order. Returns True if it was interrupted.
-    StoreError after the first failed store write, LockLost when the lock was lost: either
-    stops the batch at once (runs in flight cancelled, the rest not started)."""
-    for a in attempts:
-        a.job = _job(spec, a, opts)
-    if any(a.job.get("kind") == "script" for a in attempts):  # each script's text, once per sha256
+def _run_tune(spec: Spec, todo: list[PlannedRun], store: Store, progress: Any, opts: LaunchOptions,
+              lock: Any = None, first_order: int = 0) -> list[RunResult]:
+    """Run the planned runs as one Tune experiment, in order, each failed attempt relaunched as
+    soon as it fails while attempts are left. One RunResult per planned run, in `todo` order.
+    Raises Interrupted when the driver was interrupted, StoreError after the first failed store
+    write, LockLost when the lock was lost: each stops everything at once (runs in flight
+    cancelled, nothing else started)."""
+    jobs = [_job(spec, p.request, p.request.run_id(p.attempt), opts) for p in todo]
+    if any(j.get("kind") == "script" for j in jobs):  # each script's text, once per sha256
         from ablate.script_run import store_code
 
-        store_code(store, spec.name, [a.job for a in attempts])
+        store_code(store, spec.name, jobs)
     nodes = ray.nodes()
     # ONE bundle per run (all its GPUs on one node; + gpu_node for 8-GPU runs): ablate.placement
     resources = tune.PlacementGroupFactory([run_bundle(spec.resources, nodes)])
-    trainable = tune.with_resources(_make_trainable([a.job for a in attempts], opts), resources)
-    batch = _Batch(spec, attempts, store, progress, lock)
+    trainable = tune.with_resources(_make_trainable(jobs, opts), resources)
+    runs = _Runs(spec, todo, jobs, store, progress, lock, first_order)
     storage = tempfile.mkdtemp(prefix=f"{TUNE_DIR_PREFIX}{os.getpid()}-")
+    # Autoscaling (no cap): every run may be a pending placement group the autoscaler acts on; a
+    # run never has two attempts in flight, so len(todo) is the same as no cap.
+    limit = concurrency_limit(spec, nodes, opts.autoscale) or len(todo)
     tuner = tune.Tuner(
         trainable,
-        param_space={"index": tune.grid_search(list(range(len(attempts))))},  # in order: seed-major
-        # reuse_workers: a trial's actor (and the trainer worker it keeps) serves the next trial
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency_limit(spec, nodes, opts.autoscale),
+        # num_samples: every attempt the runs' budgets allow. reuse_workers: a trial's actor (and the
+        # trainer worker it keeps) serves the next trial.
+        tune_config=tune.TuneConfig(search_alg=_Queue(runs), max_concurrent_trials=limit,
+                                    num_samples=sum(p.attempts_left for p in todo),
                                     reuse_actors=spec.resources.reuse_workers),
-        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0, callbacks=[batch],
-                                  stop=_StopAll(batch), failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0, callbacks=[runs],
+                                  stop=_StopAll(runs), failure_config=tune.FailureConfig(max_failures=0)),
     )
     interrupted = False
     try:
@@ -540,30 +631,33 @@ def _run_batch(spec: Spec, attempts: list[_Attempt], store: Store, progress: Any
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        why = batch.stop_reason()
-        if why is not None and batch.store_error is not None:
+        why = runs.stop_reason()
+        if why is not None and runs.store_error is not None:
             why = "the experiment stopped after a failed store write"
         elif why is not None:
             why = "the experiment stopped: its lock was lost"
-        running = sum(a.status is None and a.started_at is not None for a in attempts)
-        interrupted |= batch.cancel_unfinished(why or "the driver was interrupted")
+        running = sum(a.status is None and a.started_at is not None for a in runs.attempts)
+        interrupted |= runs.cancel_unfinished(why or "the driver was interrupted")
         shutil.rmtree(storage, ignore_errors=True)
-    unstarted = sum(a.started_at is None for a in attempts)
+    unstarted = sum(a.started_at is None for a in runs.attempts) + len(runs.queue)
     done = f"{running} run(s) in flight were cancelled, {unstarted} not started"
-    if batch.store_error is not None:
-        raise StoreError(f"stopped at the first failed store write: {batch.store_error}\n{done}; rows written "
+    if runs.store_error is not None:
+        raise StoreError(f"stopped at the first failed store write: {runs.store_error}\n{done}; rows written "
                          "before it are kept; run the same spec again to resume once the store is writable")
     if lock is not None and lock.lost.is_set():
         raise LockLost(f"stopped: {lock.reason}\n{done}")
-    return interrupted
+    if interrupted:
+        raise Interrupted("interrupted: finished runs are in the store; in-flight runs were killed and "
+                          "recorded as cancelled; run the same spec again to resume")
+    return runs.results()
 
 
 def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: str | None = None, *,
                  progress: Any = None, options: LaunchOptions | None = None, lock: Any = None) -> list[RunResult]:
     """Obtain an outcome for each request: reuse `ok` rows in the store, run the rest through
-    Tune with retries (spec.retries), write every attempt to the store. Results in request order.
-    The caller holds the experiment's lock (`lock`, ablate.lock; run_experiment and run_search
-    take it); losing it stops the runs.
+    Tune with retries (spec.retries, each failed attempt relaunched as soon as it fails), write
+    every attempt to the store. Results in request order. The caller holds the experiment's lock
+    (`lock`, ablate.lock; run_experiment and run_search take it); losing it stops the runs.
 
     Raises Interrupted when the driver is stopped (rows written so far stay), StoreError at the
     first failed store write, LockLost when the lock was lost."""
@@ -592,23 +686,9 @@ def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: 
                 last = p.request.run_id(p.attempt - 1)
                 results[p.request.key] = RunResult(p.request, "failed", last, rows.get(last), reused=True)
         todo = [p for p in planned if p.state == "todo"]
-        launched: dict[tuple, int] = {}
-        while todo:
-            if lock is not None:
-                lock.check()
-            attempts = [_Attempt(p, next_order + i) for i, p in enumerate(todo)]
-            next_order += len(attempts)
-            interrupted = _run_batch(spec, attempts, store, progress, opts, lock)
-            for a in attempts:
-                key = a.request.key
-                launched[key] = launched.get(key, 0) + (a.started_at is not None)
-                results[key] = RunResult(a.request, a.status or "not-run", a.run_id, a.row, launched[key],
-                                         input_error=a.input_error)
-            if interrupted:
-                raise Interrupted("interrupted: finished runs are in the store; in-flight runs were killed and "
-                                  "recorded as cancelled; run the same spec again to resume")
-            todo = [PlannedRun(a.request, "todo", a.planned.attempt + 1, a.planned.attempts_left - 1)
-                    for a in attempts if a.status == "failed" and a.planned.attempts_left > 1 and not a.input_error]
+        if todo:
+            for p, res in zip(todo, _run_tune(spec, todo, store, progress, opts, lock, next_order)):
+                results[p.request.key] = res
     return [results[req.key] for req in requests]
 
 

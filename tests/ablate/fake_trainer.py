@@ -7,9 +7,11 @@
 Loss falls with the step and depends on `optim.muon.lr` and the seed, so arms differ; with
 `optim.muon.lr` ≥ 1 it diverges: val_loss is null (the trainer's non-finite loss) from step 2 on.
 `debug.fail_at_step` (in the --config file) makes it print an `error` event and exit
-`debug.exit_code` (default 1), like the real trainer. `--spawn-orphan` starts a grandchild in a
-new session that sleeps (what torchrun's ranks look like) and prints its pid on stderr as
-`ORPHAN <pid>`, so tests can check the guard kills it. `--hang` sleeps forever after `start`.
+`debug.exit_code` (default 1), like the real trainer. `runtime.warmup_steps_per_stage: N` (in the
+--config file) makes its warmup take N × 0.1 s (a slow run for timing tests). `--spawn-orphan`
+starts a grandchild in a new session that sleeps (what torchrun's ranks look like) and prints its
+pid on stderr as `ORPHAN <pid>`, so tests can check the guard kills it. `--hang` sleeps forever
+after `start`.
 
 What a trial under Ray gave it is echoed, for the multi-node tests: `start.env` carries
 `cuda_visible_devices`, `ray_raylet_pid` (which Ray node's raylet started the trial's worker) and
@@ -80,7 +82,9 @@ def main() -> int:
         print("this line is not JSON", flush=True)
     if a.hang:
         time.sleep(600)
-    emit("warmup", warmup_s=0.0, compile_s=0.0)
+    warmup_s = 0.1 * int(cfg.get("runtime.warmup_steps_per_stage", 0))
+    time.sleep(warmup_s)
+    emit("warmup", warmup_s=warmup_s, compile_s=0.0)
     base = 5.0 + 0.01 * a.seed - 10.0 * (lr - 0.023)
     t = 0.0
     for step in range(a.steps + 1):

@@ -247,15 +247,52 @@ class TestInProcess:
         assert "1 of 2 runs have no ok result after 1 retries" in res.output
         assert "baseline" in res.output  # the table is still printed
         runs = Store(str(tmp_path / "store")).runs("crash")
+        # one run at a time (2 ranks on 2 cores): the retry goes first, as soon as the attempt failed
         assert list(zip(runs["arm"], runs["attempt"], runs["status"])) == [
-            ("crash", 1, "failed"), ("baseline", 1, "ok"), ("crash", 2, "failed")]
+            ("crash", 1, "failed"), ("crash", 2, "failed"), ("baseline", 1, "ok")]
         crash = runs[runs["arm"] == "crash"]
         assert crash["error"].str.contains("debug.fail_at_step").all()
         assert crash["run_id"].str.endswith(("-a1", "-a2")).all()
-        assert runs["final_val_loss"].iloc[1] > 0
+        assert runs["final_val_loss"].iloc[2] > 0
         # running it again does not retry past the budget (2 failed attempts = 1 + retries)
         res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
         assert res.exit_code == 1 and len(Store(str(tmp_path / "store")).runs("crash")) == 3
+
+    def test_failed_attempt_is_relaunched_while_the_other_runs_go_on(self, tmp_path: Path) -> None:
+        """Two slots: `flaky` fails at step 0, `slow` takes ~8 s. flaky's second attempt starts in
+        the slot flaky freed while slow still runs (the old driver started retries only after the
+        whole Tune batch had ended), with its own row, run id and launch order."""
+        from ablate.orchestrate import LaunchOptions, run_experiment
+        from ablate.progress import NullProgress
+        from ablate.spec import load_spec
+
+        events: list[tuple[str, str, int]] = []
+
+        class Events(NullProgress):
+            def started(self, run_id: str, arm: str, seed: int) -> None:
+                events.append(("start", run_id, 0))
+
+            def finished(self, run_id, status, final_val_loss=None, wall_s=None, retries_left=0, error=None):
+                events.append((status, run_id, retries_left))
+
+        arms = {"flaky": {"debug.fail_at_step": 0}, "slow": {"runtime.warmup_steps_per_stage": 80}}  # fake: 8 s
+        path = spec_file(tmp_path, "soon", arms, retries=1, baseline="slow",
+                         resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})  # 1 CPU each: 2 at once
+        store = Store(str(tmp_path / "store"))
+        results = run_experiment(load_spec(path), store, progress=Events(),
+                                 options=LaunchOptions(module="tests.ablate.fake_trainer"))
+        assert [(r.request.arm, r.status, r.attempts, r.run_id[-3:]) for r in results] == [
+            ("flaky", "failed", 2, "-a2"), ("slow", "ok", 1, "-a1")]
+        runs = store.runs("soon")
+        assert list(zip(runs["arm"], runs["attempt"], runs["order"], runs["status"])) == [
+            ("flaky", 1, 0, "failed"), ("slow", 1, 1, "ok"), ("flaky", 2, 2, "failed")]
+        assert runs["run_id"].is_unique
+        first, slow, second = (runs.iloc[i] for i in range(3))
+        assert first["ended_at"] <= second["started_at"] < slow["ended_at"], runs[["run_id", "started_at", "ended_at"]]
+        flaky2 = results[0].run_id
+        at = {(kind, rid): i for i, (kind, rid, _) in enumerate(events)}
+        assert ("failed", first["run_id"], 1) in events  # the progress line says "(retrying, 1 attempt(s) left)"
+        assert at[("start", flaky2)] < at[("ok", slow["run_id"])], events
 
     def test_diverged_run_is_recorded_once_and_counted(self, tmp_path: Path) -> None:
         """A NaN loss is `diverged`: not retried (even with retries left), not run again on resume,

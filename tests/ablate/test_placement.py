@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from ablate.errors import SpecError
+from ablate.errors import Interrupted, SpecError
 from ablate.placement import (GPU_NODE_RESOURCE, check_cluster, concurrency_limit, max_concurrency,
                               run_bundle)
 from ablate.spec import parse_spec_text
@@ -124,13 +124,11 @@ def test_run_requests_warns_and_goes_on_when_autoscaling(monkeypatch: pytest.Mon
     monkeypatch.setattr(orchestrate.ray, "nodes", lambda: [HEAD])
     batches: list[int] = []
 
-    def fake_batch(spec_, attempts, store_, progress, opts, lock=None):
-        batches.append(len(attempts))
-        for a in attempts:
-            a.status = "ok"
-        return False
+    def fake_run(spec_, todo, store_, progress, opts, lock=None, first_order=0):
+        batches.append(len(todo))
+        return [orchestrate.RunResult(p.request, "ok") for p in todo]
 
-    monkeypatch.setattr(orchestrate, "_run_batch", fake_batch)
+    monkeypatch.setattr(orchestrate, "_run_tune", fake_run)
     with pytest.raises(SpecError, match="no node of the connected Ray cluster"):
         orchestrate.run_requests(s, expand(s), store)
     assert batches == []
@@ -143,9 +141,9 @@ def test_run_requests_warns_and_goes_on_when_autoscaling(monkeypatch: pytest.Mon
 class _FakeTuner:
     seen: dict[str, Any] = {}
 
-    def __init__(self, trainable, param_space, tune_config, run_config) -> None:
+    def __init__(self, trainable, tune_config, run_config) -> None:
         _FakeTuner.seen = {"resources": trainable._resources, "limit": tune_config.max_concurrent_trials,
-                           "n": len(param_space["index"]["grid_search"])}
+                           "n": tune_config.num_samples}
 
     def fit(self) -> None:
         return None
@@ -161,11 +159,13 @@ def test_tune_gets_one_placement_group_bundle_and_the_limit(monkeypatch: pytest.
     s = spec("{gpus_per_run: 8, cpus_per_run: 96}")
     monkeypatch.setattr(orchestrate.ray, "nodes", lambda: [HEAD, P5, P5])
     monkeypatch.setattr(orchestrate.tune, "Tuner", _FakeTuner)
-    attempts = [orchestrate._Attempt(PlannedRun(r, "todo", 1, 1), i) for i, r in enumerate(expand(s))]
-    orchestrate._run_batch(s, attempts, store, NullProgress(), orchestrate.LaunchOptions(autoscale=autoscale))
+    todo = [PlannedRun(r, "todo", 1, 2 if i == 0 else 1) for i, r in enumerate(expand(s))]
+    with pytest.raises(Interrupted):  # the fake Tune ran nothing: the runs have no outcome
+        orchestrate._run_tune(s, todo, store, NullProgress(), orchestrate.LaunchOptions(autoscale=autoscale))
     pgf = _FakeTuner.seen["resources"]
     assert pgf.bundles == [{"CPU": 96.0, "GPU": 8.0, GPU_NODE_RESOURCE: 1.0}]  # one bundle, whole node
-    assert _FakeTuner.seen["limit"] == (None if autoscale else 2) and _FakeTuner.seen["n"] == 4
+    # autoscaling: no cap (each of the 4 runs may wait as a pending placement group); n: every attempt allowed
+    assert _FakeTuner.seen["limit"] == (4 if autoscale else 2) and _FakeTuner.seen["n"] == 5
 
 
 def test_cli_autoscale_needs_a_cluster_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,8 +186,8 @@ def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
     ids (so a run resumes on any node), while each run gets its own runtime.inductor_cache_dir."""
     from trainer.config import config_hash, load_config
 
-    from ablate.matrix import PlannedRun, expand
-    from ablate.orchestrate import LaunchOptions, _Attempt, _job
+    from ablate.matrix import expand
+    from ablate.orchestrate import LaunchOptions, _job
 
     plain = spec("{gpus_per_run: 1}")
     cached = spec("{gpus_per_run: 1, compile_cache_dir: /opt/ablate-cache}")
@@ -197,8 +197,8 @@ def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
     assert [r.run_id(1) for r in reqs_plain] == [r.run_id(1) for r in reqs_cached]
     assert all(plain.config_hash(a) == cached.config_hash(a) for a in plain.arms)
     for rp, rc in zip(reqs_plain, reqs_cached):
-        jp = _job(plain, _Attempt(PlannedRun(rp, "todo", 1, 1), 0), LaunchOptions())
-        jc = _job(cached, _Attempt(PlannedRun(rc, "todo", 1, 1), 0), LaunchOptions())
+        jp = _job(plain, rp, rp.run_id(1), LaunchOptions())
+        jc = _job(cached, rc, rc.run_id(1), LaunchOptions())
         assert "runtime.inductor_cache_dir" not in jp["overrides"]
         assert jc["overrides"] == {**jp["overrides"], "runtime.inductor_cache_dir": "/opt/ablate-cache"}
         assert "runtime.inductor_cache_dir" not in rc.overrides  # overrides_json: the arm, not the node
