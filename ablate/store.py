@@ -342,20 +342,21 @@ class Store:
         df = self._read(experiment, "runs").to_pandas()
         return df.sort_values(["order", "attempt", "run_id"], kind="stable").reset_index(drop=True)
 
-    def _per_step(self, experiment: str, dataset: str):
+    def _per_step(self, experiment: str, dataset: str, runs=None):
         df = self._read(experiment, dataset).to_pandas()
-        if len(df):
-            visible = set(self._read(experiment, "runs").column("run_id").to_pylist())
+        if len(df):  # rows of written runs only; `runs`: the caller's runs frame (not read again)
+            visible = set(runs["run_id"]) if runs is not None else \
+                set(self._read(experiment, "runs").column("run_id").to_pylist())
             df = df[df["run_id"].isin(visible)]
         return df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
 
-    def curves(self, experiment: str):
-        """Val loss per evaluated step of every written run."""
-        return self._per_step(experiment, "curves")
+    def curves(self, experiment: str, runs=None):
+        """Val loss per evaluated step of every written run (`runs`: the runs frame already read)."""
+        return self._per_step(experiment, "curves", runs)
 
-    def steps(self, experiment: str):
-        """Step time per logged step of every written run."""
-        return self._per_step(experiment, "steps")
+    def steps(self, experiment: str, runs=None):
+        """Step time per logged step of every written run (`runs`: the runs frame already read)."""
+        return self._per_step(experiment, "steps", runs)
 
     def experiments(self) -> list[str]:
         sel = pafs.FileSelector(self.root or "/", allow_not_found=True)
