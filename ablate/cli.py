@@ -255,38 +255,18 @@ def _print_plan(spec: Spec, store) -> None:
 
 
 def print_results_table(store, spec: Spec) -> None:
-    """The analysis table (ablate.tables), or a minimal per-arm summary if that is not installed."""
+    """The experiment's table (ablate.results) after a run: its runs read once, its config hashes
+    from the spec that ran (resolved once, when it was loaded)."""
+    from ablate.results import print_table
+    from ablate.tables import read_experiment
+
     try:
-        if store.runs(spec.name).empty:
+        exp = read_experiment(store, spec.name, spec)
+        if exp.runs.empty:
             return
-    except StoreError as e:
+        print_table(exp, out)
+    except AblateError as e:
         _say(err, "table:", "yellow", e)
-        return
-    if importlib.util.find_spec("ablate.tables") is not None:
-        from ablate.tables import print_table
-
-        try:
-            print_table(store, spec.name, out)
-            return
-        except AblateError as e:
-            _say(err, "table:", "yellow", e)
-            return
-    _minimal_table(store, spec)
-
-
-def _minimal_table(store, spec: Spec) -> None:
-    df = store.runs(spec.name)
-    table = Table("arm", "n ok", "failed", "val loss mean", "std", "train time s mean", title=Text(spec.name))
-    for arm in spec.arms:
-        sub = df[(df["arm"] == arm) & (df["config_hash"] == spec.config_hash(arm))] if len(df) else df
-        ok = sub[sub["status"] == "ok"] if len(sub) else sub
-        loss = ok["final_val_loss"] if len(ok) else None
-        fmt = lambda v: "-" if v is None or v != v else f"{v:.4f}"  # noqa: E731
-        table.add_row(Text(arm), str(len(ok)), str(int((sub["status"] == "failed").sum()) if len(sub) else 0),
-                      fmt(loss.mean() if loss is not None else None),
-                      fmt(loss.std() if loss is not None and len(loss) > 1 else None),
-                      fmt(ok["train_time_ms"].mean() / 1000 if len(ok) else None))
-    out.print(table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,22 +291,17 @@ def validate(specs: List[Path] = typer.Argument(..., metavar="SPEC...", help="Sp
 
 
 def _stored_spec(store, experiment: str):
-    """The experiment's spec copy from the store (None if absent or no longer valid, with a note)."""
-    try:
-        spec_text = store.read_bytes(experiment, "spec.yaml", max_bytes=2 * 1024 * 1024)
-    except StoreError as e:
-        raise _fail(e) from None
-    if spec_text is None:
-        return None, False
-    from ablate.script import read_stored
-    from ablate.spec import parse_spec_text
+    """The experiment's spec copy from the store, parsed once (None if absent or no longer valid,
+    with a note), and whether a copy exists."""
+    from ablate.spec import read_stored_spec
 
     try:  # script arms: their identity at the last run (script_arms.json), not today's files
-        return parse_spec_text(spec_text.decode(errors="replace"), source=store.display_path(experiment, "spec.yaml"),
-                               stored_scripts=read_stored(store, experiment)), True
-    except SpecError as e:
-        _say(err, "note:", "yellow", f"the stored spec no longer validates ({e}); 'missing' not shown")
-        return None, True
+        stored = read_stored_spec(store, experiment)
+    except StoreError as e:
+        raise _fail(e) from None
+    if stored.problem is not None:
+        _say(err, "note:", "yellow", f"the stored spec no longer validates ({stored.problem}); 'missing' not shown")
+    return stored.spec, stored.exists
 
 
 @app.command()

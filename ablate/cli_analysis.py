@@ -5,7 +5,9 @@
     ablate report EXPERIMENT [--store URI] [--baseline ARM] [--target LOSS]
     ablate import-logs PATH... --experiment NAME --arm NAME [--store URI] [--target LOSS]
 
-`register(app)` adds them to the main typer app (ablate/cli.py). Exit codes (ablate.errors.EXIT_CODES):
+`register(app)` adds them to the main typer app (ablate/cli.py). `table` and `report` read the
+experiment from the store once (ablate.tables.read_experiment) and pass it down; a stored spec that
+no longer validates gives a note on stderr, not an error. Exit codes (ablate.errors.EXIT_CODES):
 0 success, 1 runtime failure (including any log file that could not be imported), 2 bad input
 (a bad experiment or arm name, an unknown format, the experiment locked by a running driver).
 """
@@ -41,6 +43,16 @@ def _store(uri: str):
         raise SpecError(str(e)) from None
 
 
+def _read(store: str, experiment: str):
+    """The experiment, read once; a note on stderr when its stored spec no longer validates."""
+    from ablate.tables import read_experiment
+
+    exp = read_experiment(_store(store), experiment)
+    if exp.stored.note():
+        typer.echo(f"note: {exp.stored.note()}", err=True)
+    return exp
+
+
 def _check_name(experiment: str) -> None:
     from ablate.names import check_experiment
 
@@ -61,14 +73,15 @@ def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (s
     Each arm counts only the runs of its current config (the stored spec's config hash; for arms
     not in the spec, e.g. imported logs, the config of the arm's latest run); the table says how
     many older runs it left out."""
-    from ablate import tables
+    from ablate.results import render_table
+    from ablate.tables import FORMATS
 
     _check_name(experiment)
-    if fmt not in tables.FORMATS:
-        typer.echo(f"error: --format {fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md", err=True)
+    if fmt not in FORMATS:
+        typer.echo(f"error: --format {fmt!r} is not one of {', '.join(FORMATS)}; fix: --format md", err=True)
         raise typer.Exit(code=EXIT_BAD_INPUT)
     try:
-        out = tables.render_table(_store(store), experiment, fmt, baseline, target, all_configs)
+        out = render_table(_read(store, experiment), fmt, baseline, target, all_configs)
     except (AblateError, ValueError) as e:
         raise _fail(e) from None
     if fmt == "rich":
@@ -89,7 +102,7 @@ def report_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (
 
     _check_name(experiment)
     try:
-        written = write_report(_store(store), experiment, baseline, target)
+        written = write_report(_read(store, experiment), baseline, target)
     except (AblateError, ValueError) as e:
         raise _fail(e) from None
     for name, path in written.items():
@@ -123,11 +136,12 @@ def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files 
         with experiment_lock(st, experiment, command=f"ablate import-logs --experiment {experiment}"):
             results = import_logs(st, list(paths), experiment, arm)
             if target is not None and any(not r.error for r in results):
-                from ablate.tables import read_spec, store_target
+                from ablate.spec import read_stored_spec
+                from ablate.tables import store_target
 
                 typer.echo(f"target loss {target:g} stored in {store_target(st, experiment, target)}")
-                spec_target = (read_spec(st, experiment) or {}).get("target_loss")
-                if spec_target is not None and float(spec_target) != target:
+                spec_target = read_stored_spec(st, experiment).analysis.target_loss
+                if spec_target is not None and spec_target != target:
                     typer.echo(f"note: the experiment's spec.yaml sets target_loss {spec_target}, which wins "
                                "over the stored one; pass --target to `ablate table` to override both")
         configs = _arm_configs(st, experiment, arm)

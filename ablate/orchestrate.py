@@ -239,7 +239,8 @@ def _trial(job: dict, opts: LaunchOptions) -> None:
             os.unlink(cfg_path)
     if not payload.get("start"):
         try:
-            from trainer.config import load_config, to_dict
+            from trainer.config import to_dict
+            from trainer.presets import load_config
 
             payload["resolved_config"] = to_dict(load_config(job["preset"], overrides, seed=job["seed"]))
         except Exception as e:  # noqa: BLE001 (best effort for a run that died before `start`)

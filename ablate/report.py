@@ -9,7 +9,8 @@ step-time stalls, and warnings when runs mix torch versions or GPU models (time 
 across them are not like for like). Works on `ablate run`, imported (`ablate import-logs`),
 search and mixed experiments. The figures show the runs the table compares (each arm's current
 config; a search without confirmation: its best suggestions). `report_files` is the pure part
-(frames in, bytes out); `write_report` reads the store and writes through `Store.write_bytes`.
+(frames in, bytes out); `write_report` takes the experiment as the command read it once
+(ablate.tables.read_experiment) and writes through `Store.write_bytes`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from typing import Any
 import pandas as pd
 
 from ablate import __version__, plots
-from ablate.tables import (AnalysisError, Settings, analyse_runs, current_hashes, data_label, experiment_settings,
-                           read_spec, select_configs, to_markdown)
+from ablate.search_report import is_search_experiment, search_table
+from ablate.spec import Spec
+from ablate.tables import Experiment, Settings, data_label, select_configs, table_from_runs, to_markdown
 
 FIGURES = {
     "curves_step.png": "Val loss against step (mean ± 95% CI over seeds)",
@@ -134,12 +136,13 @@ def _stalls_section(steps: pd.DataFrame) -> list[str]:
 
 
 def report_files(experiment: str, table: pd.DataFrame | str, settings: Settings, runs: pd.DataFrame,
-                 curves: pd.DataFrame, steps: pd.DataFrame, spec: dict | None = None,
+                 curves: pd.DataFrame, steps: pd.DataFrame, spec: Spec | None = None,
                  figure_runs: pd.DataFrame | None = None, current: dict[str, str] | None = None) -> dict[str, bytes]:
     """Every file of the report by name: report.md and the PNGs.
 
-    `table` is the analysed table (or its Markdown, e.g. a search's listing); the figures draw
-    `figure_runs` (default: `runs`) and their curves/steps; the runs section lists every run."""
+    `table` is the analysed table (or its Markdown, e.g. a search's listing); `spec` the
+    experiment's (its description and trainer head the report); the figures draw `figure_runs`
+    (default: `runs`) and their curves/steps; the runs section lists every run."""
     fig_runs = runs if figure_runs is None else figure_runs
     ids = set(fig_runs["run_id"]) if len(fig_runs) else set()
     fig_curves = curves[curves["run_id"].isin(ids)].copy() if len(curves) else curves
@@ -155,16 +158,15 @@ def report_files(experiment: str, table: pd.DataFrame | str, settings: Settings,
         "finals.png": plots.to_png(plots.finals_figure(fig_runs, settings.target, settings.baseline)),
         "step_times.png": plots.to_png(plots.step_times_figure(fig_steps, fig_runs, settings.baseline)),
     }
-    spec = spec or {}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = [f"# Experiment `{experiment}`", ""]
-    if spec.get("description"):
-        md += [str(spec["description"]), ""]
-    trainer = spec.get("trainer") or {}
-    if trainer or settings.target is not None:
-        what = [f"Trainer preset `{trainer.get('preset')}`"] if trainer.get("preset") else []
-        if trainer.get("script"):  # a script experiment (ablate.script)
-            what.append(f"Training script `{trainer.get('script')}`")
+    if spec is not None and spec.description:
+        md += [spec.description, ""]
+    trainer = spec.trainer if spec is not None and (spec.trainer.preset or spec.trainer.script) else None
+    if trainer is not None or settings.target is not None:
+        what = [f"Trainer preset `{trainer.preset}`"] if trainer is not None and trainer.preset else []
+        if trainer is not None and trainer.script:  # a script experiment (ablate.script)
+            what.append(f"Training script `{trainer.script}`")
         what.append(f"baseline arm `{settings.baseline}`")
         if settings.target is not None:
             what.append(f"target loss {settings.target:g}")
@@ -186,29 +188,25 @@ def _best_search_runs(runs: pd.DataFrame, n: int = MAX_SEARCH_ARMS_DRAWN) -> pd.
     return runs[runs["arm"].isin(set(best))]
 
 
-def write_report(store: Any, experiment: str, baseline: str | None = None,
-                 target: float | None = None) -> dict[str, str]:
-    """Analyse the experiment and write report.md and the PNGs; returns name → path/URI."""
-    from ablate.search_report import is_search_experiment, search_table
-
-    runs = store.runs(experiment)
+def write_report(exp: Experiment, baseline: str | None = None, target: float | None = None) -> dict[str, str]:
+    """Analyse the experiment (as read once: ablate.tables.read_experiment) and write report.md and
+    the PNGs into its folder; returns name → path/URI."""
+    store, experiment, runs = exp.store, exp.name, exp.runs
     if runs.empty:
-        known = ", ".join(store.experiments()) or "none"
-        raise AnalysisError(f"experiment {experiment!r} has no runs in this store (experiments: {known}); "
-                            "fix: check the name or pass --store URI")
-    settings = experiment_settings(store, experiment, baseline, target)
-    current = current_hashes(store, experiment)
+        raise exp.no_runs()
+    settings = exp.settings(baseline, target)
+    current = exp.current
     compared = runs[runs["source"] != "search"] if "source" in runs else runs
-    if is_search_experiment(store, experiment):
-        table: pd.DataFrame | str = search_table(store, experiment, "md", baseline, target)
+    if is_search_experiment(exp):
+        table: pd.DataFrame | str = search_table(exp, "md", baseline, target)
     else:
-        table = analyse_runs(compared, settings, current)
+        table = table_from_runs(compared, settings, current)
     if len(compared):
-        sel = select_configs(compared, current, False, settings.baseline)
+        sel = select_configs(compared, settings.baseline, current)
         fig_runs = sel.runs
         current = {**sel.hashes, **current}
     else:
         fig_runs = _best_search_runs(runs)
-    files = report_files(experiment, table, settings, runs, store.curves(experiment), store.steps(experiment),
-                         read_spec(store, experiment), figure_runs=fig_runs, current=current)
+    files = report_files(experiment, table, settings, runs, store.curves(experiment, runs),
+                         store.steps(experiment, runs), exp.spec, figure_runs=fig_runs, current=current)
     return {name: store.write_bytes(experiment, name, data) for name, data in files.items()}

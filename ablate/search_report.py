@@ -1,14 +1,16 @@
 """`ablate table` for a search experiment: the trial listing, then the confirmation's table.
 
-    ablate table lr_mul_search                      # the CLI calls search_table for search specs
-    from ablate.search_report import is_search_experiment, search_table
-    print(search_table(Store("results"), "lr_mul_search_tiny", fmt="md"))
+    ablate table lr_mul_search                      # ablate.results calls search_table for search specs
+    from ablate.search_report import search_table
+    from ablate.tables import read_experiment
+    print(search_table(read_experiment(Store("results"), "lr_mul_search_tiny"), fmt="md"))
 
 The listing has one row per Optuna trial (suggestion): number, state, the searched parameters,
 n (seeds that finished ok), mean and std of val loss (and of train time in s for two
 objectives), a `*` on the Pareto front (two objectives) and `✓` on the suggestions sent to the
-confirmation. Values come from the Parquet store (source "search" runs), states from the Optuna
-study when its storage can be opened. Complete trials come first, best mean loss first.
+confirmation. Values come from the runs as the command read them once (ablate.tables.Experiment:
+source "search" runs), states from the Optuna study when its storage can be opened. Complete
+trials come first, best mean loss first.
 The confirmation runs (source "ablate": the spec's arms and `t<number>` arms on fresh seeds) get
 the ordinary significance table of ablate.tables.
 """
@@ -28,15 +30,14 @@ from ablate.search_space import ChoiceParam, SearchConfig
 from ablate.study import ATTR_CONFIRMED, ATTR_INTERRUPTED, SEARCH_INFO, pareto_mask
 
 
-def is_search_experiment(store: Any, experiment: str) -> bool:
-    """True when the experiment's stored spec has a `search:` block."""
-    spec = tables.read_spec(store, experiment)
-    return bool(spec and spec.get("search"))
+def is_search_experiment(exp: tables.Experiment) -> bool:
+    """True when the experiment's spec has a `search:` block."""
+    return bool(exp.spec.search)
 
 
-def _config(spec: dict) -> SearchConfig:
+def _config(exp: tables.Experiment) -> SearchConfig:
     try:
-        return SearchConfig.model_validate(spec["search"])
+        return SearchConfig.model_validate(exp.spec.search)
     except ValidationError as e:
         raise tables.AnalysisError(f"the stored spec's search block is invalid ({e.error_count()} problems); "
                                    "fix: `ablate validate` the spec and run it again") from None
@@ -190,24 +191,22 @@ class TrialListing(tables.Fitted):
                 (tables.rich_cards(self.title, self.head, self.rows, self.bold), notes)]
 
 
-def search_table(store: Any, experiment: str, fmt: str = "rich", baseline: str | None = None,
+def search_table(exp: tables.Experiment, fmt: str = "rich", baseline: str | None = None,
                  target: float | None = None, all_configs: bool = False) -> Any:
     """Trial listing + confirmation table: a rich Group for "rich", a str for md/csv/json.
     `baseline` / `target` / `all_configs` apply to the confirmation table, as in `ablate table`."""
     if fmt not in tables.FORMATS:
         raise tables.AnalysisError(f"format={fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md")
-    spec = tables.read_spec(store, experiment)
-    if not spec or not spec.get("search"):
+    experiment = exp.name
+    if not is_search_experiment(exp):
         raise tables.AnalysisError(f"experiment {experiment!r} is not a search experiment (no search: block in "
                                    "its stored spec.yaml); fix: use the plain `ablate table`")
-    cfg = _config(spec)
-    runs = store.runs(experiment)
-    df = trial_rows(runs, cfg, _study(store, experiment))
+    cfg = _config(exp)
+    runs = exp.runs
+    df = trial_rows(runs, cfg, _study(exp.store, experiment))
     conf_runs = runs[runs["source"] != "search"] if len(runs) else runs
-    settings = tables.experiment_settings(store, experiment, baseline, target, all_configs)
-    settings = replace(settings, sequential=None)  # the confirmation is a fixed design
-    conf = tables.analyse_runs(conf_runs, settings, tables.current_hashes(store, experiment)) \
-        if len(conf_runs) else pd.DataFrame()
+    settings = replace(exp.settings(baseline, target, all_configs), sequential=None)  # a fixed design
+    conf = tables.table_from_runs(conf_runs, settings, exp.current) if len(conf_runs) else pd.DataFrame()
     head, rows = _display(df, cfg) if len(df) else ([], [])
     notes = _notes(df, cfg)
     title = f"{experiment}: search trials"

@@ -40,7 +40,8 @@ from optuna.distributions import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablate.errors import SpecError
-from trainer.config import ConfigError, TrainConfig, apply_overrides, load_config, valid_keys
+from trainer.config import ConfigError, TrainConfig, apply_overrides, valid_keys
+from trainer.presets import load_config
 
 OBJECTIVES = {"val_loss": "final_val_loss", "train_time": "train_time_ms"}  # name → runs column
 FORBIDDEN_KEYS = {"seed": "seeds are set by seeds_per_trial / confirm.seeds",

@@ -20,13 +20,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
 from ablate import stats
+from ablate.spec import Spec
 from ablate.stats_seq import Design, decide, design, orient, sequential_pvalue, z_from_t
 
 METRICS = {"loss": "final_val_loss", "time": "time_s"}
@@ -34,14 +35,15 @@ METRICS = {"loss": "final_val_loss", "time": "time_s"}
 
 @dataclass(frozen=True)
 class SeqPlan:
-    """What the sequential procedure needs from a spec."""
+    """What the sequential procedure needs from a spec (`plan_from_spec`; no defaults here: the
+    spec's model holds them)."""
 
     min: int
     max: int
     alpha: float
-    baseline: str = "baseline"
-    target: float | None = None
-    alternative: str = "two-sided"
+    baseline: str
+    target: float | None
+    alternative: str
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.max:
@@ -51,29 +53,16 @@ class SeqPlan:
         stats.check_alternative(self.alternative)
 
 
-def plan_from_spec(spec: Any) -> SeqPlan | None:
-    """SeqPlan from the pydantic ExperimentSpec; None when its seeds are not sequential."""
-    seeds = getattr(spec, "seeds", None)
-    if not all(hasattr(seeds, k) for k in ("min", "max", "alpha")):
+def plan_from_spec(spec: Spec, baseline: str | None = None, target: float | None = None) -> SeqPlan | None:
+    """SeqPlan from the spec (ablate.spec.Spec, parsed by the model); None when its seeds are not
+    sequential. `baseline` / `target` replace the spec's (the table's --baseline / --target)."""
+    if not spec.sequential:
         return None
-    analysis = getattr(spec, "analysis", None)
-    return SeqPlan(int(seeds.min), int(seeds.max), float(seeds.alpha),
-                   baseline=getattr(spec, "baseline", None) or "baseline",
-                   target=getattr(spec, "target_loss", None),
-                   alternative=getattr(analysis, "alternative", None) or "two-sided")
-
-
-def plan_from_mapping(d: Mapping[str, Any] | None, baseline: str | None = None,
-                      target: float | None = None) -> SeqPlan | None:
-    """SeqPlan from a spec.yaml mapping (as stored next to the runs); None if not sequential."""
-    if not isinstance(d, Mapping) or not isinstance(d.get("seeds"), Mapping):
-        return None
-    s = d["seeds"]
-    analysis = d.get("analysis") or {}
-    return SeqPlan(int(s["min"]), int(s["max"]), float(s.get("alpha", 0.05)),
-                   baseline=baseline or d.get("baseline") or "baseline",
-                   target=target if target is not None else d.get("target_loss"),
-                   alternative=analysis.get("alternative", "two-sided"))
+    seeds = spec.seeds
+    return SeqPlan(seeds.min, seeds.max, seeds.alpha,  # type: ignore[union-attr]
+                   baseline=baseline or spec.baseline,
+                   target=spec.target_loss if target is None else target,
+                   alternative=spec.analysis.alternative)
 
 
 # ---------------------------------------------------------------- looks
@@ -246,7 +235,7 @@ def arms_to_continue_plan(runs: pd.DataFrame, plan: SeqPlan) -> list[str]:
     return keep
 
 
-def arms_to_continue(runs: pd.DataFrame, spec: Any) -> list[str]:
+def arms_to_continue(runs: pd.DataFrame, spec: Spec) -> list[str]:
     """Arms that need another round of seeds, baseline first; [] when everything is decided.
 
     `runs` is the store's runs frame of the experiment (every status); `spec` the ExperimentSpec

@@ -16,10 +16,12 @@ and MAX_RUNS runs.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
@@ -28,7 +30,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr, Validat
 
 from ablate.errors import SpecError
 from ablate.names import ARM_RULE, NAME_RULE, is_arm, is_experiment
+from ablate.script import read_stored
+from trainer.config import apply_overrides
 from trainer.config import flatten as _trainer_flatten
+from trainer.presets import get_preset
 
 MAX_SPEC_BYTES = 1024 * 1024  # a spec is a few KB; this bounds what `validate` reads and parses
 INT64_MAX = 2**63 - 1  # seeds are int64 in the store
@@ -217,6 +222,17 @@ class Analysis(_Model):
     alpha: Alpha = 0.05
 
 
+def resolve_config(preset: str | None, overrides: Mapping[str, Any]):
+    """The one resolver of an arm's config: the preset's TrainConfig with the flat overrides applied
+    (trainer.config checks each of them; ConfigError lists every problem)."""
+    return apply_overrides(get_preset(preset), overrides)  # type: ignore[arg-type]
+
+
+def _config_key(overrides: Mapping[str, Any]) -> str:
+    """Identity of a set of flat overrides, for Spec's cache of resolved configs."""
+    return json.dumps(overrides, sort_keys=True, default=repr)
+
+
 class Spec(_Model):
     name: str
     description: str = ""
@@ -238,6 +254,8 @@ class Spec(_Model):
     _base_dir: Path | None = PrivateAttr(default=None)
     _scripts: dict = PrivateAttr(default_factory=dict)
     _stored_scripts: dict | None = PrivateAttr(default=None)
+    # each resolved TrainConfig by its overrides (_config_key): an arm is resolved once per spec
+    _configs: dict = PrivateAttr(default_factory=dict)
 
     # ---- field checks (messages become "field=value: message; fix: example") -------------
     @field_validator("name")
@@ -365,14 +383,15 @@ class Spec(_Model):
         return out
 
     def resolve(self, arm: str, overrides: Mapping[str, Any] | None = None):
-        """The arm's TrainConfig (seed excluded); `overrides` replaces the arm's own."""
-        from trainer.config import apply_overrides
-        from trainer.presets import get_preset
-
+        """The arm's TrainConfig (seed excluded); `overrides` replaces the arm's own. Resolved once
+        per spec and overrides (validation already resolved every arm), then reused."""
         if self.is_script_arm(arm):
             raise SpecError(f"arm {arm!r} runs a script ({self.overrides(arm)['script']}): it has no trainer config")
         ov = self.overrides(arm) if overrides is None else dict(overrides)
-        return apply_overrides(get_preset(self.trainer.preset), ov)
+        key = _config_key(ov)
+        if key not in self._configs:
+            self._configs[key] = resolve_config(self.trainer.preset, ov)
+        return self._configs[key]
 
     def config_hash(self, arm: str, overrides: Mapping[str, Any] | None = None) -> str:
         """trainer.config.config_hash of the arm's config, with data.data_dir as the spec wrote it
@@ -440,6 +459,13 @@ def load_spec(path: str | Path) -> Spec:
 
 def parse_spec_text(text: str, source: str = "<string>", *, base_dir: Path | None = None,
                     stored_scripts: Mapping[str, Any] | None = None) -> Spec:
+    spec = parse_spec(_load_yaml(text, source), source, base_dir=base_dir, stored_scripts=stored_scripts)
+    spec._text = text
+    return spec
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """The YAML of a spec (bounded, no aliases, no duplicate keys); SpecError naming line and fix."""
     if len(text.encode("utf-8", errors="replace")) > MAX_SPEC_BYTES:
         raise SpecError(f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB: not an experiment spec", source)
     try:
@@ -454,9 +480,7 @@ def parse_spec_text(text: str, source: str = "<string>", *, base_dir: Path | Non
                         source) from None
     except RecursionError:
         raise SpecError("the YAML nests too deeply to be a spec; fix: check the file", source) from None
-    spec = parse_spec(data, source, base_dir=base_dir, stored_scripts=stored_scripts)
-    spec._text = text
-    return spec
+    return data
 
 
 def parse_spec(data: Any, source: str = "<dict>", *, base_dir: Path | None = None,
@@ -583,7 +607,7 @@ def _semantic_problems(spec: Spec) -> list[str]:
             return problems
     preset_arms = {a: ov for a, ov in spec.arms.items() if not spec.is_script_arm(a)}
     problems += _override_problems(spec.trainer.preset, spec.trainer.set, preset_arms, spec.resources,
-                                   spec.baseline, spec.search)
+                                   spec.baseline, spec.search, configs=spec._configs)
     return problems
 
 
@@ -604,18 +628,19 @@ def _raw_problems(data: Mapping[str, Any], err: ValidationError) -> list[str]:
         resources = Resources.model_validate(data.get("resources", {})) if "resources" not in failed else None
     except ValidationError:
         resources = None
-    baseline = data.get("baseline", "baseline")
+    baseline = data.get("baseline")
     search = data.get("search") if "search" not in failed else None
     return _override_problems(trainer["preset"], tset if isinstance(tset, Mapping) else {}, arms, resources,
-                              baseline if isinstance(baseline, str) else "baseline", search)
+                              baseline if isinstance(baseline, str) else Spec.model_fields["baseline"].default,
+                              search)
 
 
 def _override_problems(preset: str, tset: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]],
-                       r: Resources | None, baseline: str, search: Any) -> list[str]:
+                       r: Resources | None, baseline: str, search: Any, configs: dict | None = None) -> list[str]:
     """Reserved keys, the compile-cache clash, every override against the trainer's config tree
-    (each arm checked even when another fails), world-size divisibility and the search space."""
-    from trainer.config import ConfigError, apply_overrides
-    from trainer.presets import get_preset
+    (each arm checked even when another fails), world-size divisibility and the search space.
+    Each arm is resolved once, as Spec.resolve would (`configs`: where those configs are kept)."""
+    from trainer.config import ConfigError
 
     problems: list[str] = []
     try:
@@ -636,20 +661,23 @@ def _override_problems(preset: str, tset: Mapping[str, Any], arms: Mapping[str, 
         checked[where] = {k: v for k, v in flat.items() if k not in RESERVED_KEYS}
     base_ok = True
     try:
-        base = apply_overrides(preset_cfg, checked["trainer.set"])
+        apply_overrides(preset_cfg, checked["trainer.set"])
     except ConfigError as e:
         problems += [f"trainer.set: {line}" for line in str(e).splitlines()]
-        base, base_ok = preset_cfg, False  # the arms are still checked, against the preset alone
+        base_ok = False  # the arms are still checked, against the preset alone
     indivisible: dict[int, list[str]] = {}  # reference_world_size → arms
     arm_ok: dict[str, bool] = {}
-    for arm in arms:
+    for arm in arms:  # on the preset with trainer.set (the preset alone when trainer.set failed)
+        ov = {**(checked["trainer.set"] if base_ok else {}), **checked[f"arms.{arm}"], **cpu}
         try:
-            cfg = apply_overrides(base, {**checked[f"arms.{arm}"], **cpu})
+            cfg = resolve_config(preset, ov)
         except ConfigError as e:
             problems += [f"arms.{arm}: {line}" for line in str(e).splitlines()]
             arm_ok[arm] = False
             continue
         arm_ok[arm] = True
+        if configs is not None and base_ok:
+            configs[_config_key(ov)] = cfg
         if r is not None and cfg.runtime.reference_world_size % r.ranks:
             indivisible.setdefault(cfg.runtime.reference_world_size, []).append(arm)
         if r is not None and r.gpus_per_run == 0 and flatten(arms[arm]).get("runtime.device") == "cuda":
@@ -676,6 +704,97 @@ def _override_problems(preset: str, tset: Mapping[str, Any], arms: Mapping[str, 
                         f"(arms: {', '.join(names)}; grad accumulation = reference/ranks); fix: use one of "
                         f"{', '.join(map(str, ok))}, or set runtime.reference_world_size: {ranks} in trainer.set")
     return problems
+
+
+# --------------------------------------------------------------------------------------------
+# The copy in the store
+# --------------------------------------------------------------------------------------------
+# What the analysis (table, report.md) reads from a spec. A stored copy that no longer validates
+# as a whole (an old store; a trainer key renamed since) still gives these, each validated by the
+# model, with the model's defaults for those that are absent or invalid.
+ANALYSIS_FIELDS = ("description", "trainer", "baseline", "seeds", "target_loss", "analysis", "search")
+
+
+@dataclass(frozen=True)
+class StoredSpec:
+    """An experiment's spec.yaml copy read back from the store, parsed once by the model.
+
+    `spec`: the whole spec (None when there is no copy or it no longer validates). `analysis`:
+    what the table and the report read: `spec`, else a Spec holding only the copy's
+    ANALYSIS_FIELDS that still validate (`kept`; its name, arms and other fields are
+    placeholders, not the experiment's). `problem`: why a copy did not validate."""
+
+    spec: Spec | None
+    analysis: Spec
+    source: str
+    problem: str | None = None
+    kept: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()  # analysis fields of the copy that are invalid (defaults used)
+
+    @property
+    def exists(self) -> bool:
+        return self.spec is not None or self.problem is not None
+
+    def note(self) -> str | None:
+        """For `ablate table`/`report` when the copy no longer validates: what is used, and the fix."""
+        if self.problem is None:
+            return None
+        used = f"only its {', '.join(self.kept)}" if self.kept else "none of its fields"
+        bad = f" (invalid, so the defaults instead: {', '.join(self.dropped)})" if self.dropped else ""
+        return (f"{self.source} no longer validates ({self.problem}); the table uses {used}{bad}; "
+                "fix: run the experiment's current spec (`ablate run SPEC` stores its copy), or pass "
+                "--baseline/--target")
+
+
+def analysis_spec(data: Any, name: str = "defaults") -> tuple[Spec, tuple[str, ...], tuple[str, ...]]:
+    """A Spec of the ANALYSIS_FIELDS of `data` that validate (unknown keys in them ignored; `{}`:
+    the model's defaults), the fields kept and the ones dropped. The required fields without a
+    default (name, trainer, arms, seeds) are placeholders where `data` does not give them."""
+    _, known = _unknown_keys(data if isinstance(data, Mapping) else {}, Spec, "")
+    fields = {k: known[k] for k in ANALYSIS_FIELDS if k in known}
+    placeholders = {"name": name if is_experiment(name) else "stored", "trainer": {}, "arms": {"stored": {}},
+                    "seeds": 1}
+    dropped: list[str] = []
+    while True:
+        try:
+            spec = Spec.model_validate({**placeholders, **fields})
+        except ValidationError as e:
+            bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]} & set(fields)
+            if not bad:  # only the placeholders could fail, and they are valid
+                raise
+            dropped += sorted(bad)
+            fields = {k: v for k, v in fields.items() if k not in bad}
+            continue
+        return spec, tuple(fields), tuple(dropped)
+
+
+def parse_stored_spec(text: str | None, experiment: str, source: str, *,
+                      stored_scripts: Mapping[str, Any] | None = None) -> StoredSpec:
+    """A spec copy from the store (None: there is none), parsed once; see StoredSpec."""
+    if text is None:
+        return StoredSpec(None, analysis_spec({}, experiment)[0], source)
+    try:
+        spec = parse_spec_text(text, source=source, stored_scripts=stored_scripts)
+        return StoredSpec(spec, spec, source)
+    except SpecError as e:
+        problem = e.problems[0] if len(e.problems) == 1 else f"{len(e.problems)} problems, the first: {e.problems[0]}"
+    try:
+        data = _load_yaml(text, source)
+    except SpecError:  # not even YAML: the model's defaults
+        data = {}
+    analysis, kept, dropped = analysis_spec(data, experiment)
+    return StoredSpec(None, analysis, source, problem, kept, dropped)
+
+
+def read_stored_spec(store: Any, experiment: str) -> StoredSpec:
+    """The experiment's spec.yaml in the store, parsed once by the model; script arms get their
+    identity at the last run (script_arms.json), not today's files."""
+    raw = store.read_bytes(experiment, "spec.yaml", max_bytes=2 * MAX_SPEC_BYTES)
+    source = store.display_path(experiment, "spec.yaml")
+    if raw is None:
+        return parse_stored_spec(None, experiment, source)
+    return parse_stored_spec(raw.decode("utf-8", errors="replace"), experiment, source,
+                             stored_scripts=read_stored(store, experiment))
 
 
 def data_root_path(data_root: str | None, project_root: Path) -> Path:

@@ -312,19 +312,23 @@ class Store:
         return from_table("runs", table.sort_by([("order", "ascending"), ("attempt", "ascending"),
                                                  ("run_id", "ascending")]))
 
-    def _per_step(self, experiment: str, dataset: str):
-        """Rows of the runs whose `runs` file exists (the commit point): only their files are read."""
-        visible = {_run_id_of(path) for path in self._dataset(experiment, "runs").files}
+    def _per_step(self, experiment: str, dataset: str, runs=None):
+        """Rows of the runs whose `runs` file exists (the commit point): only their files are read.
+        `runs`: the caller's runs frame, already read (its run ids are used, nothing is listed again)."""
+        visible = set(runs["run_id"]) if runs is not None else \
+            {_run_id_of(path) for path in self._dataset(experiment, "runs").files}
         df = self.read(experiment, dataset, run_ids=visible).to_pandas()
         return df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
 
-    def curves(self, experiment: str):
-        """Val loss per evaluated step of every written run (ablate.record.CurvePoint columns)."""
-        return self._per_step(experiment, "curves")
+    def curves(self, experiment: str, runs=None):
+        """Val loss per evaluated step of every written run (ablate.record.CurvePoint columns);
+        `runs`: the runs frame already read."""
+        return self._per_step(experiment, "curves", runs)
 
-    def steps(self, experiment: str):
-        """Step time per logged step of every written run (ablate.record.StepTime columns)."""
-        return self._per_step(experiment, "steps")
+    def steps(self, experiment: str, runs=None):
+        """Step time per logged step of every written run (ablate.record.StepTime columns);
+        `runs`: the runs frame already read."""
+        return self._per_step(experiment, "steps", runs)
 
     def experiments(self) -> list[str]:
         sel = pafs.FileSelector(self.root or "/", allow_not_found=True)

@@ -5,12 +5,15 @@
 
     Arm | Runs | Time μ | Time σ | Time Δ | Time p | Loss μ | Loss σ | Loss Δ | Loss p | p(<target) | Verdict
 
-`table_from_runs` is the pure analysis (a runs DataFrame in, one numeric row per arm out);
-`format_table` renders it; `render_table`/`print_table` read the store and the experiment's
-spec.yaml (baseline, target_loss, analysis, sequential seeds) and settings.json (a target stored
-by `ablate import-logs --target`). Each arm counts only the runs of its current config
-(`select_configs`); `--all-configs` shows every config of an arm as its own row. Times in md and
-rich have 4 decimals like the record tables (132.7217 s); CSV and JSON keep full precision.
+`read_experiment` reads an experiment from the store once per command: its runs, its spec.yaml
+copy (parsed once by the model, ablate.spec.read_stored_spec) and settings.json (a target stored
+by `ablate import-logs --target`). `settings_from_spec` takes the baseline, target_loss, analysis
+block and sequential seeds from that Spec (the model holds every default; flags override them);
+`table_from_runs` is the pure analysis (a runs DataFrame and Settings in, one numeric row per
+arm out); `format_table` renders it. Search experiments get their table from
+ablate.search_report; ablate.results picks which. Each arm counts only the runs of its current
+config (`select_configs`); `--all-configs` shows every config of an arm as its own row. Times in
+md and rich have 4 decimals like the record tables (132.7217 s); CSV and JSON keep full precision.
 An experiment whose ok runs read different data (the rows' data_synthetic / data_hash) is marked:
 a first footnote names each arm's data, the rich title and the JSON (`mixed_data`) flag it.
 Formulas: docs/statistics.md.
@@ -21,16 +24,17 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ablate import stats
-from ablate.errors import AblateError
-from ablate.sequential import SeqPlan, arm_outcomes, plan_from_mapping
+from ablate.errors import AblateError, SpecError
+from ablate.sequential import SeqPlan, arm_outcomes, plan_from_spec
+from ablate.spec import Spec, StoredSpec, analysis_spec, read_stored_spec
 
 FORMATS = ("rich", "md", "csv", "json")
 POWER = 0.8
@@ -50,30 +54,31 @@ class AnalysisError(AblateError):
 
 @dataclass(frozen=True)
 class Settings:
-    """How an experiment is analysed: from its spec.yaml, overridden by CLI flags."""
+    """How an experiment is analysed: its spec's baseline, target_loss, analysis block and
+    sequential seeds, overridden by CLI flags. Made by `settings_from_spec`; no default of the
+    spec is stated here (the model ablate.spec.Spec holds them)."""
 
-    baseline: str = "baseline"
-    target: float | None = None
-    alternative: str = "two-sided"
-    correction: str = "holm"
-    alpha: float = 0.05
-    sequential: SeqPlan | None = None
-    all_configs: bool = False   # every config of an arm as its own row (default: the current one only)
+    baseline: str
+    target: float | None
+    alternative: str
+    correction: str
+    alpha: float
+    sequential: SeqPlan | None
+    all_configs: bool = False   # a CLI flag, not a spec field: every config of an arm as its own row
 
 
-def settings_from_spec(spec: dict | None, baseline: str | None = None, target: float | None = None,
+def settings_from_spec(spec: Spec | None, baseline: str | None = None, target: float | None = None,
                        stored: dict | None = None, all_configs: bool = False) -> Settings:
-    """Analysis settings from a spec.yaml mapping (None: defaults) and the experiment's stored
-    settings.json (`stored`); flags win over the spec, the spec over settings.json."""
-    spec = spec if isinstance(spec, dict) else {}
+    """Analysis settings from a Spec parsed by the model (None: no spec, the model's defaults) and
+    the experiment's settings.json (`stored`); flags win over the spec, the spec over settings.json."""
+    spec = spec if spec is not None else analysis_spec({})[0]
     stored = stored if isinstance(stored, dict) else {}
-    analysis = spec.get("analysis") or {}
-    base = baseline or spec.get("baseline") or "baseline"
-    tgt = target if target is not None else spec.get("target_loss", stored.get("target_loss"))
-    alt = stats.check_alternative(analysis.get("alternative", "two-sided"))
-    corr = stats.check_correction(analysis.get("correction", "holm"))
-    return Settings(base, None if tgt is None else float(tgt), alt, corr, float(analysis.get("alpha", 0.05)),
-                    plan_from_mapping(spec, base, tgt), all_configs)
+    base = baseline or spec.baseline
+    tgt = target if target is not None else (
+        spec.target_loss if "target_loss" in spec.model_fields_set else stored.get("target_loss"))
+    tgt = None if tgt is None else float(tgt)
+    return Settings(base, tgt, spec.analysis.alternative, spec.analysis.correction, spec.analysis.alpha,
+                    plan_from_spec(spec, base, tgt), all_configs)
 
 
 def read_settings(store: Any, experiment: str) -> dict:
@@ -93,34 +98,56 @@ def store_target(store: Any, experiment: str, target: float) -> str:
     return store.write_bytes(experiment, SETTINGS_FILE, (json.dumps(data, indent=1) + "\n").encode())
 
 
-def current_hashes(store: Any, experiment: str) -> dict[str, str]:
-    """arm → config_hash of the stored spec.yaml's arms ({} without a spec, or when it no longer
-    validates: then every arm's latest config counts, as for arms not in the spec)."""
-    raw = store.read_bytes(experiment, "spec.yaml")
-    if not raw:
+def current_hashes(spec: Spec | None) -> dict[str, str]:
+    """arm → config_hash of a whole spec's arms ({} without one: then every arm's latest config
+    counts, as for arms not in the spec). Each arm resolves once (Spec caches its configs)."""
+    if spec is None:
         return {}
-    from ablate.errors import SpecError
-    from ablate.script import read_stored
-    from ablate.spec import parse_spec_text
-
-    try:  # script arms: their identity at the last run (script_arms.json), not today's files
-        spec = parse_spec_text(raw.decode("utf-8", "replace"), source=f"{experiment}/spec.yaml",
-                               stored_scripts=read_stored(store, experiment))
+    try:
         return {arm: spec.config_hash(arm) for arm in spec.arms}
     except (SpecError, ValueError):
         return {}
 
 
-def read_spec(store: Any, experiment: str) -> dict | None:
-    raw = store.read_bytes(experiment, "spec.yaml")
-    if not raw:
-        return None
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise AnalysisError(f"{experiment}/spec.yaml in the store is not valid YAML ({e}); fix: restore it "
-                            "from experiments/ or pass --baseline/--target") from None
-    return data if isinstance(data, dict) else None
+@dataclass(frozen=True, eq=False)
+class Experiment:
+    """An experiment as one command reads it from the store, once: every run attempt (`runs`),
+    its spec copy parsed once by the model (`stored`; `ablate run` passes its own spec) and
+    settings.json (`settings_file`). Analysis, report and status take this, not the store."""
+
+    store: Any
+    name: str
+    runs: pd.DataFrame
+    stored: StoredSpec
+    settings_file: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> Spec:
+        """What the analysis reads: the whole spec, else the stored copy's analysis fields."""
+        return self.stored.analysis
+
+    @cached_property
+    def current(self) -> dict[str, str]:
+        """arm → its current config hash (the whole spec's; {} without one)."""
+        return current_hashes(self.stored.spec)
+
+    def settings(self, baseline: str | None = None, target: float | None = None,
+                 all_configs: bool = False) -> Settings:
+        """Settings from the spec and settings.json, overridden by the flags."""
+        return settings_from_spec(self.spec, baseline, target, self.settings_file, all_configs)
+
+    def no_runs(self) -> AnalysisError:
+        known = ", ".join(self.store.experiments()) or "none"
+        return AnalysisError(f"experiment {self.name!r} has no runs in this store (experiments: {known}); "
+                             "fix: check the name or pass --store URI")
+
+
+def read_experiment(store: Any, experiment: str, spec: Spec | None = None) -> Experiment:
+    """Read the experiment once: runs, spec.yaml (or `spec`, the caller's own: `ablate run`) and
+    settings.json."""
+    stored = StoredSpec(spec, spec, store.display_path(experiment, "spec.yaml")) if spec is not None \
+        else read_stored_spec(store, experiment)
+    return Experiment(store, experiment, store.runs(experiment), stored, read_settings(store, experiment))
 
 
 # ---------------------------------------------------------------- analysis
@@ -146,8 +173,8 @@ class ConfigSelection:
     left_out: dict[str, tuple[int, int]]
 
 
-def select_configs(runs: pd.DataFrame, current: Mapping[str, str] | None = None, all_configs: bool = False,
-                   baseline: str = "baseline") -> ConfigSelection:
+def select_configs(runs: pd.DataFrame, baseline: str, current: Mapping[str, str] | None = None,
+                   all_configs: bool = False) -> ConfigSelection:
     """Per arm, the runs of its current config: `current[arm]` (the spec's hash), else the config of
     the arm's latest run (highest `order`: arms not in the spec, imported logs). Runs of other
     configs of the arm (an edited override, another script) are left out and counted; with
@@ -223,10 +250,8 @@ def _metric_phrase(metric: str, delta: float, p: float, alpha: float, more: int 
     return f"no detectable {metric} change"
 
 
-def table_from_runs(runs_df: pd.DataFrame, baseline: str = "baseline", target: float | None = None,
-                    alternative: str = "two-sided", correction: str = "holm", *, alpha: float = 0.05,
-                    confidence: float = 0.95, sequential: SeqPlan | None = None,
-                    current: Mapping[str, str] | None = None, all_configs: bool = False) -> pd.DataFrame:
+def table_from_runs(runs_df: pd.DataFrame, settings: Settings, current: Mapping[str, str] | None = None, *,
+                    confidence: float = 0.95) -> pd.DataFrame:
     """One row per arm (baseline first): summaries, comparisons with the baseline, verdict.
 
     Each arm counts only its current config's runs (`select_configs`; `current` maps arm → the
@@ -236,11 +261,14 @@ def table_from_runs(runs_df: pd.DataFrame, baseline: str = "baseline", target: f
     adjusted across rows by `correction` (raw values in *_p_raw). With `sequential`, *_p_raw are
     the group-sequential p-values of `ablate.sequential` instead of fixed-sample ones.
     """
+    baseline, target, alternative, correction = (settings.baseline, settings.target, settings.alternative,
+                                                 settings.correction)
+    alpha, sequential, all_configs = settings.alpha, settings.sequential, settings.all_configs
     stats.check_alternative(alternative)
     stats.check_correction(correction)
     if runs_df.empty:
         return pd.DataFrame()
-    sel = select_configs(runs_df, current, all_configs, baseline)
+    sel = select_configs(runs_df, baseline, current, all_configs)
     runs = sel.runs.copy()
     runs["time_s"] = runs["train_time_ms"].astype(float) / 1000.0
     ok = runs[runs["status"] == "ok"]
@@ -618,51 +646,13 @@ def format_table(df: pd.DataFrame, settings: Settings, fmt: str = "rich", experi
     raise AnalysisError(f"format={fmt!r} is not one of {', '.join(FORMATS)}; fix: --format md")
 
 
-def experiment_settings(store: Any, experiment: str, baseline: str | None = None, target: float | None = None,
-                        all_configs: bool = False) -> Settings:
-    """Settings from the stored spec.yaml and settings.json, overridden by the flags."""
-    return settings_from_spec(read_spec(store, experiment), baseline, target, read_settings(store, experiment),
-                              all_configs)
-
-
-def analyse_runs(runs: pd.DataFrame, settings: Settings, current: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """table_from_runs with the settings' options."""
-    return table_from_runs(runs, settings.baseline, settings.target, settings.alternative, settings.correction,
-                           alpha=settings.alpha, sequential=settings.sequential, current=current,
-                           all_configs=settings.all_configs)
-
-
-def analyse(store: Any, experiment: str, baseline: str | None = None, target: float | None = None,
+def analyse(exp: Experiment, baseline: str | None = None, target: float | None = None,
             all_configs: bool = False) -> tuple[pd.DataFrame, Settings]:
-    """Read runs, spec.yaml and settings.json from the store and analyse them."""
-    runs = store.runs(experiment)
+    """The table of a plain experiment (its runs other than search suggestions) and its settings."""
+    runs = exp.runs
     if "source" in runs.columns:  # search suggestions are listed by search_table, not compared here
         runs = runs[runs["source"] != "search"]
     if runs.empty:
-        known = ", ".join(store.experiments()) or "none"
-        raise AnalysisError(f"experiment {experiment!r} has no runs in this store (experiments: {known}); "
-                            "fix: check the name or pass --store URI")
-    settings = experiment_settings(store, experiment, baseline, target, all_configs)
-    return analyse_runs(runs, settings, current_hashes(store, experiment)), settings
-
-
-def render_table(store: Any, experiment: str, fmt: str = "rich", baseline: str | None = None,
-                 target: float | None = None, all_configs: bool = False):
-    """The experiment's table: a rich renderable for fmt="rich", a str for "md", "csv" and "json"."""
-    if fmt not in FORMATS:
-        raise AnalysisError(f"format={fmt!r} is not one of {', '.join(FORMATS)}; fix: --format md")
-    from ablate.search_report import is_search_experiment, search_table
-
-    if is_search_experiment(store, experiment):
-        return search_table(store, experiment, fmt, baseline, target, all_configs=all_configs)
-    df, settings = analyse(store, experiment, baseline, target, all_configs)
-    return format_table(df, settings, fmt, experiment)
-
-
-def print_table(store: Any, experiment: str, console=None, baseline: str | None = None,
-                target: float | None = None, all_configs: bool = False) -> None:
-    """Print the rich table to `console` (default: a new rich Console on stdout)."""
-    if console is None:
-        from rich.console import Console
-        console = Console()
-    console.print(render_table(store, experiment, "rich", baseline, target, all_configs))
+        raise exp.no_runs()
+    settings = exp.settings(baseline, target, all_configs)
+    return table_from_runs(runs, settings, exp.current), settings

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiments < 100:
         print(f"--experiments={args.experiments}: use at least 100", file=sys.stderr)
         return 2
-    plan = sq.SeqPlan(args.min, args.max, args.alpha, alternative=args.alternative)
+    plan = sq.SeqPlan(args.min, args.max, args.alpha, "baseline", None, args.alternative)  # simulated arms
     t0 = time.perf_counter()
     d = design_effect(plan.max, plan.alpha, plan.alternative)
     print(f"seeds {{min: {plan.min}, max: {plan.max}, alpha: {plan.alpha}}}, {plan.alternative}, "

@@ -33,7 +33,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from trainer.config import load_config, parse_set  # noqa: E402
+from trainer.config import parse_set # noqa: E402
+from trainer.presets import load_config
 
 
 def flops_per_token(cfg, window_blocks: int) -> float:

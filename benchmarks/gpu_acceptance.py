@@ -93,7 +93,7 @@ def short_overrides(preset: str, backend: str, data: Path) -> dict:
     """The preset's shapes with its schedule shortened to STEPS_PER_STAGE steps per batch stage.
     sdpa runs eagerly: compiled, its banded mask recompiles per window (293 s of a cold run on an
     H200, 2026-12-01), and `auto` never picks it on a GPU."""
-    from trainer.config import load_config
+    from trainer.presets import load_config
 
     cfg = load_config(preset)
     s = cfg.schedule
@@ -110,7 +110,7 @@ def short_overrides(preset: str, backend: str, data: Path) -> dict:
 def preset_row(preset: str, backend: str, data: Path, out: Path, nproc: int = 1) -> Row:
     import yaml
 
-    from trainer.config import load_config
+    from trainer.presets import load_config
     from trainer.schedule import stages
 
     name = f"{preset} · {backend}" + (f" · {nproc} GPUs" if nproc > 1 else "")

@@ -39,7 +39,8 @@ def classify(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import load_config, parse_set
+    from trainer.config import parse_set
+    from trainer.presets import load_config
     from trainer.data import ensure_data
     from trainer.schedule import batch_tokens, stages, window_blocks
     from trainer.train import _build, _loader, check_run, resolve_backend, synth_kwargs

@@ -1,9 +1,10 @@
 """The trainer's one typed configuration tree.
 
 Every knob that changes a run is a field here, and therefore lands in the `start` event and in
-every ablate result row. Presets live in `trainer/presets.py`; overrides are dotted keys:
+every ablate result row. Presets, and `load_config` (a preset plus overrides), live in
+`trainer/presets.py`, which builds on this module; overrides are dotted keys:
 
-    from trainer.config import load_config
+    from trainer.presets import load_config
     cfg = load_config("tiny", overrides={"optim.muon.lr": 0.03})
 
     python -m trainer.train --preset small --set optim.muon.lr=0.03 --set schedule.ws_schedule=[3,5,7]
@@ -676,29 +677,3 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
     return out
-
-
-def load_config(preset: str = "speedrun", overrides: Mapping[str, Any] | None = None,
-                config_file: str | None = None, seed: int | None = None) -> TrainConfig:
-    """Preset → optional YAML file of overrides → dotted overrides → seed."""
-    from trainer.presets import get_preset
-
-    cfg = get_preset(preset)
-    if config_file:
-        import yaml
-
-        try:
-            with open(config_file) as fh:
-                data = yaml.safe_load(fh) or {}
-        except OSError as e:
-            raise ConfigError(f"--config {config_file!r} cannot be read: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {config_file!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {config_file!r} must hold a mapping of config keys")
-        cfg = apply_overrides(cfg, data)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=seed)
-    return cfg

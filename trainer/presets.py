@@ -1,4 +1,7 @@
-"""Named starting points of the config tree.
+"""Named starting points of the config tree, and `load_config`: a preset plus overrides.
+
+    from trainer.presets import load_config
+    cfg = load_config("tiny", overrides={"optim.muon.lr": 0.03}, seed=0)
 
 - `speedrun`      the 2025-12-11 record (NorMuon optims and fixes, 2160 steps); the default.
 - `speedrun-1027` the 2025-10-27 record (FixMuonLR, 2285 steps).
@@ -13,6 +16,9 @@ The `speedrun*` presets read FineWeb from `data/fineweb10B` (`python -m trainer.
 data order (`data.order: file`) and numerics (bf16 RoPE, bf16 gate second moments).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
 
 from trainer.config import (
     AdamConfig, ConfigError, DataConfig, EvalConfig, FamilyMults, ModelConfig, MuonConfig,
@@ -123,4 +129,28 @@ def get_preset(name: str) -> TrainConfig:
         raise ConfigError(f"preset={name!r} is invalid: choose one of {', '.join(PRESETS)}") from None
 
 
-__all__ = ["PRESETS", "get_preset", "FamilyMults"]
+def load_config(preset: str = "speedrun", overrides: Mapping[str, Any] | None = None,
+                config_file: str | None = None, seed: int | None = None) -> TrainConfig:
+    """Preset → optional YAML file of overrides → dotted overrides → seed."""
+    cfg = get_preset(preset)
+    if config_file:
+        import yaml
+
+        try:
+            with open(config_file) as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"--config {config_file!r} cannot be read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {config_file!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {config_file!r} must hold a mapping of config keys")
+        cfg = apply_overrides(cfg, data)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    return cfg
+
+
+__all__ = ["PRESETS", "get_preset", "load_config", "FamilyMults"]

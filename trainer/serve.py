@@ -27,8 +27,9 @@ import os
 import sys
 import time
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
 from trainer.events import Emitter
+from trainer.presets import load_config
 from trainer.train import _one_line, main_exit_code
 
 POLL_S = 0.02

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from trainer.clock import StepClock
-from trainer.config import ConfigError, TrainConfig, apply_overrides, config_hash, load_config, parse_set, to_dict
+from trainer.config import ConfigError, TrainConfig, apply_overrides, config_hash, parse_set, to_dict
 from trainer.data import Batch, DataError, TrainLoader, data_provenance, ensure_data, val_batches
 from trainer.events import Emitter
 from trainer.feed import Feed
+from trainer.presets import load_config
 from trainer.schedule import batch_tokens, lr_multiplier, muon_momentum, short_window, stages, total_tokens, window_blocks
 
 

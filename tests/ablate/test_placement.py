@@ -184,7 +184,8 @@ def test_cli_autoscale_needs_a_cluster_address(tmp_path: Path, monkeypatch: pyte
 def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
     """Two specs differing only in resources.compile_cache_dir: the same config hashes and run
     ids (so a run resumes on any node), while each run gets its own runtime.inductor_cache_dir."""
-    from trainer.config import config_hash, load_config
+    from trainer.config import config_hash
+    from trainer.presets import load_config
 
     from ablate.matrix import expand
     from ablate.orchestrate import LaunchOptions, _job

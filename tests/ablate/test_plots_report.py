@@ -15,6 +15,7 @@ from matplotlib.container import ErrorbarContainer
 from scipy import stats as sps
 
 from ablate import plots, report, tables
+from ablate.spec import parse_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VAL_STEPS = [0, 500, 1000, 1500, 2000]
@@ -145,14 +146,15 @@ def test_a_single_eval_point_in_the_zoom_still_draws():
 
 def test_report_files_content():
     runs, curves, steps = frames()
-    settings = tables.Settings(target=3.28)
-    table = tables.table_from_runs(runs, "baseline", 3.28)
-    files = report.report_files("e", table, settings, runs, curves, steps,
-                                {"description": "Muon lr sweep", "trainer": {"preset": "speedrun"}})
+    settings = tables.settings_from_spec(None, target=3.28)
+    table = tables.table_from_runs(runs, settings)
+    spec = parse_spec({"name": "e", "description": "Muon lr sweep", "trainer": {"preset": "speedrun"},
+                       "arms": {"baseline": {}}, "seeds": 2})
+    files = report.report_files("e", table, settings, runs, curves, steps, spec)
     assert set(files) == {"report.md", *report.FIGURES}
     assert all(files[name].startswith(PNG_MAGIC) for name in report.FIGURES)
     md = files["report.md"].decode()
-    assert md.startswith("# Experiment `e`") and "Muon lr sweep" in md
+    assert md.startswith("# Experiment `e`") and "Muon lr sweep" in md and "Trainer preset `speedrun`" in md
     assert tables.to_markdown(table, settings).strip() in md
     for name in report.FIGURES:
         assert f"]({name})" in md
@@ -180,7 +182,7 @@ def test_write_report_through_store_and_cli(tmp_path):
                    ended_at=now, launch_s=None, wall_s=140.0, **r)
         store.write_run(row, curves[curves["run_id"] == r["run_id"]].to_dict("records"),
                         steps[steps["run_id"] == r["run_id"]].to_dict("records"))
-    written = report.write_report(store, "e")
+    written = report.write_report(tables.read_experiment(store, "e"))
     assert set(written) == {"report.md", *report.FIGURES}
     assert store.read_bytes("e", "curves_time.png").startswith(PNG_MAGIC)
     assert b"## Results" in store.read_bytes("e", "report.md")
@@ -203,14 +205,14 @@ def test_report_on_imported_search_and_mixed_experiments(tmp_path):
     logs = Path(__file__).parent / "fixtures" / "logs"
     store = Store(str(tmp_path / "res"))
     import_logs(store, [logs], "imp", "record")
-    written = report.write_report(store, "imp", target=3.28)
+    written = report.write_report(tables.read_experiment(store, "imp"), target=3.28)
     md = store.read_bytes("imp", "report.md").decode()
     assert set(written) == {"report.md", *report.FIGURES}
     assert "| record | 2 (+1 failed) |" in md and "log ends at step 13/20" in md
     assert "| record | 0 | 0 | ok | 3.2791 | 1.6250 | 20 |" in md      # host unknown: "—", not a crash
 
     write_search_experiment(store, "srch")
-    report.write_report(store, "srch")
+    report.write_report(tables.read_experiment(store, "srch"))
     md = store.read_bytes("srch", "report.md").decode()
     assert "### srch: search trials" in md and "### srch: confirmation" in md
     assert "| t1 | COMPLETE | 0.03 | 2 | 3.4905 | 0.0007 | ✓ |" in md      # the trials listing
@@ -224,7 +226,7 @@ def test_report_on_imported_search_and_mixed_experiments(tmp_path):
                         curves[curves["run_id"] == r["run_id"]].to_dict("records"),
                         steps[steps["run_id"] == r["run_id"]].to_dict("records"))
     import_logs(store, [logs / "complete_a.txt", logs / "complete_b.txt"], "mix", "record")
-    report.write_report(store, "mix")
+    report.write_report(tables.read_experiment(store, "mix"))
     md = store.read_bytes("mix", "report.md").decode()
     assert "| record | 2 |" in md and "| baseline | 4 |" in md and "| import |" in md
 

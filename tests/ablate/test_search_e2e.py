@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from ablate.search import arm_name, run_search, search_config
 from ablate.search_report import search_table
+from ablate.tables import read_experiment
 from ablate.search_space import base_values
 from ablate.spec import load_spec, parse_spec
 from ablate.store import Store
@@ -149,7 +150,7 @@ def test_confirmation_runs_best_against_baseline(sweep):
 
 def test_table_lists_trials_then_confirmation(sweep):
     spec, store = sweep["spec"], sweep["store"]
-    doc = json.loads(search_table(store, spec.name, "json"))
+    doc = json.loads(search_table(read_experiment(store, spec.name), "json"))
     trials = doc["trials"]
     assert sorted(t["trial"] for t in trials) == [0, 1, 2, 3]
     assert all(t["state"] == "COMPLETE" and t["n"] == 2 for t in trials)
@@ -158,7 +159,7 @@ def test_table_lists_trials_then_confirmation(sweep):
     assert [t["trial"] for t in trials if t["confirmed"]] == sweep["outcome"].confirmed
     arms = [a["arm"] for a in doc["confirmation"]["arms"]]
     assert arms == ["baseline", arm_name(sweep["outcome"].confirmed[0])]
-    md = search_table(store, spec.name, "md")
+    md = search_table(read_experiment(store, spec.name), "md")
     assert "search trials" in md and "confirmation" in md and "| t3 |" in md
 
 
@@ -179,5 +180,5 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     for t in study.trials:
         row = runs[(runs["search_trial"] == t.number) & (runs["status"] == "ok")].iloc[0]
         assert t.values == pytest.approx([row["final_val_loss"], row["train_time_ms"] / 1000.0])
-    doc = json.loads(search_table(store, spec.name, "json"))
+    doc = json.loads(search_table(read_experiment(store, spec.name), "json"))
     assert sorted(t["trial"] for t in doc["trials"] if t["pareto"]) == sorted(t.number for t in front)

@@ -10,7 +10,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from ablate.search_space import SearchSpaceError, base_values, parse_search
-from trainer.config import load_config
+from trainer.presets import load_config
 
 SPACE = {
     "optim.lr_mul.attn": {"type": "float", "low": 0.5, "high": 2.0, "log": True},

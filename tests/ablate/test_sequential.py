@@ -72,13 +72,13 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="alternative='up'"):
         stats_seq.design([0.5, 1.0], 0.05, "up")
     with pytest.raises(ValueError, match="need 1 ≤ min ≤ max"):
-        SeqPlan(5, 3, 0.01)
+        SeqPlan(5, 3, 0.01, "baseline", None, "two-sided")
 
 
 # ---------------------------------------------------------------- error rate by simulation (CI size)
 
 def test_type_one_error_and_power_by_simulation():
-    plan = SeqPlan(3, 16, 0.01)
+    plan = SeqPlan(3, 16, 0.01, "baseline", None, "two-sided")
     rng = np.random.default_rng(20261122)
     n = 6000
     null = simulate(n, plan, {"loss": 0.0, "time": 0.0}, {"loss": 0.0015, "time": 0.06}, rng)
@@ -159,7 +159,7 @@ def test_non_sequential_spec_is_refused():
 
 def test_arms_to_continue_matches_the_vectorised_simulation():
     """Round by round through the DataFrame rule gives the same runs per arm as simulate_draws."""
-    plan = SeqPlan(3, 8, 0.05)
+    plan = SeqPlan(3, 8, 0.05, "baseline", None, "two-sided")
     rng = np.random.default_rng(11)
     k = 5
     base = {"loss": rng.normal(0, 0.0015, (k, 8)), "time": rng.normal(0, 0.06, (k, 8))}

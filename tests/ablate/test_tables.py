@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from statsmodels.stats.multitest import multipletests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for `python tests/ablate/test_tables.py`
 
-from ablate import tables  # noqa: E402
+from ablate import results, tables  # noqa: E402
 from ablate.sequential import SeqPlan  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -56,22 +57,25 @@ def runs_frame(nodes: bool = True) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def model_settings(**changes) -> tables.Settings:
+    """The analysis settings of a spec that sets nothing (the model's defaults), with `changes`."""
+    return replace(tables.settings_from_spec(None), **changes)
+
+
 def settings_paired() -> tables.Settings:
-    return tables.Settings(baseline="baseline", target=3.28, alternative="two-sided", correction="holm")
+    return model_settings(baseline="baseline", target=3.28, alternative="two-sided", correction="holm")
 
 
 def settings_welch() -> tables.Settings:
-    return tables.Settings(baseline="baseline", target=None, alternative="less", correction="bh")
+    return model_settings(baseline="baseline", target=None, alternative="less", correction="bh")
 
 
 def paired_table() -> pd.DataFrame:
-    s = settings_paired()
-    return tables.table_from_runs(runs_frame(), s.baseline, s.target, s.alternative, s.correction)
+    return tables.table_from_runs(runs_frame(), settings_paired())
 
 
 def welch_table() -> pd.DataFrame:
-    s = settings_welch()
-    return tables.table_from_runs(runs_frame(nodes=False), s.baseline, s.target, s.alternative, s.correction)
+    return tables.table_from_runs(runs_frame(nodes=False), settings_welch())
 
 
 def rendered() -> dict[str, str]:
@@ -129,28 +133,28 @@ def test_verdicts_in_plain_words():
 def test_more_runs_suggested_when_underpowered():
     runs = runs_frame(nodes=False)
     runs = runs[runs["seed"] < 3]          # 3 seeds: loss Δ of lr-0.03 not yet detectable
-    t = tables.table_from_runs(runs, "baseline", None, "two-sided", "holm").set_index("arm")
+    t = tables.table_from_runs(runs, model_settings()).set_index("arm")
     assert "loss: needs ~" in t.loc["lr-0.03", "verdict"]
     need = t.loc["lr-0.03", "loss_runs_needed"]
     assert f"~{int(need) - 3} more runs per arm" in t.loc["lr-0.03", "verdict"]
 
 
 def test_missing_baseline_is_explained_not_fatal():
-    t = tables.table_from_runs(runs_frame(), "control", None, "two-sided", "holm")
-    md = tables.to_markdown(t, tables.Settings(baseline="control"))
+    t = tables.table_from_runs(runs_frame(), model_settings(baseline="control"))
+    md = tables.to_markdown(t, model_settings(baseline="control"))
     assert "No arm named `control`" in md and "--baseline" in md
     assert t["loss_p"].isna().all()
 
 
 def test_sequential_p_values_replace_fixed_ones():
-    plan = SeqPlan(3, 8, 0.05)
-    t = tables.table_from_runs(runs_frame(), "baseline", None, "two-sided", "holm", sequential=plan)
+    plan = SeqPlan(3, 8, 0.05, "baseline", None, "two-sided")
+    t = tables.table_from_runs(runs_frame(), model_settings(sequential=plan))
     s = t.set_index("arm")
     assert s.loc["fast", "time_decision"] == "efficacy"
     fixed = paired_table().set_index("arm")
     assert s.loc["fast", "time_p_raw"] != fixed.loc["fast", "time_p_raw"]
     assert 0 <= s.loc["fast", "time_p_raw"] < 0.05
-    md = tables.to_markdown(t, tables.Settings(sequential=plan))
+    md = tables.to_markdown(t, model_settings(sequential=plan))
     assert "group-sequential p-values" in md and "needs ~" not in md
 
 
@@ -211,7 +215,7 @@ def test_numbers_four_decimals_never_negative_zero():
     assert tables._num(-0.0002, ".4f", signed=True) == "-0.0002"
     runs = runs_frame(nodes=False)
     runs.loc[runs["arm"] == "lr-0.03", "train_time_ms"] = runs.loc[runs["arm"] == "baseline", "train_time_ms"].to_numpy() + 0.02
-    md = tables.to_markdown(tables.table_from_runs(runs, "baseline"), tables.Settings())
+    md = tables.to_markdown(tables.table_from_runs(runs, model_settings()), model_settings())
     row = next(line for line in md.splitlines() if line.startswith("| lr-0.03"))
     assert "| 131.2334 |" in row and "| 0.0000 |" in row and "-0.0000" not in md
 
@@ -247,20 +251,20 @@ def with_old_config(runs: pd.DataFrame) -> pd.DataFrame:
 def test_table_compares_only_the_current_config_and_counts_the_rest():
     runs = with_old_config(runs_frame())
     for current in (None, {"lr-0.03": "abc123"}):       # latest run's config, or the spec's
-        t = tables.table_from_runs(runs, "baseline", current=current).set_index("arm")
+        t = tables.table_from_runs(runs, model_settings(), current).set_index("arm")
         assert t.loc["lr-0.03", "runs"] == 6 and t.loc["lr-0.03", "left_out_runs"] == 4
         assert t.loc["lr-0.03", "loss_mean"] == pytest.approx(np.mean(LOSS["lr-0.03"]))
         assert t.loc["lr-0.03", "loss_p"] == paired_table().set_index("arm").loc["lr-0.03", "loss_p"]
     # the spec's hash wins over the latest run: an override reverted to its earlier value
-    t = tables.table_from_runs(runs, "baseline", current={"lr-0.03": "old000000000"}).set_index("arm")
+    t = tables.table_from_runs(runs, model_settings(), {"lr-0.03": "old000000000"}).set_index("arm")
     assert t.loc["lr-0.03", "runs"] == 4 and t.loc["lr-0.03", "left_out_runs"] == 6
-    md = tables.to_markdown(tables.table_from_runs(runs, "baseline"), tables.Settings())
+    md = tables.to_markdown(tables.table_from_runs(runs, model_settings()), model_settings())
     assert "Left out: lr-0.03 (4 run(s) of 1 older config(s))" in md and "--all-configs" in md
 
 
 def test_all_configs_shows_each_config_as_a_row():
     runs = with_old_config(runs_frame())
-    t = tables.table_from_runs(runs, "baseline", all_configs=True)
+    t = tables.table_from_runs(runs, model_settings(all_configs=True))
     assert list(t["arm"]) == ["baseline", "lr-0.03", "lr-0.03@old000000000", "fast"]
     s = t.set_index("arm")
     assert (s.loc["lr-0.03", "runs"], s.loc["lr-0.03@old000000000", "runs"]) == (6, 4)
@@ -276,11 +280,11 @@ def test_diverged_runs_are_counted_in_the_table_and_the_verdict():
                          final_val_loss=None, error="diverged: val_loss is not finite at step 500",
                          order=extra["order"] + 100)
     runs = pd.concat([runs, extra], ignore_index=True)
-    t = tables.table_from_runs(runs, "baseline", 3.28)
+    t = tables.table_from_runs(runs, model_settings(target=3.28))
     s = t.set_index("arm")
     assert s.loc["lr-0.03", "diverged"] == 2 and s.loc["lr-0.03", "runs"] == 6
     assert s.loc["lr-0.03", "verdict"].startswith("diverged 2/8; ")
-    settings = tables.Settings(target=3.28)
+    settings = model_settings(target=3.28)
     md = tables.to_markdown(t, settings)
     assert "| lr-0.03 | 6 (+2 diverged) |" in md and "Diverged runs" in md
     import csv
@@ -298,11 +302,11 @@ def test_mixed_data_sources_are_marked():
     runs = runs_frame()
     runs["data_synthetic"] = pd.Series([False] * len(runs), dtype=object)  # nullable, as read from the store
     runs["data_hash"] = pd.Series(["aaaa111122223333"] * len(runs), dtype=object)
-    one = tables.table_from_runs(runs, "baseline", 3.28)
+    one = tables.table_from_runs(runs, model_settings(target=3.28))
     assert not tables.mixed_data(one) and set(one["data"]) == {"non-synthetic aaaa111122223333"}
     assert not any("Mixed data" in n for n in tables.notes(one, settings_paired()))
     runs.loc[runs["arm"] == "fast", ["data_synthetic", "data_hash"]] = [True, "bbbb444455556666"]
-    mixed = tables.table_from_runs(runs, "baseline", 3.28)
+    mixed = tables.table_from_runs(runs, model_settings(target=3.28))
     assert tables.mixed_data(mixed)
     first = tables.notes(mixed, settings_paired())[0]
     assert first.startswith("**Mixed data sources:**") and "fast: synthetic bbbb444455556666" in first
@@ -312,7 +316,7 @@ def test_mixed_data_sources_are_marked():
     assert "MIXED DATA SOURCES" in console.export_text()
     # rows written before the columns existed (null) are unknown, not a second source
     runs.loc[runs["arm"] == "fast", ["data_synthetic", "data_hash"]] = [None, None]
-    assert not tables.mixed_data(tables.table_from_runs(runs, "baseline", 3.28))
+    assert not tables.mixed_data(tables.table_from_runs(runs, model_settings(target=3.28)))
 
 
 # ---------------------------------------------------------------- store and CLI
@@ -341,8 +345,9 @@ def store(tmp_path):
 
 
 def test_render_table_reads_spec_and_matches_golden(store):
-    assert tables.render_table(store, "golden", "md") == (GOLDEN / "paired.md").read_text()
-    out = tables.render_table(store, "golden", "md", baseline="lr-0.03", target=3.3)
+    exp = tables.read_experiment(store, "golden")
+    assert results.render_table(exp, "md") == (GOLDEN / "paired.md").read_text()
+    out = results.render_table(exp, "md", baseline="lr-0.03", target=3.3)
     assert "Δ = arm − `lr-0.03`" in out and "3.3" in out
 
 
@@ -358,6 +363,9 @@ def test_cli_table(store):
     res = runner.invoke(app, ["table", "golden", "--store", store.uri, "--format", "csv"])
     assert res.exit_code == 0, res.output
     assert res.stdout == (GOLDEN / "paired.csv").read_text()
+    # the fixture's spec.yaml is no whole spec: a note naming what is used and the fix, no traceback
+    assert "no longer validates" in res.stderr and "only its baseline, target_loss" in res.stderr
+    assert "fix: " in res.stderr and "Traceback" not in res.output
     res = runner.invoke(app, ["table", "golden", "--store", store.uri, "--format", "json"])
     assert json.loads(res.stdout)["experiment"] == "golden"
     res = runner.invoke(app, ["table", "golden", "--store", store.uri, "--format", "html"])
@@ -398,7 +406,7 @@ def test_store_table_uses_the_stored_specs_config_hashes(tmp_path):
                                        final_val_loss=loss + 0.001 * seed, train_time_ms=1000.0 + seed,
                                        node_id=None, hostname="h", gpu_uuids="")), [], [])
             order += 1
-    df, _ = tables.analyse(st, "cfg")
+    df, _ = tables.analyse(tables.read_experiment(st, "cfg"))
     lr = df.set_index("arm").loc["lr"]
     assert (lr["runs"], lr["left_out_runs"], lr["config_hash"]) == (3, 3, spec.config_hash("lr"))
     assert lr["loss_mean"] == pytest.approx(3.291)
@@ -420,7 +428,7 @@ def test_search_trial_listing_readable_at_80_and_120_columns(tmp_path, width):
     st = Store(str(tmp_path / "res"))
     name = write_wide_search(st, str(Path(__file__).resolve().parents[2]))
     console = Console(width=width, record=True, color_system=None)
-    console.print(search_table(st, name, "rich"))
+    console.print(search_table(tables.read_experiment(st, name), "rich"))
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= width and "…" not in text
     for cell in ("0.5123", "3.512", "1.234", "2.718", "0.9877", "(2,3,4,5,6,8)", "4.5128", "4.5428", "COMPLETE"):
@@ -431,7 +439,193 @@ def test_pooled_gpu_counts_are_flagged():
     """Speedrun logs of 1-GPU (~595 s) and 8-GPU (~79 s) runs of one script in one arm."""
     runs = runs_frame().assign(gpu_count=8)
     runs.loc[(runs["arm"] == "lr-0.03") & (runs["seed"] < 2), "gpu_count"] = 1
-    t = tables.table_from_runs(runs, "baseline")
+    t = tables.table_from_runs(runs, model_settings())
     assert list(t["gpu_counts"]) == ["8", "1,8", "8"]
-    md = tables.to_markdown(t, tables.Settings())
+    md = tables.to_markdown(t, model_settings())
     assert "different GPU counts are pooled in lr-0.03 (1, 8 GPUs)" in md
+
+
+# ---------------------------------------------------------------- spec parsed once, read once, resolved once
+
+@pytest.fixture
+def other_model_defaults():
+    """The spec model's analysis defaults changed (baseline, alternative, correction, alpha,
+    sequential alpha); put back after the test."""
+    from ablate.spec import Analysis, SequentialSeeds, Spec
+
+    changes = [(Analysis, "alternative", "less"), (Analysis, "correction", "bh"), (Analysis, "alpha", 0.01),
+               (SequentialSeeds, "alpha", 0.02), (Spec, "baseline", "control")]
+    saved = [(model, name, model.model_fields[name].default) for model, name, _ in changes]
+    saved.append((Spec, "analysis", Spec.model_fields["analysis"].default))
+
+    def apply(items):
+        for model, name, value in items:
+            model.model_fields[name].default = value
+        for model in (Analysis, SequentialSeeds):
+            model.model_rebuild(force=True)
+        Spec.model_rebuild(force=True)
+
+    apply(changes + [(Spec, "analysis", None)])
+    Spec.model_fields["analysis"].default = Analysis()   # the field's default instance, rebuilt
+    Spec.model_rebuild(force=True)
+    yield
+    apply(saved)
+
+
+def test_no_default_of_the_spec_is_stated_twice(tmp_path, other_model_defaults):
+    """Every analysis default comes from the pydantic model: changed there, it changes the table
+    (no spec, a whole spec, a stored copy that no longer validates, the sequential plan)."""
+    from ablate.spec import parse_spec, parse_stored_spec
+    from ablate.store import Store
+
+    want = ("control", None, "less", "bh", 0.01)
+    got = tables.settings_from_spec(None)
+    assert (got.baseline, got.target, got.alternative, got.correction, got.alpha) == want
+    whole = parse_spec({"name": "x", "trainer": {"preset": "tiny"}, "arms": {"control": {}, "b": {}},
+                        "seeds": {"min": 2, "max": 4}, "resources": {"gpus_per_run": 0}})
+    old_copy = parse_stored_spec("name: x\nseeds: {min: 2, max: 4}\nretired_key: 1\n", "x", "x/spec.yaml")
+    assert old_copy.spec is None and old_copy.kept == ("seeds",)
+    for spec in (whole, old_copy.analysis):
+        got = tables.settings_from_spec(spec)
+        assert (got.baseline, got.target, got.alternative, got.correction, got.alpha) == want
+        assert (got.sequential.alpha, got.sequential.baseline, got.sequential.alternative) == (0.02, "control", "less")
+    # through the store and the CLI flags: the baseline flag still wins over the model's default
+    st = Store(str(tmp_path / "res"))
+    for r in runs_frame().assign(arm=lambda d: d["arm"].replace({"baseline": "control"})).to_dict("records"):
+        st.write_run(full_row({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}),
+                     [], [])
+    md = results.render_table(tables.read_experiment(st, "golden"), "md")
+    assert "Δ = arm − `control`" in md and "Benjamini–Hochberg" in md and "α = 0.01" in md
+    assert "one-sided (arm < baseline)" in md
+    assert "Δ = arm − `fast`" in results.render_table(tables.read_experiment(st, "golden"), "md", baseline="fast")
+
+
+def _one_per_command(monkeypatch):
+    """Count, per CLI command, the runs-table reads of the store and the config resolutions."""
+    from ablate import spec as spec_module
+    from ablate.store import Store
+
+    counts = {"reads": 0, "resolved": []}
+    read, resolve = Store.read, spec_module.resolve_config
+
+    def counting_read(self, experiment, dataset, *args, **kwargs):
+        counts["reads"] += dataset == "runs"
+        return read(self, experiment, dataset, *args, **kwargs)
+
+    def counting_resolve(preset, overrides):
+        counts["resolved"].append(json.dumps(overrides, sort_keys=True))
+        return resolve(preset, overrides)
+
+    monkeypatch.setattr(Store, "read", counting_read)
+    monkeypatch.setattr(spec_module, "resolve_config", counting_resolve)
+    return counts
+
+
+CFG_SPEC = ("name: cfg\ntrainer: {preset: tiny}\narms: {baseline: {}, lr: {optim.muon.lr: 0.05}, "
+            "wd: {optim.muon.weight_decay: 0.01}}\nseeds: 3\nresources: {gpus_per_run: 0}\n")
+
+
+def _cfg_store(path: Path):
+    from ablate.spec import parse_spec_text
+    from ablate.store import Store
+
+    spec = parse_spec_text(CFG_SPEC)
+    st = Store(str(path))
+    st.write_bytes("cfg", "spec.yaml", CFG_SPEC.encode())
+    for i, (arm, seed) in enumerate((a, s) for s in range(3) for a in spec.arms):
+        h = spec.config_hash(arm)
+        st.write_run(full_row(dict(experiment="cfg", arm=arm, seed=seed, run_id=f"{arm}-s{seed}-{h}-a1", round=0,
+                                   order=i, config_hash=h, status="ok", error=None,
+                                   final_val_loss=3.3 + 0.01 * i, train_time_ms=1000.0 + i, node_id=None,
+                                   hostname="h", gpu_uuids="")), [], [])
+    return st, spec
+
+
+@pytest.mark.parametrize("command", [["table", "cfg", "--format", "md"], ["status", "cfg"], ["report", "cfg"],
+                                     ["run", "SPEC", "--dry-run"]])
+def test_a_command_reads_the_runs_once_and_resolves_each_arm_once(tmp_path, monkeypatch, command):
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    st, spec = _cfg_store(tmp_path / "res")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(CFG_SPEC)
+    counts = _one_per_command(monkeypatch)
+    args = [str(path) if a == "SPEC" else a for a in command] + ["--store", st.uri]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert counts["reads"] == 1, f"{command[0]} read the runs table {counts['reads']} times"
+    assert sorted(counts["resolved"]) == sorted(json.dumps(spec.overrides(a), sort_keys=True) for a in spec.arms)
+
+
+def test_the_table_after_a_run_reads_once_and_resolves_nothing_again(tmp_path, monkeypatch):
+    """`ablate run` ends with the table: one read of the runs, the spec that ran (no re-parse)."""
+    import io
+
+    from rich.console import Console
+
+    from ablate import cli
+
+    from ablate.spec import parse_spec_text
+
+    st, _ = _cfg_store(tmp_path / "res")
+    spec = parse_spec_text(CFG_SPEC)
+    counts = _one_per_command(monkeypatch)
+    monkeypatch.setattr(cli, "out", Console(width=250, record=True, color_system=None, file=io.StringIO()))
+    cli.print_results_table(st, spec)
+    assert counts == {"reads": 1, "resolved": []}
+    text = cli.out.export_text()
+    assert "│ lr " in text and "│ wd " in text and "Δ = arm − `baseline`" in text
+
+
+def test_a_search_table_and_report_read_the_runs_once(tmp_path, monkeypatch):
+    from ablate import report
+    from ablate.store import Store
+    from tests.ablate.searchstore import write_search_experiment
+
+    st = Store(str(tmp_path / "res"))
+    write_search_experiment(st, "srch")
+    counts = _one_per_command(monkeypatch)
+    exp = tables.read_experiment(st, "srch")
+    assert "### srch: confirmation" in results.render_table(exp, "md")
+    report.write_report(exp)
+    assert counts["reads"] == 1
+
+
+def test_no_import_cycles():
+    """ablate/ and trainer/ import each other's modules without a cycle, counting imports inside
+    functions too (only `if TYPE_CHECKING:` blocks are left out)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    files = {f"{pkg}.{f.stem}": f for pkg in ("ablate", "trainer") for f in (root / pkg).glob("*.py")}
+
+    def imports(path: Path) -> set[str]:
+        out: set[str] = set()
+        stack = [ast.parse(path.read_text())]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                stack.extend(node.orelse)
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                out |= {m for m in [node.module] + [f"{node.module}.{a.name}" for a in node.names] if m in files}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name in files}
+            stack.extend(ast.iter_child_nodes(node))
+        return out
+
+    graph = {m: imports(f) - {m} for m, f in files.items()}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reach(m))
+    assert not cycles, f"modules on an import cycle: {cycles}"

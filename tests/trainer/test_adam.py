@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.adam import DistAdam
-from trainer.config import load_config
+from trainer.presets import load_config
 
 LR_MUL = {"embed": 75.0, "value_embed": 75.0, "scalars": 5.0, "head": 1.0}  # preset defaults
 

@@ -141,7 +141,7 @@ def test_fa4_and_flex_agree_with_each_other():
 def test_small_preset_50_steps_fa4_vs_flex(tmp_path_factory):
     """Fifty training steps of the `small` preset from one seed: the fa4 and flex runs' val losses
     agree within bf16 noise, measured as the gap between two flex runs of different seeds."""
-    from trainer.config import load_config
+    from trainer.presets import load_config
     from trainer.data import write_synthetic
     from trainer.train import main
 

@@ -5,9 +5,9 @@
 import pytest
 
 from trainer.config import (
-    ConfigError, apply_overrides, config_hash, flatten, load_config, parse_set, to_dict, valid_keys,
+    ConfigError, apply_overrides, config_hash, flatten, parse_set, to_dict, valid_keys,
 )
-from trainer.presets import PRESETS, get_preset
+from trainer.presets import PRESETS, get_preset, load_config
 
 
 def test_presets_build_and_differ_where_the_records_differ():
@@ -167,3 +167,17 @@ def test_differences_table_names_real_fields():
     for field in ("data.order", "model.rope_dtype", "optim.muon.second_moment_dtype", "optim.adam.state_dtype",
                   "model.scale_in_kernel", "model.attn_backend"):
         assert field in names, field
+
+
+def test_config_does_not_import_presets():
+    """presets builds on config, never the other way (no cycle, not even a function-level import)."""
+    import ast
+    from pathlib import Path
+
+    import trainer.config
+
+    tree = ast.parse(Path(trainer.config.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.startswith("trainer.")}, imported
+    assert load_config("tiny", {"optim.muon.lr": 0.03}, seed=3).optim.muon.lr == 0.03

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from trainer.attention import attend, build_mask, reference_attention
-from trainer.config import apply_overrides, load_config
+from trainer.config import apply_overrides
+from trainer.presets import load_config
 from trainer.data import Batch
 from trainer.fa4 import docs_from_cu_seqlens, fa4_attention, fa4_available
 from trainer.feed import CU_MULTIPLE, Feed, doc_bounds

@@ -9,7 +9,8 @@ import torch
 
 from trainer.attention import (Rotary, apply_rotary, attend, block_classes, block_spans, build_mask, dense_mask,
                                flex_block_mask, reference_attention)
-from trainer.config import ADAM_FAMILIES, MUON_FAMILIES, apply_overrides, load_config
+from trainer.config import ADAM_FAMILIES, MUON_FAMILIES, apply_overrides
+from trainer.presets import load_config
 from trainer.model import GPT, fp8_supported
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from trainer.config import load_config
+from trainer.presets import load_config
 from trainer.normuon import (
     NorMuon, apply_update, plan_groups, reduction_dim, shape_lr_mult, stored_transposed, variance_normalize,
 )

@@ -120,7 +120,7 @@ def test_normuon_cuda_compiled_matches_cpu_eager(layout):
     agrees within 5% (relative Frobenius norm) for the matrices; a wrong tile or mirror would be
     O(1). The gates (2×8 and 1×8 rows) get 30%: their few singular values sit where bf16 rounding
     inside Polar Express is amplified (see test_polar_express_triton_vs_torch)."""
-    from trainer.config import load_config
+    from trainer.presets import load_config
     from trainer.normuon import NorMuon
 
     cfg = load_config("tiny", overrides={"model.weight_layout": layout})
@@ -149,7 +149,7 @@ def test_no_recompile_when_lr_moves():
     from torch._dynamo.utils import counters
 
     from trainer.adam import DistAdam
-    from trainer.config import load_config
+    from trainer.presets import load_config
     from trainer.normuon import NorMuon
 
     cfg = load_config("tiny")
@@ -174,7 +174,7 @@ def test_no_recompile_when_lr_moves():
 
 def test_adam_cuda_compiled_matches_cpu_eager():
     from trainer.adam import DistAdam
-    from trainer.config import load_config
+    from trainer.presets import load_config
 
     cfg = load_config("tiny")
     torch.manual_seed(7)

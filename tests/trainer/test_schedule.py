@@ -4,7 +4,7 @@
 """
 import pytest
 
-from trainer.config import load_config
+from trainer.presets import load_config
 from trainer.schedule import batch_tokens, lr_multiplier, muon_momentum, stages, total_tokens, window_blocks
 
 S1211 = load_config("speedrun").schedule
@@ -99,7 +99,8 @@ def test_tiny_schedule_parts():
 
 def test_short_window_ratio_knob():
     """schedule.short_window_ratio: short = floor(long · ratio); 0.5 is the records' long // 2."""
-    from trainer.config import apply_overrides, load_config
+    from trainer.config import apply_overrides
+    from trainer.presets import load_config
 
     base = load_config("speedrun").schedule
     assert [window_blocks(base, s)[1] for s in (0, 1000, 2000, 2150)] == [1, 3, 5, 6]

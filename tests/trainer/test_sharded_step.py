@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from trainer.adam import DistAdam
-from trainer.config import load_config
+from trainer.presets import load_config
 from trainer.normuon import NorMuon
 
 pytestmark = pytest.mark.dist

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import apply_overrides, load_config
+from trainer.config import apply_overrides
+from trainer.presets import load_config
 from trainer.train import cli, main
 
 REPO = Path(__file__).resolve().parents[2]

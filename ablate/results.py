@@ -1,0 +1,41 @@
+"""An experiment's results table, plain or search: what `ablate table` prints, what `ablate run`
+prints when it ends, and the table of report.md.
+
+    ablate table EXPERIMENT [--format rich|md|csv|json] [--store URI] [--baseline ARM] [--target LOSS]
+
+    from ablate.results import render_table
+    from ablate.tables import read_experiment
+    print(render_table(read_experiment(Store("results"), "smoke"), "md"))
+
+The caller reads the experiment once (ablate.tables.read_experiment: runs, spec copy parsed by
+the model, settings.json) and passes it down. A search experiment (a `search:` block in its spec)
+gets ablate.search_report's trial listing and its confirmation's table; any other experiment the
+significance table of ablate.tables. This module sits above both, so neither imports the other's
+caller.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ablate import tables
+from ablate.search_report import is_search_experiment, search_table
+
+
+def render_table(exp: tables.Experiment, fmt: str = "rich", baseline: str | None = None,
+                 target: float | None = None, all_configs: bool = False) -> Any:
+    """The experiment's table: a rich renderable for fmt="rich", a str for "md", "csv" and "json"."""
+    if fmt not in tables.FORMATS:
+        raise tables.AnalysisError(f"format={fmt!r} is not one of {', '.join(tables.FORMATS)}; fix: --format md")
+    if is_search_experiment(exp):
+        return search_table(exp, fmt, baseline, target, all_configs=all_configs)
+    df, settings = tables.analyse(exp, baseline, target, all_configs)
+    return tables.format_table(df, settings, fmt, exp.name)
+
+
+def print_table(exp: tables.Experiment, console: Any = None, baseline: str | None = None,
+                target: float | None = None, all_configs: bool = False) -> None:
+    """Print the rich table to `console` (default: a new rich Console on stdout)."""
+    if console is None:
+        from rich.console import Console
+        console = Console()
+    console.print(render_table(exp, "rich", baseline, target, all_configs))
