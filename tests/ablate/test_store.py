@@ -157,7 +157,8 @@ PATHS_GOLDEN = Path(__file__).parent / "golden" / "store_v1_paths"
 def test_store_written_before_runrecord_reads_the_same(experiment: str) -> None:
     """A store written by the run paths before RunRecord (ok, failed-then-retried, diverged, an
     imported log; script runs) reads as it did then: the same frames, the same `ablate table`."""
-    from ablate.tables import render_table
+    from ablate.results import render_table
+    from ablate.tables import read_experiment
 
     store = Store(str(PATHS))
     assert store.experiments() == ["paths", "premul-o"]
@@ -165,7 +166,7 @@ def test_store_written_before_runrecord_reads_the_same(experiment: str) -> None:
         got = getattr(store, what)(experiment).to_csv(index=False)
         assert got == (PATHS_GOLDEN / f"{experiment}-{what}.csv").read_text(), what
     for fmt in ("md", "csv"):
-        assert render_table(store, experiment, fmt) == (PATHS_GOLDEN / f"{experiment}.{fmt}").read_text(), fmt
+        assert render_table(read_experiment(store, experiment), fmt) == (PATHS_GOLDEN / f"{experiment}.{fmt}").read_text(), fmt
     records = store.run_records(experiment)
     assert all(isinstance(r, RunRecord) for r in records)
     assert [r.run_id for r in records] == store.runs(experiment)["run_id"].tolist()
