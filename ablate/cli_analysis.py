@@ -98,7 +98,7 @@ def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (s
 def report_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (store folder)")],
                store: StoreOpt = "results", baseline: BaselineOpt = None, target: TargetOpt = None) -> None:
     """Write report.md and PNG figures into the experiment's folder."""
-    from ablate.report import write_report
+    from ablate.results import write_report
 
     _check_name(experiment)
     try:

@@ -21,7 +21,6 @@ from typing import Any
 import pandas as pd
 
 from ablate import __version__, plots
-from ablate.search_report import is_search_experiment, search_table
 from ablate.spec import Spec
 from ablate.tables import Experiment, Settings, data_label, select_configs, table_from_runs, to_markdown
 
@@ -188,25 +187,25 @@ def _best_search_runs(runs: pd.DataFrame, n: int = MAX_SEARCH_ARMS_DRAWN) -> pd.
     return runs[runs["arm"].isin(set(best))]
 
 
-def write_report(exp: Experiment, baseline: str | None = None, target: float | None = None) -> dict[str, str]:
+def write_report(exp: Experiment, baseline: str | None = None, target: float | None = None,
+                 table: str | None = None) -> dict[str, str]:
     """Analyse the experiment (as read once: ablate.tables.read_experiment) and write report.md and
-    the PNGs into its folder; returns name → path/URI."""
+    the PNGs into its folder; returns name → path/URI. `table`: the results table's Markdown when
+    the caller has its own (a search's listing: ablate.results.write_report passes it), else the
+    significance table of the experiment's runs."""
     store, experiment, runs = exp.store, exp.name, exp.runs
     if runs.empty:
         raise exp.no_runs()
     settings = exp.settings(baseline, target)
     current = exp.current
     compared = runs[runs["source"] != "search"] if "source" in runs else runs
-    if is_search_experiment(exp):
-        table: pd.DataFrame | str = search_table(exp, "md", baseline, target)
-    else:
-        table = table_from_runs(compared, settings, current)
+    results: pd.DataFrame | str = table if table is not None else table_from_runs(compared, settings, current)
     if len(compared):
         sel = select_configs(compared, settings.baseline, current)
         fig_runs = sel.runs
         current = {**sel.hashes, **current}
     else:
         fig_runs = _best_search_runs(runs)
-    files = report_files(experiment, table, settings, runs, store.curves(experiment, runs),
+    files = report_files(experiment, results, settings, runs, store.curves(experiment, runs),
                          store.steps(experiment, runs), exp.spec, figure_runs=fig_runs, current=current)
     return {name: store.write_bytes(experiment, name, data) for name, data in files.items()}

@@ -1,5 +1,5 @@
 """An experiment's results table, plain or search: what `ablate table` prints, what `ablate run`
-prints when it ends, and the table of report.md.
+prints when it ends, and the table of report.md (`write_report`).
 
     ablate table EXPERIMENT [--format rich|md|csv|json] [--store URI] [--baseline ARM] [--target LOSS]
 
@@ -39,3 +39,12 @@ def print_table(exp: tables.Experiment, console: Any = None, baseline: str | Non
         from rich.console import Console
         console = Console()
     console.print(render_table(exp, "rich", baseline, target, all_configs))
+
+
+def write_report(exp: tables.Experiment, baseline: str | None = None, target: float | None = None) -> dict[str, str]:
+    """`ablate report`: report.md and the figures (ablate.report); a search experiment's report
+    holds its trial listing and confirmation table."""
+    from ablate import report
+
+    table = search_table(exp, "md", baseline, target) if is_search_experiment(exp) else None
+    return report.write_report(exp, baseline, target, table=table)

@@ -14,7 +14,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.container import ErrorbarContainer
 from scipy import stats as sps
 
-from ablate import plots, report, tables
+from ablate import plots, report, results, tables
 from ablate.spec import parse_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -212,7 +212,7 @@ def test_report_on_imported_search_and_mixed_experiments(tmp_path):
     assert "| record | 0 | 0 | ok | 3.2791 | 1.6250 | 20 |" in md      # host unknown: "—", not a crash
 
     write_search_experiment(store, "srch")
-    report.write_report(tables.read_experiment(store, "srch"))
+    results.write_report(tables.read_experiment(store, "srch"))
     md = store.read_bytes("srch", "report.md").decode()
     assert "### srch: search trials" in md and "### srch: confirmation" in md
     assert "| t1 | COMPLETE | 0.03 | 2 | 3.4905 | 0.0007 | ✓ |" in md      # the trials listing
@@ -226,7 +226,7 @@ def test_report_on_imported_search_and_mixed_experiments(tmp_path):
                         curves[curves["run_id"] == r["run_id"]].to_dict("records"),
                         steps[steps["run_id"] == r["run_id"]].to_dict("records"))
     import_logs(store, [logs / "complete_a.txt", logs / "complete_b.txt"], "mix", "record")
-    report.write_report(tables.read_experiment(store, "mix"))
+    results.write_report(tables.read_experiment(store, "mix"))
     md = store.read_bytes("mix", "report.md").decode()
     assert "| record | 2 |" in md and "| baseline | 4 |" in md and "| import |" in md
 

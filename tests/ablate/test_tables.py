@@ -589,7 +589,7 @@ def test_a_search_table_and_report_read_the_runs_once(tmp_path, monkeypatch):
     counts = _one_per_command(monkeypatch)
     exp = tables.read_experiment(st, "srch")
     assert "### srch: confirmation" in results.render_table(exp, "md")
-    report.write_report(exp)
+    results.write_report(exp)
     assert counts["reads"] == 1
 
 
