@@ -315,10 +315,10 @@ def status(experiment: str = typer.Argument(..., help="Experiment name (store fo
         inflight = store.inflight(experiment)
     except StoreError as e:
         raise _fail(e) from None
-    from ablate.lock import STALE_AFTER_S, _read
+    from ablate.lock import STALE_AFTER_S, read_lock
 
     try:
-        holder = _read(store, experiment)
+        holder = read_lock(store, experiment)
     except StoreError:
         holder = None
     spec, has_spec = _stored_spec(store, experiment)

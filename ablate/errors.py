@@ -82,3 +82,23 @@ class Interrupted(AblateError):
 
 class RunsFailed(AblateError):
     """Some (arm, seed) pairs have no `ok` run after all retries; results were still written."""
+
+
+class PatchError(AblateError):
+    """A diff is malformed or does not apply; the message quotes the hunk."""
+
+
+class LogFormatError(AblateError):
+    """A file is not a speedrun-style log (or cannot be read)."""
+
+
+class AnalysisError(AblateError):
+    """The table or report cannot be made (no runs, bad option)."""
+
+
+class SearchSpaceError(SpecError):
+    """A bad `search:` block (or a study made for another one); one line per problem."""
+
+
+class PlotsUnavailable(AblateError):
+    """matplotlib is not installed (it is the `report` extra)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate import __version__
-from ablate.errors import AblateError
+from ablate.errors import LogFormatError
 from ablate.record import RunRecord
 
 SEPARATOR = re.compile(r"^={20,}\s*$")
@@ -44,10 +44,6 @@ DATE_LINE = re.compile(r"^((?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) \w{3}\s+\d{1,2} \d\d:
 PEAK_MEM = re.compile(r"^peak memory allocated: (\d+) MiB")
 LOG_SUFFIXES = (".txt", ".log")
 MAX_LOG_BYTES = 64 * 1024 * 1024
-
-
-class LogFormatError(AblateError):
-    """A file is not a speedrun-style log (or cannot be read)."""
 
 
 @dataclass

@@ -90,14 +90,14 @@ class LaunchResult:
             parts.append(f"exit code {self.returncode}")
         elif self.last("end") is None and not self.stopped:
             parts.append(f"trainer exited {self.returncode} without an `end` event")
-        tail = _without_torchrun_report(self.stderr_tail)
+        tail = without_torchrun_report(self.stderr_tail)
         if tail:
             parts.append("stderr (last lines):\n" + "\n".join(tail[-20:]))
         text = "\n".join(parts)
         return text if len(text) <= max_chars else text[: max_chars // 4] + "\n...\n" + text[-3 * max_chars // 4:]
 
 
-def _without_torchrun_report(lines: list[str]) -> list[str]:
+def without_torchrun_report(lines: list[str]) -> list[str]:
     """Drop torchrun's own traceback and ChildFailedError banner, which would push the rank's
     error out of the tail; keep everything if the rank printed nothing before it."""
     for i, line in enumerate(lines):
@@ -119,7 +119,7 @@ def parse_line(line: str) -> dict | None:
     return obj if isinstance(obj, dict) and isinstance(obj.get("event"), str) else None
 
 
-class _Guarded:
+class Guarded:
     """A command under the guard (new session) with its stdout lines queued and stderr's tail kept."""
 
     def __init__(self, argv: list[str], *, env: dict[str, str] | None, cwd: str | None, grace_s: float,
@@ -217,7 +217,7 @@ def run_process(argv: list[str], *, env: dict[str, str] | None = None, cwd: str 
     the tree; so does any exception here (including KeyboardInterrupt). The guard deletes the
     files in `remove_after` once the tree is gone, even if the caller was killed."""
     res = LaunchResult(started_at=time.time())
-    g = _Guarded(argv, env=env, cwd=cwd, grace_s=grace_s, remove_after=remove_after)
+    g = Guarded(argv, env=env, cwd=cwd, grace_s=grace_s, remove_after=remove_after)
     try:
         g.consume(res, on_event=on_event, timeout_s=timeout_s, stop=stop, parse=parse)
     finally:

@@ -75,7 +75,7 @@ def _pid_space() -> str:
     return ":".join(parts) or socket.gethostname()
 
 
-def _pid_alive(pid: int, start: str | None) -> bool:
+def pid_alive(pid: int, start: str | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +124,7 @@ class LockInfo:
 
     def stale_reason(self, now: float, stale_after_s: float) -> str | None:
         """Why this lock's driver is gone, or None if it may be alive."""
-        if self.pid_space and self.pid_space == _pid_space() and not _pid_alive(self.pid, self.pid_start):
+        if self.pid_space and self.pid_space == _pid_space() and not pid_alive(self.pid, self.pid_start):
             return f"its driver (pid {self.pid} on this machine) is no longer running"
         age = now - self.heartbeat_at
         if age > stale_after_s:
@@ -171,7 +171,7 @@ class ExperimentLock:
     def heartbeat(self) -> None:
         """Re-read the lock; if it is still ours, write a fresh heartbeat; else mark it lost."""
         try:
-            cur = _read(self.store, self.experiment)
+            cur = read_lock(self.store, self.experiment)
         except StoreError as e:
             self._lose(f"the experiment lock {self.where} cannot be read: {e}")
             return
@@ -203,12 +203,12 @@ class ExperimentLock:
         if self.lost.is_set():
             return
         with contextlib.suppress(AblateError):
-            cur = _read(self.store, self.experiment)
+            cur = read_lock(self.store, self.experiment)
             if cur is not None and cur.token == self.info.token:
                 self.store.delete(self.experiment, LOCK_FILE)
 
 
-def _read(store: Any, experiment: str) -> LockInfo | None:
+def read_lock(store: Any, experiment: str) -> LockInfo | None:
     return _info(store.read_bytes(experiment, LOCK_FILE, max_bytes=64 * 1024))
 
 
@@ -224,7 +224,7 @@ def _info(data: bytes | None) -> LockInfo | None:
 
 def held_by(store: Any, experiment: str, stale_after_s: float = STALE_AFTER_S) -> LockInfo | None:
     """The live lock of the experiment, or None if there is none or it is stale."""
-    cur = _read(store, experiment)
+    cur = read_lock(store, experiment)
     if cur is None or cur.stale_reason(time.time(), stale_after_s) is not None:
         return None
     return cur
@@ -294,7 +294,7 @@ def acquire(store: Any, experiment: str, *, command: str = "", take_over: bool =
             store.write_bytes(experiment, LOCK_FILE, me.dump())
             if settle_s:
                 time.sleep(settle_s)
-            back = _read(store, experiment)
+            back = read_lock(store, experiment)
             if back is None or back.token != me.token:
                 if back is None:
                     continue

@@ -13,7 +13,7 @@ port) — or, with `resources.reuse_workers`, hands the run to the long-lived tr
 reused actor keeps (ablate.workers) — reports val/step events to Tune as they arrive, and returns
 everything in one final report. The driver's Tune callback writes the run to the store as each
 trial ends, so a killed driver loses at most the runs in flight. One Tune experiment runs all the
-requests of a call; Tune takes its trials from a queue of attempts (`_Runs`, `_Queue`), one trial
+requests of a call; Tune takes its trials from a queue of attempts (`TuneRuns`, `AttemptQueue`), one trial
 per attempt, so every attempt has its own row and run id. A failed attempt is relaunched at once,
 as the next attempt (`-a2`, ...) at the head of the queue, while the other runs go on; Tune itself
 never restarts a trial (max_failures=0). `retries` bounds the attempts; a run the trainer rejected
@@ -262,7 +262,7 @@ def _make_trainable(jobs: list[dict], opts: LaunchOptions):
 # The driver side
 # --------------------------------------------------------------------------------------------
 @dataclass
-class _Attempt:
+class Attempt:
     planned: PlannedRun
     order: int  # launch order in the experiment (given when Tune takes the attempt from the queue)
     job: dict = field(default_factory=dict)
@@ -282,7 +282,7 @@ class _Attempt:
         return self.request.run_id(self.planned.attempt)
 
 
-def _job(spec: Spec, req: RunRequest, run_id: str, opts: LaunchOptions) -> dict:
+def make_job(spec: Spec, req: RunRequest, run_id: str, opts: LaunchOptions) -> dict:
     """What a trial needs to run `req` as attempt `run_id` (another attempt: the same job, its own run_id)."""
     r = spec.resources
     if spec.is_script_arm(req.arm):
@@ -326,7 +326,7 @@ def divergence(payload: dict) -> str | None:
     return None
 
 
-def build_row(spec: Spec, a: _Attempt, payload: dict,
+def build_row(spec: Spec, a: Attempt, payload: dict,
               driver: dict) -> tuple[RunRecord, list[CurvePoint], list[StepTime]]:
     """The runs record (ablate.record.RunRecord) and the curve/step rows of one finished attempt,
     from the trial's payload (trainer and script runs alike)."""
@@ -375,8 +375,8 @@ def build_row(spec: Spec, a: _Attempt, payload: dict,
     return record, curve, steps
 
 
-class _Runs(tune.Callback):
-    """The attempts of one run_requests call: the queue Tune takes its trials from (`_Queue`), and
+class TuneRuns(tune.Callback):
+    """The attempts of one run_requests call: the queue Tune takes its trials from (`AttemptQueue`), and
     the Tune callback that shows progress, marks runs in flight and writes each attempt's row as
     its trial ends.
 
@@ -395,8 +395,8 @@ class _Runs(tune.Callback):
         self.store_error: str | None = None
         self.queue: deque[tuple[int, PlannedRun]] = deque(enumerate(todo))  # (run index, its next attempt)
         self.next_order = first_order
-        self.attempts: list[_Attempt] = []  # launched, in launch order
-        self.trials: dict[str, _Attempt] = {}  # Tune trial id → attempt
+        self.attempts: list[Attempt] = []  # launched, in launch order
+        self.trials: dict[str, Attempt] = {}  # Tune trial id → attempt
         self.live: set[str] = set()  # trial ids Tune has not yet reported ended
 
     def __getstate__(self) -> dict:
@@ -411,7 +411,7 @@ class _Runs(tune.Callback):
             return self.lock.reason
         return None
 
-    # ---- the queue (called through _Queue) ---------------------------------------------------
+    # ---- the queue (called through AttemptQueue) ---------------------------------------------------
     def suggest(self, trial_id: str) -> dict | str | None:
         """The next attempt's trial config; None while attempts are in flight (one may fail and
         come back as a retry); FINISHED when every run has an outcome or the experiment stops."""
@@ -420,7 +420,7 @@ class _Runs(tune.Callback):
         if not self.queue:
             return None if self.live else Searcher.FINISHED
         index, planned = self.queue.popleft()
-        a = _Attempt(planned, self.next_order, index=index)
+        a = Attempt(planned, self.next_order, index=index)
         a.job = {**self.jobs[index], "run_id": a.run_id}
         self.next_order += 1
         self.attempts.append(a)
@@ -433,7 +433,7 @@ class _Runs(tune.Callback):
 
     def results(self) -> list[RunResult]:
         """One RunResult per planned run (`todo` order): its last attempt, and how many started."""
-        last: dict[int, _Attempt] = {}
+        last: dict[int, Attempt] = {}
         started: dict[int, int] = {}
         for a in self.attempts:
             last[a.index] = a
@@ -482,10 +482,10 @@ class _Runs(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # e.g. the run was lost with its node: a failed attempt like any other (retried)
-        error = f"Ray trial failed: {_trial_error(trial)}"[-4000:]
+        error = f"Ray trial failed: {trial_error(trial)}"[-4000:]
         self.record(self.trials[trial.trial_id], {"ok": False, "error": error})
 
-    def record(self, a: _Attempt, payload: dict) -> None:
+    def record(self, a: Attempt, payload: dict) -> None:
         """Write the attempt's row; queue the run's next attempt if it failed and may be retried."""
         if a.status is not None:
             return
@@ -519,10 +519,10 @@ class _Runs(tune.Callback):
         return bool(self.queue) or any(a.status is None for a in self.attempts)
 
 
-class _Queue(Searcher):
-    """Tune's search algorithm here: hands out `_Runs`' queue of attempts, one trial each."""
+class AttemptQueue(Searcher):
+    """Tune's search algorithm here: hands out `TuneRuns`' queue of attempts, one trial each."""
 
-    def __init__(self, runs: _Runs) -> None:
+    def __init__(self, runs: TuneRuns) -> None:
         super().__init__()
         self.runs = runs
 
@@ -547,7 +547,7 @@ class _Queue(Searcher):
 class _StopAll(tune.Stopper):
     """Stops the whole Tune run once the runs have a stop reason (polled by Tune every step)."""
 
-    def __init__(self, runs: _Runs) -> None:
+    def __init__(self, runs: TuneRuns) -> None:
         self.runs = runs
 
     def __getstate__(self) -> dict:  # pickled with the RunConfig, like the callback
@@ -560,7 +560,7 @@ class _StopAll(tune.Stopper):
         return getattr(self, "runs", None) is not None and self.runs.stop_reason() is not None
 
 
-def _trial_error(trial: Any) -> str:
+def trial_error(trial: Any) -> str:
     """Tune's text of a trial's error (e.g. "The actor died because its node has died ..."). At
     on_trial_error time it is in the trial's local error file; storage gets it later."""
     try:
@@ -601,7 +601,7 @@ def _run_tune(spec: Spec, todo: list[PlannedRun], store: Store, progress: Any, o
     Raises Interrupted when the driver was interrupted, StoreError after the first failed store
     write, LockLost when the lock was lost: each stops everything at once (runs in flight
     cancelled, nothing else started)."""
-    jobs = [_job(spec, p.request, p.request.run_id(p.attempt), opts) for p in todo]
+    jobs = [make_job(spec, p.request, p.request.run_id(p.attempt), opts) for p in todo]
     if any(j.get("kind") == "script" for j in jobs):  # each script's text, once per sha256
         from ablate.script_run import store_code
 
@@ -610,7 +610,7 @@ def _run_tune(spec: Spec, todo: list[PlannedRun], store: Store, progress: Any, o
     # ONE bundle per run (all its GPUs on one node; + gpu_node for 8-GPU runs): ablate.placement
     resources = tune.PlacementGroupFactory([run_bundle(spec.resources, nodes)])
     trainable = tune.with_resources(_make_trainable(jobs, opts), resources)
-    runs = _Runs(spec, todo, jobs, store, progress, lock, first_order)
+    runs = TuneRuns(spec, todo, jobs, store, progress, lock, first_order)
     storage = tempfile.mkdtemp(prefix=f"{TUNE_DIR_PREFIX}{os.getpid()}-")
     # Autoscaling (no cap): every run may be a pending placement group the autoscaler acts on; a
     # run never has two attempts in flight, so len(todo) is the same as no cap.
@@ -619,7 +619,7 @@ def _run_tune(spec: Spec, todo: list[PlannedRun], store: Store, progress: Any, o
         trainable,
         # num_samples: every attempt the runs' budgets allow. reuse_workers: a trial's actor (and the
         # trainer worker it keeps) serves the next trial.
-        tune_config=tune.TuneConfig(search_alg=_Queue(runs), max_concurrent_trials=limit,
+        tune_config=tune.TuneConfig(search_alg=AttemptQueue(runs), max_concurrent_trials=limit,
                                     num_samples=sum(p.attempts_left for p in todo),
                                     reuse_actors=spec.resources.reuse_workers),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0, callbacks=[runs],
@@ -693,7 +693,7 @@ def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: 
     return [results[req.key] for req in requests]
 
 
-def _arms_to_continue(store: Store, spec: Spec) -> list[str]:
+def arms_to_continue_stored(store: Store, spec: Spec) -> list[str]:
     """Arms that get another seed round: ablate.sequential decides; without it, every arm."""
     try:
         from ablate.sequential import arms_to_continue
@@ -712,13 +712,13 @@ def _arms_to_continue(store: Store, spec: Spec) -> list[str]:
 def clean_stale_tune_dirs(tmp: str | None = None) -> list[str]:
     """Remove Tune scratch dirs (`ablate-tune-<pid>-*` in the temp dir) of drivers on this machine
     that are no longer running (a killed driver cannot remove its own). Returns the removed paths."""
-    from ablate.lock import _pid_alive
+    from ablate.lock import pid_alive
 
     root = Path(tmp or tempfile.gettempdir())
     removed = []
     for d in root.glob(f"{TUNE_DIR_PREFIX}*-*"):
         pid = d.name[len(TUNE_DIR_PREFIX):].split("-", 1)[0]
-        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid), None):
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid), None):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
     return removed
@@ -775,7 +775,7 @@ def run_experiment(spec: Spec, store: Store, address: str | None = None, *, prog
             seq = spec.seeds
             results = run_requests(spec, expand(spec, range(seq.min), round=0), store, **kw)  # type: ignore[union-attr]
             for rnd, seed in enumerate(range(seq.min, seq.max), start=1):  # type: ignore[union-attr]
-                arms = _arms_to_continue(store, spec)
+                arms = arms_to_continue_stored(store, spec)
                 if not arms:
                     break
                 results += run_requests(spec, expand(spec, [seed], arms, round=rnd), store, **kw)

@@ -15,14 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ablate.errors import AblateError
+from ablate.errors import PatchError
 
 HUNK_HEADER = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 SHOWN_HUNK_LINES = 14  # lines of a failing hunk quoted in the error
-
-
-class PatchError(AblateError):
-    """A diff is malformed or does not apply; the message quotes the hunk."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ablate.errors import AblateError
+from ablate.errors import PlotsUnavailable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,10 +32,6 @@ STALL_FACTOR = 1.5
 STALL_WINDOW = 21   # logged steps (centred) whose median a step is compared with
 ZOOM_FRACTION = 0.3
 CONFIDENCE = 0.95
-
-
-class PlotsUnavailable(AblateError):
-    """matplotlib is not installed (it is the `report` extra)."""
 
 
 def _new_figure(**kw) -> Figure:

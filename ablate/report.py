@@ -14,7 +14,6 @@ config; a search without confirmation: its best suggestions). `report_files` is 
 """
 from __future__ import annotations
 
-import math
 from datetime import datetime, timezone
 from typing import Any
 

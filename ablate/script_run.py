@@ -265,7 +265,7 @@ def outcome(res: Any, lines: RecordLines, log_name: str | None, log_bytes: bytes
             gpus: dict[str, Any] | None = None) -> dict[str, Any]:
     """The payload of a finished script run: ok, error, start/end (as the trainer's events would
     say), curve, steps, times, the log to store. `res` is the ablate.launch.LaunchResult."""
-    from ablate.launch import _without_torchrun_report
+    from ablate.launch import without_torchrun_report
 
     parsed, problem = _parse(log_bytes, f"the log file {log_name}")
     source = log_name
@@ -288,7 +288,7 @@ def outcome(res: Any, lines: RecordLines, log_name: str | None, log_bytes: bytes
             ended = "the script exited 0 but its " if res.returncode == 0 and not stopped else "its "
             rest = (parsed.error or "log is incomplete").removeprefix("log ")
             parts.append(ended + ("log " if source != "stdout" else "stdout ") + rest)
-        tail = _without_torchrun_report(list(res.stderr_tail))
+        tail = without_torchrun_report(list(res.stderr_tail))
         if tail:
             parts.append("stderr (last lines):\n" + "\n".join(tail[-20:]))
     gpus = gpus or {}

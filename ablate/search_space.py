@@ -39,17 +39,13 @@ from optuna.distributions import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ablate.errors import SpecError
+from ablate.errors import SearchSpaceError
 from trainer.config import ConfigError, TrainConfig, apply_overrides, valid_keys
 from trainer.presets import load_config
 
 OBJECTIVES = {"val_loss": "final_val_loss", "train_time": "train_time_ms"}  # name → runs column
 FORBIDDEN_KEYS = {"seed": "seeds are set by seeds_per_trial / confirm.seeds",
                   "preset": "the preset is trainer.preset of the spec"}
-
-
-class SearchSpaceError(SpecError):
-    """A bad `search:` block (or a study made for another one); one line per problem."""
 
 
 class _Strict(BaseModel):

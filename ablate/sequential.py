@@ -110,7 +110,7 @@ def _compare(a: pd.DataFrame, b: pd.DataFrame, alternative: str) -> tuple[dict[s
     return out, n_eff
 
 
-def _target_z(losses: pd.Series, target: float) -> float:
+def target_z(losses: pd.Series, target: float) -> float:
     """z of the one-sample t statistic (target − mean)/SE: the speedrun rule's
     scipy.stats.ttest_1samp(losses, target), sign flipped so that positive means below the target.
     Zero variance gives ±inf (0 at the target), where scipy would give NaN."""
@@ -141,7 +141,7 @@ def arm_looks(runs: pd.DataFrame, arm: str, plan: SeqPlan) -> list[Look]:
                 frac = 1.0 if n >= plan.max else min(1.0, n_eff / plan.max)
         tfrac = math.nan
         if plan.target is not None:
-            z["target"] = _target_z(a["final_val_loss"], plan.target)
+            z["target"] = target_z(a["final_val_loss"], plan.target)
             tfrac = min(1.0, n / plan.max)
         looks.append(Look(int(r), n, frac, tfrac, z))
     return looks
@@ -252,7 +252,7 @@ def arms_to_continue(runs: pd.DataFrame, spec: Spec) -> list[str]:
 
 # ---------------------------------------------------------------- simulation (benchmark, tests)
 
-def _welch_z(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def welch_z(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Welch z (t mapped to z) of rows of a vs rows of b: scipy.stats.ttest_ind(equal_var=False), row-wise."""
     res = sps.ttest_ind(a, b, axis=1, equal_var=False)
     return z_from_t(res.statistic, res.df)
@@ -293,7 +293,7 @@ def simulate_draws(base: Mapping[str, np.ndarray], arm: Mapping[str, np.ndarray]
     used = np.full(n_experiments, plan.max)
     for k, n in enumerate(ns):
         for c in names:
-            z = orient(_welch_z(arm[c][:, :n], base[c][:, :n]), plan.alternative)
+            z = orient(welch_z(arm[c][:, :n], base[c][:, :n]), plan.alternative)
             dec = decide(z, k, d)
             new = active & ~decided[c] & (dec != "continue")
             rejected[c] |= new & (dec == "efficacy")
@@ -304,6 +304,6 @@ def simulate_draws(base: Mapping[str, np.ndarray], arm: Mapping[str, np.ndarray]
     crit = float(sps.norm.isf(plan.alpha / 2 if plan.alternative == "two-sided" else plan.alpha))
     fixed = {}
     for c in names:   # fixed design: Welch at `max` runs (t mapped to z, same decision as the t-test)
-        z = orient(_welch_z(arm[c], base[c]), plan.alternative)
+        z = orient(welch_z(arm[c], base[c]), plan.alternative)
         fixed[c] = (np.abs(z) if plan.alternative == "two-sided" else z) >= crit
     return SimResult(used, rejected, fixed)

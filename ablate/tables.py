@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ablate import stats
-from ablate.errors import AblateError, SpecError
+from ablate.errors import AnalysisError, SpecError
 from ablate.sequential import SeqPlan, arm_outcomes, plan_from_spec
 from ablate.spec import Spec, StoredSpec, analysis_spec, read_stored_spec
 
@@ -46,10 +46,6 @@ CSV_COLUMNS = ["arm", "config_hash", "runs", "diverged", "failed", "cancelled", 
                "p_below_target", "method", "verdict"]
 METRICS = {"time": "time_s", "loss": "final_val_loss"}
 SETTINGS_FILE = "settings.json"   # per experiment, next to spec.yaml: {"target_loss": ...} (import-logs --target)
-
-
-class AnalysisError(AblateError):
-    """The table or report cannot be made (no runs, bad option)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ actor's children, the guard included. A run that fails, times out or is cancelle
 ends its worker; the next run starts a fresh one.
 
 `resources.reuse_workers: true` in a spec turns this on: Tune reuses each trial's actor
-(`reuse_actors=True`) and the actor keeps its worker in `_CURRENT` between trials.
+(`reuse_actors=True`) and the actor keeps its worker in `CURRENT` between trials.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Callable
 
-from ablate.launch import GUARD_GRACE_S, LaunchResult, _Guarded
+from ablate.launch import GUARD_GRACE_S, LaunchResult, Guarded
 
 SERVE_MODULE = "trainer.serve"
 
@@ -49,7 +49,7 @@ class Worker:
         self.started_at = time.time()
         self.jobs_dir = tempfile.mkdtemp(prefix="ablate-worker-")
         self.served = 0  # jobs handed to this worker so far
-        self._g = _Guarded(serve_command(nproc, self.jobs_dir, module), env=env, cwd=cwd, grace_s=grace_s,
+        self._g = Guarded(serve_command(nproc, self.jobs_dir, module), env=env, cwd=cwd, grace_s=grace_s,
                            remove_after=[self.jobs_dir])
         self._dead = False
 
@@ -116,20 +116,20 @@ class Worker:
 
 
 # The worker of this process (a Tune trial actor reused across trials): one at a time.
-_CURRENT: dict[str, object] = {}
+CURRENT: dict[str, object] = {}
 
 
 def worker_for(key: tuple, nproc: int, *, cwd: str, env: dict[str, str], module: str = SERVE_MODULE,
                grace_s: float = GUARD_GRACE_S) -> Worker:
     """This process's worker for `key` (ranks, devices, environment): the live one if it matches,
     else a new one (the old one is closed first, freeing its GPUs)."""
-    w = _CURRENT.get("worker")
-    if isinstance(w, Worker) and w.alive and _CURRENT.get("key") == key:
+    w = CURRENT.get("worker")
+    if isinstance(w, Worker) and w.alive and CURRENT.get("key") == key:
         return w
     if isinstance(w, Worker):
         w.close()
     w = Worker(nproc, cwd=cwd, env=env, module=module, grace_s=grace_s)
-    _CURRENT.update(worker=w, key=key)
+    CURRENT.update(worker=w, key=key)
     return w
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.launch import _without_torchrun_report, descendants, parse_line, run_process, torchrun_command
+from ablate.launch import without_torchrun_report, descendants, parse_line, run_process, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = str(Path(__file__).parent / "fake_trainer.py")
@@ -144,6 +144,6 @@ def test_parse_line() -> None:
 def test_torchrun_report_is_trimmed_from_error_tail() -> None:
     lines = ["RuntimeError: boom in rank 0", "Traceback (most recent call last):",
              '  File "/x/torch/distributed/run.py", line 9, in main', "ChildFailedError:", "====="]
-    assert _without_torchrun_report(lines) == ["RuntimeError: boom in rank 0"]
-    assert _without_torchrun_report(lines[1:]) == lines[1:]
-    assert _without_torchrun_report(["a", "b"]) == ["a", "b"]
+    assert without_torchrun_report(lines) == ["RuntimeError: boom in rank 0"]
+    assert without_torchrun_report(lines[1:]) == lines[1:]
+    assert without_torchrun_report(["a", "b"]) == ["a", "b"]

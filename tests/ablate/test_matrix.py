@@ -105,12 +105,12 @@ def test_max_concurrency_counts_whole_bundles() -> None:
 
 def test_build_row_from_payload() -> None:
     from ablate.matrix import PlannedRun
-    from ablate.orchestrate import _Attempt, build_row
+    from ablate.orchestrate import Attempt, build_row
     from ablate.record import CurvePoint, RunRecord
 
     spec = parse_spec_text(SPEC)
     req = make_request(spec, "a", 1)
-    att = _Attempt(PlannedRun(req, "todo", 2, 1), order=7)
+    att = Attempt(PlannedRun(req, "todo", 2, 1), order=7)
     env = {"python": "3.11.7", "torch": "2.13.0", "triton": None, "cuda": None, "gpu_name": None, "gpu_count": 0,
            "gpu_uuids": [], "driver": None, "hostname": "h1", "git_commit": "abc", "cuda_visible_devices": ""}
     data = {"dir": "/d", "synthetic": True, "hash": "0123456789abcdef", "train_shards": 1, "val_shards": 1,
@@ -162,10 +162,10 @@ def _payload(**kw) -> dict:
 
 def test_build_row_marks_a_non_finite_loss_as_diverged() -> None:
     from ablate.matrix import PlannedRun
-    from ablate.orchestrate import _Attempt, build_row
+    from ablate.orchestrate import Attempt, build_row
 
     spec = parse_spec_text(SPEC)
-    att = _Attempt(PlannedRun(make_request(spec, "a", 1), "todo", 1, 2), order=0)
+    att = Attempt(PlannedRun(make_request(spec, "a", 1), "todo", 1, 2), order=0)
     drv = {"python": "x", "git_commit": "drv"}
     row, curve, _ = build_row(spec, att, _payload(), drv)
     assert row["status"] == "ok" and row["error"] is None

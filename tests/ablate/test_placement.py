@@ -188,7 +188,7 @@ def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
     from trainer.presets import load_config
 
     from ablate.matrix import expand
-    from ablate.orchestrate import LaunchOptions, _job
+    from ablate.orchestrate import LaunchOptions, make_job
 
     plain = spec("{gpus_per_run: 1}")
     cached = spec("{gpus_per_run: 1, compile_cache_dir: /opt/ablate-cache}")
@@ -198,8 +198,8 @@ def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
     assert [r.run_id(1) for r in reqs_plain] == [r.run_id(1) for r in reqs_cached]
     assert all(plain.config_hash(a) == cached.config_hash(a) for a in plain.arms)
     for rp, rc in zip(reqs_plain, reqs_cached):
-        jp = _job(plain, rp, rp.run_id(1), LaunchOptions())
-        jc = _job(cached, rc, rc.run_id(1), LaunchOptions())
+        jp = make_job(plain, rp, rp.run_id(1), LaunchOptions())
+        jc = make_job(cached, rc, rc.run_id(1), LaunchOptions())
         assert "runtime.inductor_cache_dir" not in jp["overrides"]
         assert jc["overrides"] == {**jp["overrides"], "runtime.inductor_cache_dir": "/opt/ablate-cache"}
         assert "runtime.inductor_cache_dir" not in rc.overrides  # overrides_json: the arm, not the node
@@ -213,7 +213,7 @@ def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
 # ---- node failures ------------------------------------------------------------------------
 def test_lost_node_error_text_puts_the_cause_first(tmp_path: Path) -> None:
     """What Tune wrote for a trial whose node died becomes the row's error, cause first."""
-    from ablate.orchestrate import _trial_error
+    from ablate.orchestrate import trial_error
 
     err = tmp_path / "error.txt"
     err.write_text("Failure # 1 (occurred at 2026-11-22_16-41-11)\nThe actor died unexpectedly before finishing "
@@ -225,8 +225,8 @@ def test_lost_node_error_text_puts_the_cause_first(tmp_path: Path) -> None:
         def get_error(self):
             return None
 
-    text = _trial_error(Trial())
+    text = trial_error(Trial())
     assert text.splitlines()[0] == "The actor died because its node has died. Node Id: abc123"
     assert "Failure #" not in text and "ip: 10.0.0.9" in text
     Trial.error_file = str(tmp_path / "missing.txt")  # not written yet: Tune's storage copy, or a default
-    assert _trial_error(Trial()) == "Ray trial error"
+    assert trial_error(Trial()) == "Ray trial error"

@@ -3,7 +3,7 @@ the other runs), with its own row; input errors, divergence, the budget and a st
 
     python -m pytest tests/ablate/test_retry.py -q
 
-Drives ablate.orchestrate's queue (`_Queue`, what Tune asks for trials) and callback (`_Runs`)
+Drives ablate.orchestrate's queue (`AttemptQueue`, what Tune asks for trials) and callback (`TuneRuns`)
 the way Tune 2.60 calls them, without Ray: a trial's end reaches the search algorithm first, then
 the callback, and only then does Tune ask for the next trial. tests/ablate/test_e2e.py
 (test_failed_attempt_is_relaunched_while_the_other_runs_go_on) checks the same through real Tune.
@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 
 from ablate.errors import StoreError
 from ablate.matrix import expand, plan
-from ablate.orchestrate import _Queue, _Runs
+from ablate.orchestrate import AttemptQueue, TuneRuns
 from ablate.progress import NullProgress
 from ablate.spec import parse_spec_text
 
@@ -52,8 +52,8 @@ class Lines(NullProgress):
 class Tune:
     """What Tune does with the two objects, one call at a time."""
 
-    def __init__(self, runs: _Runs) -> None:
-        self.runs, self.queue, self.n = runs, _Queue(runs), 0
+    def __init__(self, runs: TuneRuns) -> None:
+        self.runs, self.queue, self.n = runs, AttemptQueue(runs), 0
         self.trials: dict[str, SimpleNamespace] = {}
 
     def start(self) -> str | None:
@@ -82,12 +82,12 @@ class Tune:
         self.runs.on_trial_error(0, [], trial)
 
 
-def _runs(store, first_order: int = 0) -> tuple[_Runs, Lines, dict[str, str]]:
+def _runs(store, first_order: int = 0) -> tuple[TuneRuns, Lines, dict[str, str]]:
     spec = parse_spec_text(SPEC)
     todo = plan(expand(spec), store.runs(spec.name), spec.retries)
     ids = {p.request.arm: p.request.run_id(1)[:-3] for p in todo}  # arm → run id without "-a<n>"
     progress = Lines()
-    return _Runs(spec, todo, [{"arm": p.request.arm} for p in todo], store, progress, first_order=first_order), \
+    return TuneRuns(spec, todo, [{"arm": p.request.arm} for p in todo], store, progress, first_order=first_order), \
         progress, ids
 
 
@@ -169,7 +169,7 @@ def test_interrupted_retry_is_cancelled_and_resume_continues_the_count(store) ->
 def test_retries_bound_the_attempts(store, retries: int) -> None:
     spec = parse_spec_text(SPEC.replace("retries: 2", f"retries: {retries}"))
     todo = plan(expand(spec, arms=["flaky"]), store.runs(spec.name), spec.retries)
-    tune = Tune(_Runs(spec, todo, [{}], store, NullProgress()))
+    tune = Tune(TuneRuns(spec, todo, [{}], store, NullProgress()))
     started = []
     while (rid := tune.start()) not in (None, Searcher.FINISHED):
         started.append(rid)

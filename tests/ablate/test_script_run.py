@@ -110,14 +110,14 @@ def test_crash_truncation_nan_and_no_log() -> None:
 def test_build_row_of_a_script_run(tmp_path: Path) -> None:
     """The payload becomes a runs row like a trainer run's: source=script, its sha256, provenance."""
     from ablate.matrix import PlannedRun, make_request
-    from ablate.orchestrate import _Attempt, build_row
+    from ablate.orchestrate import Attempt, build_row
     from ablate.script_run import job
     from ablate.spec import load_spec
     from tests.ablate.test_script_spec import make
 
     spec = load_spec(make(tmp_path))
     req = make_request(spec, "no-smear", 3)
-    att = _Attempt(PlannedRun(req, "todo", 1, 1), order=4)
+    att = Attempt(PlannedRun(req, "todo", 1, 1), order=4)
     att.job = job(spec, req, att.run_id)
     assert att.job["code"][0]["name"] == "train_gpt.py" and "smear = False" in att.job["code"][0]["text"]
     assert att.job["env"] == {} and att.job["ranks"] == 2 and att.job["kind"] == "script"

@@ -181,7 +181,7 @@ def test_arms_to_continue_matches_the_vectorised_simulation():
 def test_orchestrator_decides_on_the_current_config_only(tmp_path):
     """An arm whose override changed starts over: its old config's runs (3 = `max`, which would
     stop it) do not count; its current config has 1 ok run (< `min`), so it continues."""
-    from ablate.orchestrate import _arms_to_continue
+    from ablate.orchestrate import arms_to_continue_stored
     from ablate.spec import parse_spec_text
     from ablate.store import Store
     from tests.ablate.searchstore import row
@@ -202,4 +202,4 @@ def test_orchestrator_decides_on_the_current_config_only(tmp_path):
                             config_hash=h, status=status, error=None if status == "ok" else "boom",
                             final_val_loss=3.5 if status == "ok" else None), [], [])
         order += 1
-    assert _arms_to_continue(store, spec) == ["baseline", "lr"]
+    assert arms_to_continue_stored(store, spec) == ["baseline", "lr"]

@@ -347,7 +347,7 @@ def test_runs_needed_gives_the_old_numbers():
 def test_sequential_target_and_welch_z_are_scipys_t_and_the_old_numbers():
     import pandas as pd
 
-    from ablate.sequential import _target_z, _welch_z
+    from ablate.sequential import target_z, welch_z
     from ablate.stats_seq import z_from_t
 
     def old_target_z(x, target):
@@ -364,11 +364,11 @@ def test_sequential_target_and_welch_z_are_scipys_t_and_the_old_numbers():
 
     rng = np.random.default_rng(8)
     for arm, base in samples(seed=9, count=60):
-        assert same(_target_z(pd.Series(arm), 3.28), old_target_z(arm, 3.28), rel=1e-11)
+        assert same(target_z(pd.Series(arm), 3.28), old_target_z(arm, 3.28), rel=1e-11)
         ref = sps.ttest_1samp(arm, 3.28, alternative="less").pvalue      # z carries the rule's tail
-        assert same(sps.norm.sf(_target_z(pd.Series(arm), 3.28)), ref, rel=1e-9)
+        assert same(sps.norm.sf(target_z(pd.Series(arm), 3.28)), ref, rel=1e-9)
     for x, target in (([3.28, 3.28, 3.28], 3.28), ([3.27, 3.27], 3.28), ([3.29, 3.29], 3.28),
                       ([3.27, float("nan"), 3.26], 3.28)):
-        assert same(_target_z(pd.Series(x), target), old_target_z(np.array(x), target), rel=0)
+        assert same(target_z(pd.Series(x), target), old_target_z(np.array(x), target), rel=0)
     a, b = rng.normal(0.3, 1.0, (500, 7)), rng.normal(0.0, 2.0, (500, 9))
-    np.testing.assert_allclose(_welch_z(a, b), old_welch_z(a, b), rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(welch_z(a, b), old_welch_z(a, b), rtol=1e-11, atol=1e-13)

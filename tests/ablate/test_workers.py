@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ablate.launch import run_process, torchrun_command
-from ablate.workers import Worker, worker_for, _CURRENT
+from ablate.workers import Worker, worker_for, CURRENT
 from tests.ablate.test_launch import _alive, _wait_gone
 
 pytestmark = pytest.mark.dist
@@ -67,7 +67,7 @@ def test_failed_run_ends_the_worker_and_the_next_one_starts_fresh(tmp_path: Path
     ok_cfg = _cfg(tmp_path, "ok")
     bad_cfg = _cfg(tmp_path, "bad", **{"debug.fail_at_step": 3})
     key = ("test", 2)
-    _CURRENT.clear()
+    CURRENT.clear()
     w1 = worker_for(key, 2, cwd=str(ROOT), env=_env())
     bad = w1.run("tiny", bad_cfg, 0, timeout_s=120)
     assert not bad.ok and bad.returncode not in (0, None)
@@ -81,7 +81,7 @@ def test_failed_run_ends_the_worker_and_the_next_one_starts_fresh(tmp_path: Path
     w3 = worker_for(("other",), 2, cwd=str(ROOT), env=_env())  # another key closes the old one
     assert w3 is not w2 and not w2.alive
     w3.close()
-    _CURRENT.clear()
+    CURRENT.clear()
 
 
 def test_timeout_kills_the_worker(tmp_path: Path) -> None:
