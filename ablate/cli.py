@@ -19,7 +19,6 @@ name such as '[/]' or a hint such as `[a-z0-9]*` prints as written.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -127,7 +126,7 @@ def run(
     except SpecError as e:
         raise _fail(e) from None
     store = _open_store(store_uri)
-    search = spec.search is not None and importlib.util.find_spec("ablate.search") is not None
+    search = spec.search is not None
     if dry_run:
         if search:
             from ablate.search import describe_search
@@ -444,9 +443,8 @@ def rm(experiment: str = typer.Argument(..., help="Experiment name (store folder
              "reads them from the study")
 
 
-# `table`, `report`, `import-logs` (statistics work) when that module exists.
-if importlib.util.find_spec("ablate.cli_analysis") is not None:
-    from ablate import cli_analysis
+# `table`, `report`, `import-logs`, `rm`'s neighbours: the analysis commands (ablate/cli_analysis.py)
+from ablate import cli_analysis  # noqa: E402
 
-    cli_analysis.register(app)
+cli_analysis.register(app)
 

@@ -80,10 +80,6 @@ class Interrupted(AblateError):
     exit_code = EXIT_INTERRUPTED
 
 
-class RunsFailed(AblateError):
-    """Some (arm, seed) pairs have no `ok` run after all retries; results were still written."""
-
-
 class PatchError(AblateError):
     """A diff is malformed or does not apply; the message quotes the hunk."""
 

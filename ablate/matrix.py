@@ -62,13 +62,6 @@ def expand(spec: Spec, seeds: Iterable[int] | None = None, arms: Iterable[str] |
     return [replace(base[a], seed=s) for s in seeds for a in arm_list]
 
 
-def seed_round(spec: Spec, seed_index: int) -> int:
-    """Round of the seed at this index: 0 for the first `min` seeds of a sequential spec, then 1, 2, ..."""
-    if not spec.sequential:
-        return 0
-    return max(0, seed_index - spec.seeds.min + 1)  # type: ignore[union-attr]
-
-
 @dataclass
 class PlannedRun:
     request: RunRequest

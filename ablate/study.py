@@ -19,12 +19,10 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 import optuna
-import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate.search_space import SearchConfig, SearchSpaceError
@@ -171,28 +169,3 @@ def ranked(study: optuna.Study, k: int) -> list[FrozenTrial]:
     numbers = {t.number for t in front}
     return (front + [t for t in done if t.number not in numbers])[:k]
 
-
-def trials_frame(study: optuna.Study, cfg: SearchConfig) -> pd.DataFrame:
-    """One row per trial: number, state, arm, each parameter (lists decoded), n, mean/std per
-    objective, pareto (two objectives)."""
-    rows: list[dict[str, Any]] = []
-    front = {t.number for t in pareto_front(study)} if len(study.directions) == 2 else set()
-    for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name,
-                               "arm": t.user_attrs.get(ATTR_ARM, f"t{t.number}")}
-        if t.state == TrialState.FAIL and t.user_attrs.get(ATTR_INTERRUPTED):
-            row["state"] = "INTERRUPTED"
-        try:
-            row.update(cfg.to_overrides(t.params))
-        except SearchSpaceError:
-            row.update(t.params)  # a running trial may not hold every param yet
-        row["n"] = t.user_attrs.get(ATTR_N, 0)
-        mean = t.user_attrs.get(ATTR_MEAN) or [None] * len(cfg.objectives)
-        std = t.user_attrs.get(ATTR_STD) or [None] * len(cfg.objectives)
-        for i, obj in enumerate(cfg.objectives):
-            row[f"{obj}_mean"] = mean[i]
-            row[f"{obj}_std"] = std[i]
-        if len(study.directions) == 2:
-            row["pareto"] = t.number in front
-        rows.append(row)
-    return pd.DataFrame(rows)

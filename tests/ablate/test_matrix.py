@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from ablate.matrix import expand, make_request, plan, resource_plan, seed_round
+from ablate.matrix import expand, make_request, plan, resource_plan
 from ablate.spec import parse_spec_text
 
 SPEC = """\
@@ -44,8 +44,6 @@ def test_sequential_first_round_and_rounds() -> None:
     spec = parse_spec_text(SPEC.replace("seeds: 3", "seeds: {min: 2, max: 5, alpha: 0.05}"))
     assert [(r.arm, r.seed) for r in expand(spec)][:4] == [("baseline", 0), ("a", 0), ("b", 0), ("baseline", 1)]
     assert len(expand(spec)) == 6
-    assert [seed_round(spec, i) for i in range(5)] == [0, 0, 1, 2, 3]
-    assert seed_round(parse_spec_text(SPEC), 2) == 0
 
 
 def test_make_request_and_run_id() -> None:

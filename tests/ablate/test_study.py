@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from ablate.search_space import SearchSpaceError, parse_search
 from ablate.study import (
     ATTR_INTERRUPTED, ATTR_MEAN, ATTR_N, counts_toward_budget, make_sampler, open_study,
-    pareto_front, pareto_mask, ranked, storage_url, trials_frame,
+    pareto_front, pareto_mask, ranked, storage_url,
 )
 
 SPACE = {
@@ -94,11 +94,6 @@ def test_two_objective_front_ranking_and_frame(tmp_path):
     study.tell(t, state=TrialState.FAIL)
     assert [t.number for t in pareto_front(study)] == [3, 4]
     assert [t.number for t in ranked(study, 3)] == [3, 4, 0]  # front first, then by loss
-    df = trials_frame(study, cfg)
-    assert df["pareto"].tolist() == [False, False, False, True, True, False]
-    assert df["state"].tolist()[-1] == "INTERRUPTED"
-    assert df.loc[3, "val_loss_mean"] == 1.0 and df.loc[3, "train_time_mean"] == 2.0
-    assert isinstance(df.loc[0, "schedule.ws_schedule"], list)
     assert [counts_toward_budget(t) for t in study.trials] == [True] * 5 + [False]
 
 
