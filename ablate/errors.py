@@ -60,7 +60,7 @@ class StoreError(AblateError):
 
 
 class LockHeld(AblateError):
-    """Another driver holds the experiment's lock (ablate.lock); nothing was run or changed."""
+    """Another driver holds the experiment's lock (ablate.store.lock); nothing was run or changed."""
 
     exit_code = EXIT_BAD_INPUT
 

@@ -7,7 +7,7 @@
 Each simulated experiment is a baseline and one arm, runs drawn i.i.d. normal with the speedrun's
 noise (final val loss sd 0.0015, train time sd 0.06 s), seeds `{min: 3, max: 16, alpha: 0.01}`
 run one at a time after the first three (as `ablate run` does), stopping the arm once both its
-loss and its time comparison are decided (`ablate.sequential.simulate`, the same boundaries and
+loss and its time comparison are decided (`ablate.analysis.sequential.simulate`, the same boundaries and
 decisions as `arms_to_continue`). The fixed design runs `max` seeds per arm and applies Welch's
 test at alpha once.
 
@@ -31,8 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without install
 
-from ablate import stats, stats_seq  # noqa: E402
-import ablate.sequential as sq  # noqa: E402
+from ablate.analysis import stats
+
+from ablate.analysis import group_sequential as stats_seq
+import ablate.analysis.sequential as sq  # noqa: E402
 
 LOSS_SD, TIME_SD = 0.0015, 0.06
 

@@ -30,7 +30,7 @@ python3 -m ablate table $EXP --store $STORE --format md > "$OUT/$EXP.table.md" 2
 python3 -m ablate report $EXP --store $STORE 2>&1 | tail -2
 python3 benchmarks/overhead.py $EXP --store $STORE --wall-s $WALL --slots $SLOTS | tee "$OUT/$EXP.overhead.txt"
 python3 - <<PY
-from ablate.store import Store
+from ablate.store.parquet import Store
 r = Store("$STORE").runs("$EXP")
 cols = ["arm", "seed", "status", "final_val_loss", "train_time_ms", "compile_s", "warmup_s", "eval_s", "launch_s", "wall_s", "worker_runs_before", "gpu_model", "gpu_uuids", "world_size", "peak_mem_mib"]
 print(r.sort_values("started_at")[cols].to_string())

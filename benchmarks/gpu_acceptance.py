@@ -191,7 +191,7 @@ def ablate_rows(data: Path, out: Path) -> list[Row]:
                               out / f"{s['name']}.log", timeout=420, env={"COLUMNS": "160"})
         problems = [f"exit {rc}"] if rc else []
         try:
-            from ablate.store import Store
+            from ablate.store.parquet import Store
 
             st = Store(str(store))
             runs = st.runs(s["name"])
@@ -245,7 +245,7 @@ resources: {{gpus_per_run: 1}}
     rc, _, secs = sh([sys.executable, "-m", "ablate", "run", str(spec), "--store", str(store)],
                      out / "script-arms.log", timeout=300, env={"COLUMNS": "160"})
     try:
-        from ablate.store import Store
+        from ablate.store.parquet import Store
 
         runs = Store(str(store)).runs("gpu-acceptance-script").set_index("arm")
         got = {a: runs.loc[a, "status"] for a in runs.index}

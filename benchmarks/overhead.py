@@ -27,7 +27,7 @@ import pandas as pd
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from ablate.store import Store  # noqa: E402
+from ablate.store.parquet import Store  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

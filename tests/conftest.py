@@ -19,7 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def store(tmp_path: Path):
     """An empty local ablate Store under the test's tmp dir."""
-    from ablate.store import Store
+    from ablate.store.parquet import Store
 
     return Store(str(tmp_path / "store"))
 

@@ -16,7 +16,7 @@ A failed job ends the worker (exit status as `trainer.train`'s: 2 bad input, 1 o
 debug.exit_code): after an error the ranks may disagree about where they are, so a fresh worker
 is the safe next step. `<jobs>/stop` ends it with status 0; so does `--idle-timeout`, and
 `--watch-pid P` ends it (status 143) as soon as process P is gone. Knows nothing about Ray
-(ablate.workers drives it).
+(ablate.run.workers drives it).
 """
 from __future__ import annotations
 

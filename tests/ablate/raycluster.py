@@ -7,7 +7,7 @@
         c.kill(gpu)                                         # SIGKILL that node's whole session
 
     python -m tests.ablate.raycluster drive SPEC STORE ADDRESS [--autoscale] [--nodes-out F]
-        # a driver process: ablate.orchestrate.run_experiment with tests/ablate/fake_trainer.py
+        # a driver process: ablate.run.driver.run_experiment with tests/ablate/fake_trainer.py
 
 Every node is `ray start --block` in a session of its own (start_new_session), with a private
 --temp-dir and free ports, so it never touches another Ray on the machine: stopping a node means
@@ -217,9 +217,9 @@ def drive(argv: list[str]) -> int:
     import ray
 
     from ablate.errors import AblateError
-    from ablate.orchestrate import LaunchOptions, ray_session, run_experiment
-    from ablate.spec import load_spec
-    from ablate.store import Store
+    from ablate.run.driver import LaunchOptions, ray_session, run_experiment
+    from ablate.spec.model import load_spec
+    from ablate.store.parquet import Store
 
     opts = LaunchOptions(module="tests.ablate.fake_trainer", autoscale=a.autoscale, grace_s=2.0)
     code = 0

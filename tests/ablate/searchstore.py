@@ -7,8 +7,8 @@ import json
 
 from datetime import datetime, timezone
 
-from ablate.spec import parse_spec_text
-from ablate.store import Store
+from ablate.spec.model import parse_spec_text
+from ablate.store.parquet import Store
 
 SEARCH_SPEC = """\
 name: srch

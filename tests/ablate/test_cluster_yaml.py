@@ -152,7 +152,7 @@ def test_project_data_and_cache_on_nodes() -> None:
 def test_compile_cache_dir_is_prepared_on_gpu_nodes() -> None:
     """The cache root docs/cluster.md tells specs to use (resources.compile_cache_dir) is a valid
     spec value, and every GPU node's setup creates it with the trainer's two subfolders."""
-    from ablate.spec import parse_spec_text
+    from ablate.spec.model import parse_spec_text
 
     docs = (ROOT / "docs" / "cluster.md").read_text()
     documented = set(re.findall(r"compile_cache_dir: (/[\w./-]+)", docs))

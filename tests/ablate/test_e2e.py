@@ -24,7 +24,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ablate.store import Store
+from ablate.store.parquet import Store
 from tests.ablate.raycluster import RayCluster, client_env, procs_with, wait_for_dashboard
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +60,7 @@ class TestInProcess:
     def local_ray(cls):
         import ray
 
-        from ablate.orchestrate import init_embedded_ray
+        from ablate.run.driver import init_embedded_ray
 
         init_embedded_ray()  # as `ablate run` starts it (loopback only)
         yield
@@ -69,15 +69,15 @@ class TestInProcess:
     def test_embedded_ray_listens_on_loopback_only(self, tmp_path: Path) -> None:
         """Every listening socket of the driver and its Ray processes (GCS, raylet, workers, agents,
         Prometheus endpoints), taken while a trial runs, is on a loopback address. The trainer's own
-        process tree (under ablate/launch.py: torchrun's rendezvous store) is torch's, not Ray's,
+        process tree (under ablate/run/launch.py: torchrun's rendezvous store) is torch's, not Ray's,
         and is left out."""
         import ipaddress
 
         import psutil  # ray[default] brings it
 
-        from ablate.orchestrate import LaunchOptions, run_experiment
-        from ablate.progress import NullProgress
-        from ablate.spec import load_spec
+        from ablate.run.driver import LaunchOptions, run_experiment
+        from ablate.run.progress import NullProgress
+        from ablate.spec.model import load_spec
 
         seen: list[tuple[int, str, str, int]] = []
 
@@ -90,7 +90,7 @@ class TestInProcess:
                 trainer = set()
                 for proc in procs:
                     try:
-                        if any(a.endswith("ablate/launch.py") for a in proc.cmdline()):
+                        if any(a.endswith("ablate/run/launch.py") for a in proc.cmdline()):
                             trainer |= {proc.pid, *(c.pid for c in proc.children(recursive=True))}
                     except psutil.Error:
                         continue
@@ -126,9 +126,9 @@ class TestInProcess:
         """Disk full at the second run: the error names the path and the cause, the run in flight is
         cancelled, and nothing after it starts (the old driver ran all 8 and failed at the end)."""
         from ablate.errors import StoreError
-        from ablate.orchestrate import LaunchOptions, run_experiment
-        from ablate.progress import NullProgress
-        from ablate.spec import load_spec
+        from ablate.run.driver import LaunchOptions, run_experiment
+        from ablate.run.progress import NullProgress
+        from ablate.spec.model import load_spec
 
         path = spec_file(tmp_path, "diskfull", {"baseline": {}, "lr": {"optim.muon.lr": 0.05}}, seeds=4,
                          resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
@@ -165,10 +165,10 @@ class TestInProcess:
 
     def test_lost_lock_stops_the_experiment(self, tmp_path: Path) -> None:
         from ablate.errors import LockLost
-        from ablate.lock import LOCK_FILE, acquire
-        from ablate.orchestrate import LaunchOptions, run_experiment
-        from ablate.progress import NullProgress
-        from ablate.spec import load_spec
+        from ablate.store.lock import LOCK_FILE, acquire
+        from ablate.run.driver import LaunchOptions, run_experiment
+        from ablate.run.progress import NullProgress
+        from ablate.spec.model import load_spec
 
         path = spec_file(tmp_path, "stolen", {"baseline": {}}, seeds=6,
                          resources={"gpus_per_run": 0, "cpu_ranks_per_run": 1})
@@ -189,7 +189,7 @@ class TestInProcess:
 
     def test_input_error_is_not_retried_and_its_reason_is_on_the_run_line(self, tmp_path: Path) -> None:
         """A missing data directory (trainer exit 2, DataError) fails once, not 1 + retries times."""
-        from ablate.cli import app
+        from ablate.cli.main import app
 
         path = spec_file(tmp_path, "nodata", {"baseline": {"data.synthetic": False, "data.data_dir": "/nonexistent/x"}},
                          retries=2)
@@ -204,8 +204,8 @@ class TestInProcess:
 
     def test_order_resume_and_changed_arm_with_fake_trainer(self, tmp_path: Path) -> None:
         """Seed-major interleaved launch order, provenance, skip-on-rerun, rerun of a changed arm."""
-        from ablate.orchestrate import LaunchOptions, run_experiment
-        from ablate.spec import load_spec
+        from ablate.run.driver import LaunchOptions, run_experiment
+        from ablate.spec.model import load_spec
 
         fake = LaunchOptions(module="tests.ablate.fake_trainer")
         arms = {"baseline": {}, "lr": {"optim.muon.lr": 0.05}}
@@ -239,7 +239,7 @@ class TestInProcess:
         assert runs[runs["arm"] == "lr"]["config_hash"].nunique() == 2
 
     def test_crashing_trainer_is_recorded_retried_and_experiment_continues(self, tmp_path: Path) -> None:
-        from ablate.cli import app
+        from ablate.cli.main import app
 
         path = spec_file(tmp_path, "crash", {"crash": {"debug.fail_at_step": 2}, "baseline": {}}, retries=1)
         res = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store")])
@@ -262,9 +262,9 @@ class TestInProcess:
         """Two slots: `flaky` fails at step 0, `slow` takes ~8 s. flaky's second attempt starts in
         the slot flaky freed while slow still runs (the old driver started retries only after the
         whole Tune batch had ended), with its own row, run id and launch order."""
-        from ablate.orchestrate import LaunchOptions, run_experiment
-        from ablate.progress import NullProgress
-        from ablate.spec import load_spec
+        from ablate.run.driver import LaunchOptions, run_experiment
+        from ablate.run.progress import NullProgress
+        from ablate.spec.model import load_spec
 
         events: list[tuple[str, str, int]] = []
 
@@ -297,9 +297,9 @@ class TestInProcess:
     def test_diverged_run_is_recorded_once_and_counted(self, tmp_path: Path) -> None:
         """A NaN loss is `diverged`: not retried (even with retries left), not run again on resume,
         counted in the table's verdict."""
-        from ablate.cli import app
-        from ablate.orchestrate import LaunchOptions, run_experiment
-        from ablate.spec import load_spec
+        from ablate.cli.main import app
+        from ablate.run.driver import LaunchOptions, run_experiment
+        from ablate.spec.model import load_spec
 
         fake = LaunchOptions(module="tests.ablate.fake_trainer")   # lr ≥ 1 diverges at step 2
         arms = {"baseline": {}, "boom": {"optim.muon.lr": 5.0}}
@@ -322,8 +322,8 @@ class TestInProcess:
     def test_reuse_workers_one_worker_serves_every_run(self, tmp_path: Path) -> None:
         """resources.reuse_workers: Tune reuses the trial actor and the actor its trainer worker;
         the worker is gone once Tune lets go of the actor."""
-        from ablate.orchestrate import run_experiment
-        from ablate.spec import load_spec
+        from ablate.run.driver import run_experiment
+        from ablate.spec.model import load_spec
 
         arms = {"baseline": {}, "lr": {"optim.muon.lr": 0.05}}
         res = {"gpus_per_run": 0, "cpu_ranks_per_run": 2, "cpus_per_run": os.cpu_count(), "reuse_workers": True}
@@ -345,11 +345,11 @@ class TestInProcess:
         working directory of its own on the real Ray + torchrun path, progress as the log comes, the
         log parsed into rows, curves and step times; a crash, a NaN and a truncated log; resume, an
         edited patch is planned again; table, report and status as for trainer runs."""
-        from ablate.cli import app
-        from ablate.matrix import expand, plan
-        from ablate.orchestrate import run_experiment
-        from ablate.progress import NullProgress
-        from ablate.spec import load_spec
+        from ablate.cli.main import app
+        from ablate.spec.matrix import expand, plan
+        from ablate.run.driver import run_experiment
+        from ablate.run.progress import NullProgress
+        from ablate.spec.model import load_spec
 
         shutil.copytree(ROOT / "tests" / "ablate" / "fixtures" / "script", tmp_path / "fork")
         (tmp_path / "shards" / "fineweb10B").mkdir(parents=True)  # data_root: $DATA_PATH/data in each run
@@ -434,7 +434,7 @@ class TestInProcess:
         assert re.search(r"total\W+2\W+1\W+2\W+0\W+0\W+2\W", res.output), res.output  # ok, diverged, failed, ...
 
     def test_resource_request_no_node_can_hold_fails_fast(self, tmp_path: Path) -> None:
-        from ablate.cli import app
+        from ablate.cli.main import app
 
         path = spec_file(tmp_path, "toobig", {"baseline": {}}, resources={"gpus_per_run": 2})
         t0 = time.time()
@@ -466,7 +466,7 @@ def test_smoke_experiment(tmp_path: Path) -> None:
     assert len(store.steps("smoke")) == 4 * 12
     assert "baseline" in res.stdout and "muon-lr-0.05" in res.stdout  # the table
     assert "4/4 runs, 0 failed" in res.stderr  # the progress (plain lines off a terminal)
-    from ablate.cli import app
+    from ablate.cli.main import app
 
     status = CliRunner().invoke(app, ["status", "smoke", "--store", str(store_dir)])
     assert status.exit_code == 0
@@ -474,7 +474,7 @@ def test_smoke_experiment(tmp_path: Path) -> None:
 
 
 def test_resume_after_driver_is_killed(tmp_path: Path) -> None:
-    from ablate.spec import load_spec
+    from ablate.spec.model import load_spec
 
     path = spec_file(tmp_path, "resume", {"baseline": {}, "muon-lr-0.05": {"optim.muon.lr": 0.05}})
     hashes = {arm: load_spec(path).config_hash(arm) for arm in ("baseline", "muon-lr-0.05")}
@@ -525,7 +525,7 @@ def test_resume_after_driver_is_killed(tmp_path: Path) -> None:
 
 def test_sigterm_cancels_the_run_in_flight(tmp_path: Path) -> None:
     """SIGTERM to the driver: Tune stops, the in-flight run is killed and recorded `cancelled`, exit 130."""
-    from ablate.spec import load_spec
+    from ablate.spec.model import load_spec
 
     path = spec_file(tmp_path, "sigterm", {"baseline": {}}, seeds=2)
     in_flight = f"-{load_spec(path).config_hash('baseline')}-a1-"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablate.spec import parse_spec
-from ablate.store import Store
+from ablate.spec.model import parse_spec
+from ablate.store.parquet import Store
 from trainer.config import apply_overrides, config_hash
 from trainer.presets import get_preset
 

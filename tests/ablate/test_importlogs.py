@@ -14,9 +14,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from ablate.cli_analysis import register
-from ablate.importlogs import LogFormatError, import_logs, parse_log
-from ablate.store import Store
+from ablate.cli.analysis import register
+from ablate.store.importlogs import LogFormatError, import_logs, parse_log
+from ablate.store.parquet import Store
 
 LOGS = Path(__file__).parent / "fixtures" / "logs"
 

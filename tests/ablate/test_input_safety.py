@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ablate.cli import app
+from ablate.cli.main import app
 from ablate.errors import EXIT_CODES, SpecError, StoreError
-from ablate.spec import load_spec, parse_spec_text
-from ablate.store import Store
+from ablate.spec.model import load_spec, parse_spec_text
+from ablate.store.parquet import Store
 from tests.ablate.test_spec import GOOD, _replace
 
 
@@ -133,7 +133,7 @@ search:
 
 
 def test_import_logs_reads_regular_files_of_bounded_size(tmp_path: Path) -> None:
-    from ablate.importlogs import LogFormatError, read_log
+    from ablate.store.importlogs import LogFormatError, read_log
 
     t0 = time.time()
     res = CliRunner().invoke(app, ["import-logs", "/dev/zero", "--experiment", "x", "--arm", "r",
@@ -180,7 +180,7 @@ def test_no_finished_line_when_nothing_was_planned() -> None:
 
     from rich.console import Console
 
-    from ablate.progress import RunProgress
+    from ablate.run.progress import RunProgress
 
     buf = io.StringIO()
     with pytest.raises(SpecError):
@@ -196,7 +196,7 @@ def test_no_finished_line_when_nothing_was_planned() -> None:
 
 def test_dead_end_input_errors_are_the_trainers() -> None:
     """ablate's list of non-retried error types is the trainer's INPUT_ERRORS (+ usage errors)."""
-    from ablate.orchestrate import INPUT_ERROR_TYPES
+    from ablate.run.driver import INPUT_ERROR_TYPES
     from trainer.train import INPUT_ERRORS
 
     assert set(INPUT_ERROR_TYPES) == {e.__name__ for e in INPUT_ERRORS} | {"UsageError"}

@@ -1,4 +1,4 @@
-"""ablate.launch: event streaming, failures, timeouts and killing whole process trees (no Ray).
+"""ablate.run.launch: event streaming, failures, timeouts and killing whole process trees (no Ray).
 
     python -m pytest tests/ablate/test_launch.py -q
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.launch import without_torchrun_report, descendants, parse_line, run_process, torchrun_command
+from ablate.run.launch import without_torchrun_report, descendants, parse_line, run_process, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = str(Path(__file__).parent / "fake_trainer.py")
@@ -88,7 +88,7 @@ def test_stop_event_cancels() -> None:
 PARENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from ablate.launch import run_process
+    from ablate.run.launch import run_process
     run_process({cmd!r}, cwd={root!r}, grace_s=1.0, remove_after={rm!r})
 """)
 

@@ -1,4 +1,4 @@
-"""One driver per experiment (ablate.lock), `ablate rm`, and the start-of-run clean-up. No Ray.
+"""One driver per experiment (ablate.store.lock), `ablate rm`, and the start-of-run clean-up. No Ray.
 
     python -m pytest tests/ablate/test_lock.py -q
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ablate.cli import app
+from ablate.cli.main import app
 from ablate.errors import LockHeld, LockLost
-from ablate.lock import LOCK_FILE, LockInfo, acquire, experiment_lock, held_by
-from ablate.store import Store
+from ablate.store.lock import LOCK_FILE, LockInfo, acquire, experiment_lock, held_by
+from ablate.store.parquet import Store
 from tests.ablate.test_store import CURVE, STEPS, make_run
 
 SPEC = """\
@@ -179,8 +179,8 @@ def test_rm_refuses_while_a_driver_holds_the_lock_and_removes_a_whole_experiment
 
 
 def test_start_cleans_what_a_killed_driver_left(tmp_path: Path, store: Store) -> None:
-    from ablate.orchestrate import TUNE_DIR_PREFIX, clean_stale_tune_dirs, prepare_experiment
-    from ablate.spec import parse_spec_text
+    from ablate.run.driver import TUNE_DIR_PREFIX, clean_stale_tune_dirs, prepare_experiment
+    from ablate.spec.model import parse_spec_text
 
     spec = parse_spec_text(SPEC)
     store.mark_inflight("exp", "lr-s1-x-a1", {"run_id": "lr-s1-x-a1", "arm": "lr", "seed": 1})

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from ablate.matrix import expand, make_request, plan, resource_plan
-from ablate.spec import parse_spec_text
+from ablate.spec.matrix import expand, make_request, plan, resource_plan
+from ablate.spec.model import parse_spec_text
 
 SPEC = """\
 name: m
@@ -91,7 +91,7 @@ def test_resource_plan() -> None:
 
 
 def test_max_concurrency_counts_whole_bundles() -> None:
-    from ablate.placement import max_concurrency
+    from ablate.run.placement import max_concurrency
 
     spec = parse_spec_text(SPEC)  # 4 CPU per run
     nodes = [{"Alive": True, "Resources": {"CPU": 10.0}}, {"Alive": True, "Resources": {"CPU": 3.0}},
@@ -102,9 +102,9 @@ def test_max_concurrency_counts_whole_bundles() -> None:
 
 
 def test_build_row_from_payload() -> None:
-    from ablate.matrix import PlannedRun
-    from ablate.orchestrate import Attempt, build_row
-    from ablate.record import CurvePoint, RunRecord
+    from ablate.spec.matrix import PlannedRun
+    from ablate.run.driver import Attempt, build_row
+    from ablate.store.record import CurvePoint, RunRecord
 
     spec = parse_spec_text(SPEC)
     req = make_request(spec, "a", 1)
@@ -159,8 +159,8 @@ def _payload(**kw) -> dict:
 
 
 def test_build_row_marks_a_non_finite_loss_as_diverged() -> None:
-    from ablate.matrix import PlannedRun
-    from ablate.orchestrate import Attempt, build_row
+    from ablate.spec.matrix import PlannedRun
+    from ablate.run.driver import Attempt, build_row
 
     spec = parse_spec_text(SPEC)
     att = Attempt(PlannedRun(make_request(spec, "a", 1), "todo", 1, 2), order=0)
@@ -198,8 +198,8 @@ def test_build_row_marks_a_non_finite_loss_as_diverged() -> None:
 
 
 def test_missing_runs_of_a_finished_search_and_of_a_plain_spec(tmp_path) -> None:
-    from ablate.matrix import missing_runs
-    from ablate.store import Store
+    from ablate.spec.matrix import missing_runs
+    from ablate.store.parquet import Store
     from tests.ablate.searchstore import SEARCH_SPEC, write_search_experiment
 
     store = Store(str(tmp_path / "res"))

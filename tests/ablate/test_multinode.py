@@ -4,7 +4,7 @@
 
 The cluster (tests/ablate/raycluster.py) is a head with 2 CPUs and no GPU, like cluster.yaml's
 head, plus nodes that declare 2 GPUs Ray only counts. Drivers are separate processes
-(`python -m tests.ablate.raycluster drive ...`: ablate.orchestrate.run_experiment with
+(`python -m tests.ablate.raycluster drive ...`: ablate.run.driver.run_experiment with
 tests/ablate/fake_trainer.py), connected with --address like a driver on the head. Checked:
 
 * without --autoscale, a GPU spec fails fast while no node can hold a run; with it, the driver
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablate.store import Store
+from ablate.store.parquet import Store
 from tests.ablate.raycluster import ROOT, RayCluster, RayNode, client_env, procs_with
 
 pytestmark = pytest.mark.e2e
@@ -151,7 +151,7 @@ def test_node_killed_mid_run_is_retried_on_a_replacement(cluster: RayCluster, tm
     alive = [n for n in cluster.nodes if not n.head and n.alive]
     node = alive[0] if alive else gpu_node(cluster)
     spec = write_spec(tmp_path, "mn-kill", retries=1)
-    from ablate.spec import load_spec
+    from ablate.spec.model import load_spec
 
     ours = [f"-{load_spec(spec).config_hash(arm)}-a" for arm in ("baseline", "lr")]  # in the run ids
     store_dir = tmp_path / "store"

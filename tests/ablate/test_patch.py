@@ -1,4 +1,4 @@
-"""ablate.patch: unified diffs applied in memory, checked against `git apply` on the same inputs.
+"""ablate.spec.patch: unified diffs applied in memory, checked against `git apply` on the same inputs.
 
     python -m pytest tests/ablate/test_patch.py -q
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ablate.patch import PatchError, apply_file_patch, parse_patch
+from ablate.spec.patch import PatchError, apply_file_patch, parse_patch
 
 BASE = "".join(f"line {i}\n" for i in range(1, 41))
 

@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ablate.errors import Interrupted, SpecError
-from ablate.placement import (GPU_NODE_RESOURCE, check_cluster, concurrency_limit, max_concurrency,
+from ablate.run.placement import (GPU_NODE_RESOURCE, check_cluster, concurrency_limit, max_concurrency,
                               run_bundle)
-from ablate.spec import parse_spec_text
+from ablate.spec.model import parse_spec_text
 
 SPEC = """\
 name: place
@@ -116,8 +116,8 @@ def test_run_requests_warns_and_goes_on_when_autoscaling(monkeypatch: pytest.Mon
     """The driver path: plain → SpecError before any Tune run; autoscale → warning, then Tune."""
     import contextlib
 
-    from ablate import orchestrate
-    from ablate.matrix import expand
+    from ablate.run import driver as orchestrate
+    from ablate.spec.matrix import expand
 
     s = spec("{gpus_per_run: 8}")
     monkeypatch.setattr(orchestrate, "ray_session", lambda address=None: contextlib.nullcontext())
@@ -152,9 +152,9 @@ class _FakeTuner:
 @pytest.mark.parametrize("autoscale", [False, True])
 def test_tune_gets_one_placement_group_bundle_and_the_limit(monkeypatch: pytest.MonkeyPatch, store,
                                                            autoscale: bool) -> None:
-    from ablate import orchestrate
-    from ablate.matrix import PlannedRun, expand
-    from ablate.progress import NullProgress
+    from ablate.run import driver as orchestrate
+    from ablate.spec.matrix import PlannedRun, expand
+    from ablate.run.progress import NullProgress
 
     s = spec("{gpus_per_run: 8, cpus_per_run: 96}")
     monkeypatch.setattr(orchestrate.ray, "nodes", lambda: [HEAD, P5, P5])
@@ -169,7 +169,7 @@ def test_tune_gets_one_placement_group_bundle_and_the_limit(monkeypatch: pytest.
 
 
 def test_cli_autoscale_needs_a_cluster_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ablate.cli import app
+    from ablate.cli.main import app
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     path = tmp_path / "s.yaml"
@@ -187,8 +187,8 @@ def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
     from trainer.config import config_hash
     from trainer.presets import load_config
 
-    from ablate.matrix import expand
-    from ablate.orchestrate import LaunchOptions, make_job
+    from ablate.spec.matrix import expand
+    from ablate.run.driver import LaunchOptions, make_job
 
     plain = spec("{gpus_per_run: 1}")
     cached = spec("{gpus_per_run: 1, compile_cache_dir: /opt/ablate-cache}")
@@ -213,7 +213,7 @@ def test_compile_cache_dir_reaches_the_run_but_not_its_identity() -> None:
 # ---- node failures ------------------------------------------------------------------------
 def test_lost_node_error_text_puts_the_cause_first(tmp_path: Path) -> None:
     """What Tune wrote for a trial whose node died becomes the row's error, cause first."""
-    from ablate.orchestrate import trial_error
+    from ablate.run.driver import trial_error
 
     err = tmp_path / "error.txt"
     err.write_text("Failure # 1 (occurred at 2026-11-22_16-41-11)\nThe actor died unexpectedly before finishing "

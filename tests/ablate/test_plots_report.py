@@ -14,8 +14,14 @@ from matplotlib.collections import PathCollection
 from matplotlib.container import ErrorbarContainer
 from scipy import stats as sps
 
-from ablate import plots, report, results, tables
-from ablate.spec import parse_spec
+from ablate.analysis import plots
+
+from ablate.analysis import report
+
+from ablate.cli import results
+
+from ablate.analysis import tables
+from ablate.spec.model import parse_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VAL_STEPS = [0, 500, 1000, 1500, 2000]
@@ -126,7 +132,7 @@ def test_stalls_compare_a_step_with_its_own_batch_size_stage():
 def test_stalls_on_a_record_log():
     """A 2026-07-17 record log (stages of ~31, 57 and 83 ms): two slow steps right after an eval,
     not the 38 last-stage steps a run-wide median marks."""
-    from ablate.importlogs import parse_log
+    from ablate.store.importlogs import parse_log
 
     log = parse_log((Path(__file__).parent / "fixtures" / "record_log" / "fp8_9829ec4f.txt").read_bytes())
     steps = pd.DataFrame(log.steps).assign(run_id="r", arm="record", seed=0)
@@ -167,8 +173,8 @@ def test_write_report_through_store_and_cli(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from ablate.cli_analysis import register
-    from ablate.store import Store
+    from ablate.cli.analysis import register
+    from ablate.store.parquet import Store
 
     store = Store(str(tmp_path / "res"))
     runs, curves, steps = frames()
@@ -198,8 +204,8 @@ def test_write_report_through_store_and_cli(tmp_path):
 def test_report_on_imported_search_and_mixed_experiments(tmp_path):
     """Imported runs have no host (NaN under pandas 3), search experiments list their trials,
     and an experiment may hold both `ablate run` and imported runs."""
-    from ablate.importlogs import import_logs
-    from ablate.store import Store
+    from ablate.store.importlogs import import_logs
+    from ablate.store.parquet import Store
     from tests.ablate.searchstore import row, write_search_experiment
 
     logs = Path(__file__).parent / "fixtures" / "logs"
@@ -239,8 +245,8 @@ def test_without_matplotlib_the_cli_works_and_report_names_the_extra(tmp_path):
 
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"  # `import matplotlib...` now raises ImportError
-        "import ablate.cli, ablate.report, ablate.tables\n"
-        "from ablate import plots\n"
+        "import ablate.cli, ablate.analysis.report, ablate.analysis.tables\n"
+        "from ablate.analysis import plots\n"
         "try:\n    plots.curves_figure(None, None)\nexcept plots.PlotsUnavailable as e:\n    print('ERR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

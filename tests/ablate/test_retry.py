@@ -3,7 +3,7 @@ the other runs), with its own row; input errors, divergence, the budget and a st
 
     python -m pytest tests/ablate/test_retry.py -q
 
-Drives ablate.orchestrate's queue (`AttemptQueue`, what Tune asks for trials) and callback (`TuneRuns`)
+Drives ablate.run.driver's queue (`AttemptQueue`, what Tune asks for trials) and callback (`TuneRuns`)
 the way Tune 2.60 calls them, without Ray: a trial's end reaches the search algorithm first, then
 the callback, and only then does Tune ask for the next trial. tests/ablate/test_e2e.py
 (test_failed_attempt_is_relaunched_while_the_other_runs_go_on) checks the same through real Tune.
@@ -17,10 +17,10 @@ import pytest
 from ray.tune.search import Searcher
 
 from ablate.errors import StoreError
-from ablate.matrix import expand, plan
-from ablate.orchestrate import AttemptQueue, TuneRuns
-from ablate.progress import NullProgress
-from ablate.spec import parse_spec_text
+from ablate.spec.matrix import expand, plan
+from ablate.run.driver import AttemptQueue, TuneRuns
+from ablate.run.progress import NullProgress
+from ablate.spec.model import parse_spec_text
 
 SPEC = """\
 name: retry

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ablate.launch import LaunchResult, run_process
-from ablate.script_run import RecordLines, code_path, data_link, find_log, outcome, script_command, store_code
-from ablate.store import Store
+from ablate.run.launch import LaunchResult, run_process
+from ablate.run.script_trial import RecordLines, code_path, data_link, find_log, outcome, script_command, store_code
+from ablate.store.parquet import Store
 
 FAKE = Path(__file__).resolve().parent / "fixtures" / "script"
 LOG = textwrap.dedent("""\
@@ -109,10 +109,10 @@ def test_crash_truncation_nan_and_no_log() -> None:
 
 def test_build_row_of_a_script_run(tmp_path: Path) -> None:
     """The payload becomes a runs row like a trainer run's: source=script, its sha256, provenance."""
-    from ablate.matrix import PlannedRun, make_request
-    from ablate.orchestrate import Attempt, build_row
-    from ablate.script_run import job
-    from ablate.spec import load_spec
+    from ablate.spec.matrix import PlannedRun, make_request
+    from ablate.run.driver import Attempt, build_row
+    from ablate.run.script_trial import job
+    from ablate.spec.model import load_spec
     from tests.ablate.test_script_spec import make
 
     spec = load_spec(make(tmp_path))
@@ -142,7 +142,7 @@ def test_build_row_of_a_script_run(tmp_path: Path) -> None:
     rel = code_path("train_gpt.py", row["script_sha256"])
     assert store.read_bytes("premul-o", rel).decode() == att.job["code"][0]["text"]
     # the log lives and goes with its run (ablate rm)
-    from ablate.script_run import write_log
+    from ablate.run.script_trial import write_log
 
     write_log(store, "premul-o", row["run_id"], payload)
     store.write_run(row, curve, steps)
@@ -187,7 +187,7 @@ def test_two_ranks_through_torchrun_and_the_guard(tmp_path: Path) -> None:
 def test_live_events_of_a_real_record_log_match_the_import_parser() -> None:
     """A record log's console lines (2026-07-17 record, tests/ablate/fixtures/record_log) fed as
     stdout give the same curve and step times live as import-logs' parser gives from the file."""
-    from ablate.importlogs import parse_log
+    from ablate.store.importlogs import parse_log
 
     data = (Path(__file__).resolve().parent / "fixtures" / "record_log" / "fp8_9829ec4f.txt").read_bytes()
     want = parse_log(data)

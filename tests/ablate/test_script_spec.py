@@ -1,4 +1,4 @@
-"""Script arms in specs (ablate.script): validation before any run, patching, identity (config hash).
+"""Script arms in specs (ablate.spec.script): validation before any run, patching, identity (config hash).
 
     python -m pytest tests/ablate/test_script_spec.py -q
 """
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ablate.cli import app
+from ablate.cli.main import app
 from ablate.errors import SpecError
-from ablate.matrix import expand, make_request
-from ablate.spec import load_spec, parse_spec_text
+from ablate.spec.matrix import expand, make_request
+from ablate.spec.model import load_spec, parse_spec_text
 
 SCRIPT = """\
 import os
@@ -199,7 +199,7 @@ def test_script_arms_next_to_preset_arms_need_allow_mixed(tmp_path: Path) -> Non
 def test_stored_spec_needs_no_files(tmp_path: Path) -> None:
     """A spec read back from the store (tables, status) takes each script arm's identity from
     script_arms.json; the files may be gone."""
-    from ablate.script import stored_records
+    from ablate.spec.script import stored_records
 
     path = make(tmp_path)
     spec = load_spec(path)
@@ -243,8 +243,8 @@ def test_a_script_this_python_cannot_parse_is_not_judged(tmp_path: Path) -> None
 
 
 def test_oversized_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ablate.script
+    import ablate.spec.script
 
-    monkeypatch.setattr(ablate.script, "MAX_CODE_BYTES", 100)
+    monkeypatch.setattr(ablate.spec.script, "MAX_CODE_BYTES", 100)
     msg = problems(make(tmp_path))
     assert "trainer.script='records/train_gpt.py': " in msg and "MiB; scripts, patches and files up to 0 MiB" in msg

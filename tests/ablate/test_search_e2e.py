@@ -23,13 +23,13 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ablate.search import arm_name, run_search, search_config
-from ablate.search_report import search_table
-from ablate.tables import read_experiment
-from ablate.search_space import base_values
-from ablate.spec import load_spec, parse_spec
-from ablate.store import Store
-from ablate.study import pareto_front
+from ablate.search.driver import arm_name, run_search, search_config
+from ablate.search.report import search_table
+from ablate.analysis.tables import read_experiment
+from ablate.spec.search_space import base_values
+from ablate.spec.model import load_spec, parse_spec
+from ablate.store.parquet import Store
+from ablate.search.study import pareto_front
 
 pytestmark = pytest.mark.e2e
 
@@ -39,9 +39,9 @@ TINY = ROOT / "experiments" / "lr_mul_search_tiny.yaml"
 DRIVER = """
 import sys
 from ablate.errors import Interrupted
-from ablate.search import run_search
-from ablate.spec import load_spec
-from ablate.store import Store
+from ablate.search.driver import run_search
+from ablate.spec.model import load_spec
+from ablate.store.parquet import Store
 try:
     run_search(load_spec(sys.argv[1]), Store(sys.argv[2]))
 except Interrupted:

@@ -9,7 +9,7 @@ import json
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from ablate.search_space import SearchSpaceError, base_values, parse_search
+from ablate.spec.search_space import SearchSpaceError, base_values, parse_search
 from trainer.presets import load_config
 
 SPACE = {
@@ -170,7 +170,7 @@ def test_run_search_rejects_a_bad_space_before_anything_runs(tmp_path):
     import ray
 
     from ablate.errors import SpecError
-    from ablate.spec import parse_spec
+    from ablate.spec.model import parse_spec
 
     # Spec validation (`ablate validate`, `ablate run`) checks the space before Ray or a study exists.
     with pytest.raises(SpecError) as ei:

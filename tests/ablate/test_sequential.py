@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from ablate import stats_seq
-from ablate.sequential import SeqPlan, arms_to_continue, arms_to_continue_plan, simulate, simulate_draws
-from ablate.spec import parse_spec
+from ablate.analysis import group_sequential as stats_seq
+from ablate.analysis.sequential import SeqPlan, arms_to_continue, arms_to_continue_plan, simulate, simulate_draws
+from ablate.spec.model import parse_spec
 
 EQUAL5 = [0.2, 0.4, 0.6, 0.8, 1.0]
 
@@ -181,9 +181,9 @@ def test_arms_to_continue_matches_the_vectorised_simulation():
 def test_orchestrator_decides_on_the_current_config_only(tmp_path):
     """An arm whose override changed starts over: its old config's runs (3 = `max`, which would
     stop it) do not count; its current config has 1 ok run (< `min`), so it continues."""
-    from ablate.orchestrate import arms_to_continue_stored
-    from ablate.spec import parse_spec_text
-    from ablate.store import Store
+    from ablate.run.driver import arms_to_continue_stored
+    from ablate.spec.model import parse_spec_text
+    from ablate.store.parquet import Store
     from tests.ablate.searchstore import row
 
     spec = parse_spec_text("name: sq\ntrainer: {preset: tiny}\narms: {baseline: {}, lr: {optim.muon.lr: 0.05}}\n"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ablate.cli import app
+from ablate.cli.main import app
 from ablate.errors import SpecError
-from ablate.placement import check_cluster
-from ablate.spec import SequentialSeeds, flatten, load_spec, parse_spec_text
+from ablate.run.placement import check_cluster
+from ablate.spec.model import SequentialSeeds, flatten, load_spec, parse_spec_text
 
 GOOD = """\
 name: demo
@@ -209,7 +209,7 @@ def test_dry_run_prints_matrix_and_plan_without_ray(tmp_path: Path) -> None:
 
 
 def test_data_root() -> None:
-    from ablate.spec import data_root_path
+    from ablate.spec.model import data_root_path
 
     root = Path("/project")
     assert data_root_path(None, root) == root
@@ -239,7 +239,7 @@ search:
 def test_reuse_workers_field(tmp_path: Path) -> None:
     """resources.reuse_workers: off by default, shown by --dry-run, a bool (a typo is a spec error),
     and outside the runs' identity (the same config hashes either way)."""
-    from ablate.matrix import expand
+    from ablate.spec.matrix import expand
 
     off = parse_spec_text(GOOD)
     on = parse_spec_text(_replace("cpu_ranks_per_run: 2}", "cpu_ranks_per_run: 2, reuse_workers: true}"))

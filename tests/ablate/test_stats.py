@@ -1,4 +1,4 @@
-"""Every statistic of ablate/stats.py against scipy/statsmodels on fixed data.
+"""Every statistic of ablate/analysis/stats.py against scipy/statsmodels on fixed data.
 
     python -m pytest tests/ablate/test_stats.py -q
 """
@@ -15,7 +15,7 @@ from statsmodels.stats.meta_analysis import effectsize_smd
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
-from ablate import stats
+from ablate.analysis import stats
 
 # final val losses and train times (s) of two arms, as a speedrun log would give them
 BASE_LOSS = [3.2791, 3.2775, 3.2803, 3.2786, 3.2797, 3.2779, 3.2788]

@@ -1,4 +1,4 @@
-"""ablate/stats.py's library-backed statistics against the libraries and against the hand-written
+"""ablate/analysis/stats.py's library-backed statistics against the libraries and against the hand-written
 formulas they replaced (copied below as `Old*`), including the edge cases.
 
     python -m pytest tests/ablate/test_stats_library.py -q
@@ -13,7 +13,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
-from ablate import stats
+from ablate.analysis import stats
 
 ALTS = ("two-sided", "less", "greater")
 SM_ALT = {"two-sided": "two-sided", "less": "smaller", "greater": "larger"}
@@ -342,13 +342,13 @@ def test_runs_needed_gives_the_old_numbers():
         assert stats.runs_needed_paired(args[0], args[1], 0.05) == old_runs_needed_paired(args[0], args[1], 0.05)
 
 
-# ---------------------------------------------------------------- sequential looks (ablate/sequential.py)
+# ---------------------------------------------------------------- sequential looks (ablate/analysis/sequential.py)
 
 def test_sequential_target_and_welch_z_are_scipys_t_and_the_old_numbers():
     import pandas as pd
 
-    from ablate.sequential import target_z, welch_z
-    from ablate.stats_seq import z_from_t
+    from ablate.analysis.sequential import target_z, welch_z
+    from ablate.analysis.group_sequential import z_from_t
 
     def old_target_z(x, target):
         s = x.std(ddof=1)

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ablate.errors import StoreError
-from ablate.record import RECORDS, SCHEMAS, CurvePoint, RunRecord, file_schema
-from ablate.store import CURVES_SCHEMA, RUNS_SCHEMA, SCHEMA_VERSION, STEPS_SCHEMA, Store
+from ablate.store.record import RECORDS, SCHEMAS, CurvePoint, RunRecord, file_schema
+from ablate.store.parquet import CURVES_SCHEMA, RUNS_SCHEMA, SCHEMA_VERSION, STEPS_SCHEMA, Store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_round_trip_s3_moto(monkeypatch: pytest.MonkeyPatch) -> None:
         assert Store(uri).runs("exp")["run_id"].tolist() == store.runs("exp")["run_id"].tolist()
         # the experiment lock over S3 (PUT, settle, read back), and a missing bucket named as such
         from ablate.errors import LockHeld
-        from ablate.lock import acquire
+        from ablate.store.lock import acquire
 
         lock = acquire(store, "exp", settle_s=0.05)
         with pytest.raises(LockHeld, match="locked by another driver"):
@@ -157,8 +157,8 @@ PATHS_GOLDEN = Path(__file__).parent / "golden" / "store_v1_paths"
 def test_store_written_before_runrecord_reads_the_same(experiment: str) -> None:
     """A store written by the run paths before RunRecord (ok, failed-then-retried, diverged, an
     imported log; script runs) reads as it did then: the same frames, the same `ablate table`."""
-    from ablate.results import render_table
-    from ablate.tables import read_experiment
+    from ablate.cli.results import render_table
+    from ablate.analysis.tables import read_experiment
 
     store = Store(str(PATHS))
     assert store.experiments() == ["paths", "premul-o"]
@@ -223,7 +223,7 @@ def test_schema_is_derived_from_the_records() -> None:
 
 
 def test_docs_list_every_runs_column_in_order() -> None:
-    """docs/store.md's `runs` table names the columns of ablate.record.RunRecord, in schema order."""
+    """docs/store.md's `runs` table names the columns of ablate.store.record.RunRecord, in schema order."""
     text = (ROOT / "docs" / "store.md").read_text()
     table = text.split("## `runs` columns", 1)[1].split("\n## ", 1)[0]
     cells = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
@@ -371,7 +371,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
     from tests.ablate.test_store import make_run
-    from ablate.store import Store
+    from ablate.store.parquet import Store
 
     class SlowFS:  # writes in small chunks, so a kill lands inside a file
         def __init__(self, fs):
@@ -439,8 +439,8 @@ def test_bad_uri() -> None:
 def test_status_command_counts_missing_and_in_flight(store: Store) -> None:
     from typer.testing import CliRunner
 
-    from ablate.cli import app
-    from ablate.spec import parse_spec_text
+    from ablate.cli.main import app
+    from ablate.spec.model import parse_spec_text
 
     text = ("name: exp\ntrainer: {preset: tiny}\narms: {baseline: {}, lr: {optim.muon.lr: 0.05}}\nseeds: 2\n"
             "resources: {gpus_per_run: 0}\n")
@@ -467,7 +467,7 @@ def test_status_of_a_finished_search_misses_nothing(store: Store) -> None:
     """A search's spec arms run on the confirmation's seeds (1000..), not on `seeds:`."""
     from typer.testing import CliRunner
 
-    from ablate.cli import app
+    from ablate.cli.main import app
     from tests.ablate.searchstore import write_search_experiment
 
     write_search_experiment(store, "srch")

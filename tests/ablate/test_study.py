@@ -9,8 +9,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablate.search_space import SearchSpaceError, parse_search
-from ablate.study import (
+from ablate.spec.search_space import SearchSpaceError, parse_search
+from ablate.search.study import (
     ATTR_INTERRUPTED, ATTR_MEAN, ATTR_N, counts_toward_budget, make_sampler, open_study,
     pareto_front, pareto_mask, ranked, storage_url,
 )

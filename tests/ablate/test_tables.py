@@ -22,8 +22,10 @@ from statsmodels.stats.multitest import multipletests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for `python tests/ablate/test_tables.py`
 
-from ablate import results, tables  # noqa: E402
-from ablate.sequential import SeqPlan  # noqa: E402
+from ablate.cli import results
+
+from ablate.analysis import tables
+from ablate.analysis.sequential import SeqPlan  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -333,7 +335,7 @@ def full_row(r: dict) -> dict:
 
 @pytest.fixture
 def store(tmp_path):
-    from ablate.store import Store
+    from ablate.store.parquet import Store
 
     st = Store(str(tmp_path / "results"))
     for r in runs_frame().to_dict("records"):
@@ -355,7 +357,7 @@ def test_cli_table(store):
     import typer
     from typer.testing import CliRunner
 
-    from ablate.cli_analysis import register
+    from ablate.cli.analysis import register
 
     app = typer.Typer()
     register(app)
@@ -387,9 +389,9 @@ def test_store_table_uses_the_stored_specs_config_hashes(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from ablate.cli_analysis import register
-    from ablate.spec import parse_spec_text
-    from ablate.store import Store
+    from ablate.cli.analysis import register
+    from ablate.spec.model import parse_spec_text
+    from ablate.store.parquet import Store
 
     text = ("name: cfg\ntrainer: {preset: tiny}\narms: {baseline: {}, lr: {optim.muon.lr: 0.05}}\nseeds: 3\n"
             "resources: {gpus_per_run: 0}\n")
@@ -421,8 +423,8 @@ def test_store_table_uses_the_stored_specs_config_hashes(tmp_path):
 def test_search_trial_listing_readable_at_80_and_120_columns(tmp_path, width):
     from rich.console import Console
 
-    from ablate.search_report import search_table
-    from ablate.store import Store
+    from ablate.search.report import search_table
+    from ablate.store.parquet import Store
     from tests.ablate.searchstore import write_wide_search
 
     st = Store(str(tmp_path / "res"))
@@ -451,7 +453,7 @@ def test_pooled_gpu_counts_are_flagged():
 def other_model_defaults():
     """The spec model's analysis defaults changed (baseline, alternative, correction, alpha,
     sequential alpha); put back after the test."""
-    from ablate.spec import Analysis, SequentialSeeds, Spec
+    from ablate.spec.model import Analysis, SequentialSeeds, Spec
 
     changes = [(Analysis, "alternative", "less"), (Analysis, "correction", "bh"), (Analysis, "alpha", 0.01),
                (SequentialSeeds, "alpha", 0.02), (Spec, "baseline", "control")]
@@ -475,8 +477,8 @@ def other_model_defaults():
 def test_no_default_of_the_spec_is_stated_twice(tmp_path, other_model_defaults):
     """Every analysis default comes from the pydantic model: changed there, it changes the table
     (no spec, a whole spec, a stored copy that no longer validates, the sequential plan)."""
-    from ablate.spec import parse_spec, parse_stored_spec
-    from ablate.store import Store
+    from ablate.spec.model import parse_spec, parse_stored_spec
+    from ablate.store.parquet import Store
 
     want = ("control", None, "less", "bh", 0.01)
     got = tables.settings_from_spec(None)
@@ -502,8 +504,8 @@ def test_no_default_of_the_spec_is_stated_twice(tmp_path, other_model_defaults):
 
 def _one_per_command(monkeypatch):
     """Count, per CLI command, the runs-table reads of the store and the config resolutions."""
-    from ablate import spec as spec_module
-    from ablate.store import Store
+    from ablate.spec import model as spec_module
+    from ablate.store.parquet import Store
 
     counts = {"reads": 0, "resolved": []}
     read, resolve = Store.read, spec_module.resolve_config
@@ -526,8 +528,8 @@ CFG_SPEC = ("name: cfg\ntrainer: {preset: tiny}\narms: {baseline: {}, lr: {optim
 
 
 def _cfg_store(path: Path):
-    from ablate.spec import parse_spec_text
-    from ablate.store import Store
+    from ablate.spec.model import parse_spec_text
+    from ablate.store.parquet import Store
 
     spec = parse_spec_text(CFG_SPEC)
     st = Store(str(path))
@@ -546,7 +548,7 @@ def _cfg_store(path: Path):
 def test_a_command_reads_the_runs_once_and_resolves_each_arm_once(tmp_path, monkeypatch, command):
     from typer.testing import CliRunner
 
-    from ablate.cli import app
+    from ablate.cli.main import app
 
     st, spec = _cfg_store(tmp_path / "res")
     path = tmp_path / "cfg.yaml"
@@ -565,9 +567,9 @@ def test_the_table_after_a_run_reads_once_and_resolves_nothing_again(tmp_path, m
 
     from rich.console import Console
 
-    from ablate import cli
+    from ablate.cli import main as cli
 
-    from ablate.spec import parse_spec_text
+    from ablate.spec.model import parse_spec_text
 
     st, _ = _cfg_store(tmp_path / "res")
     spec = parse_spec_text(CFG_SPEC)
@@ -580,8 +582,8 @@ def test_the_table_after_a_run_reads_once_and_resolves_nothing_again(tmp_path, m
 
 
 def test_a_search_table_and_report_read_the_runs_once(tmp_path, monkeypatch):
-    from ablate import report
-    from ablate.store import Store
+    from ablate.analysis import report
+    from ablate.store.parquet import Store
     from tests.ablate.searchstore import write_search_experiment
 
     st = Store(str(tmp_path / "res"))
@@ -591,41 +593,3 @@ def test_a_search_table_and_report_read_the_runs_once(tmp_path, monkeypatch):
     assert "### srch: confirmation" in results.render_table(exp, "md")
     results.write_report(exp)
     assert counts["reads"] == 1
-
-
-def test_no_import_cycles():
-    """ablate/ and trainer/ import each other's modules without a cycle, counting imports inside
-    functions too (only `if TYPE_CHECKING:` blocks are left out)."""
-    import ast
-
-    root = Path(__file__).resolve().parents[2]
-    files = {f"{pkg}.{f.stem}": f for pkg in ("ablate", "trainer") for f in (root / pkg).glob("*.py")}
-
-    def imports(path: Path) -> set[str]:
-        out: set[str] = set()
-        stack = [ast.parse(path.read_text())]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                stack.extend(node.orelse)
-                continue
-            if isinstance(node, ast.ImportFrom) and node.module:
-                out |= {m for m in [node.module] + [f"{node.module}.{a.name}" for a in node.names] if m in files}
-            elif isinstance(node, ast.Import):
-                out |= {a.name for a in node.names if a.name in files}
-            stack.extend(ast.iter_child_nodes(node))
-        return out
-
-    graph = {m: imports(f) - {m} for m, f in files.items()}
-
-    def reach(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for nxt in graph[todo.pop()]:
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return seen
-
-    cycles = sorted(m for m in graph if m in reach(m))
-    assert not cycles, f"modules on an import cycle: {cycles}"

@@ -1,4 +1,4 @@
-"""ablate.workers: a long-lived torchrun gang (trainer.serve) runs run after run (no Ray).
+"""ablate.run.workers: a long-lived torchrun gang (trainer.serve) runs run after run (no Ray).
 
     python -m pytest tests/ablate/test_workers.py -q        # ~30 s on 2 cores
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablate.launch import run_process, torchrun_command
-from ablate.workers import Worker, worker_for, CURRENT
+from ablate.run.launch import run_process, torchrun_command
+from ablate.run.workers import Worker, worker_for, CURRENT
 from tests.ablate.test_launch import _alive, _wait_gone
 
 pytestmark = pytest.mark.dist
@@ -58,7 +58,7 @@ def test_worker_runs_match_fresh_processes_and_skip_the_launch(tmp_path: Path) -
 
 
 def _tree(w: Worker) -> list[int]:
-    from ablate.launch import descendants
+    from ablate.run.launch import descendants
 
     return [w._g.proc.pid, *descendants(w._g.proc.pid)]
 

@@ -2,16 +2,14 @@
 
     python -m ablate run experiments/smoke.yaml              # through ablate.cli
 
-    from ablate.orchestrate import run_experiment, run_requests
+    from ablate.run.driver import run_experiment, run_requests
     results = run_experiment(spec, Store("results"))          # every (arm, seed), resumable
     results = run_requests(spec, [make_request(spec, "baseline", 0)], store)   # any list (search)
 
-Each trial (a Ray worker holding the run's bundle: all its GPUs, or CPUs for CPU ranks) writes
-the run's overrides to a temporary YAML file, starts `python -m torch.distributed.run
---standalone ... -m trainer.train` through `ablate.launch` (process-tree guard, free rendezvous
-port) — or, with `resources.reuse_workers`, hands the run to the long-lived trainer worker its
-reused actor keeps (ablate.workers) — reports val/step events to Tune as they arrive, and returns
-everything in one final report. The driver's Tune callback writes the run to the store as each
+Each trial (a Ray worker holding the run's bundle: all its GPUs, or CPUs for CPU ranks) runs
+ablate.run.trial: torchrun under the process-tree guard, a long-lived worker, or a script arm;
+val/step events reported to Tune as they arrive, everything in one final report. This module is
+the driver side only: the Ray session, the queue of attempts, the rows. The driver's Tune callback writes the run to the store as each
 trial ends, so a killed driver loses at most the runs in flight. One Tune experiment runs all the
 requests of a call; Tune takes its trials from a queue of attempts (`TuneRuns`, `AttemptQueue`), one trial
 per attempt, so every attempt has its own row and run id. A failed attempt is relaunched at once,
@@ -19,10 +17,10 @@ as the next attempt (`-a2`, ...) at the head of the queue, while the other runs 
 never restarts a trial (max_failures=0). `retries` bounds the attempts; a run the trainer rejected
 as bad input (exit 2: config, data, world size) is not retried. A run whose loss went non-finite
 is `diverged` (`divergence`): an outcome of its config and seed, recorded once and never retried.
-The first store write that fails, or losing the experiment lock (ablate.lock), stops everything at
+The first store write that fails, or losing the experiment lock (ablate.store.lock), stops everything at
 once: the runs in flight are cancelled and nothing else starts, retries included. A script arm
-(your own train_gpt.py, ablate.script) takes the same path: its trial runs the script in a working
-directory of its own (ablate.script_run) and reports the same events and payload.
+(your own train_gpt.py, ablate.spec.script) takes the same path: its trial runs the script in a working
+directory of its own (ablate.run.script_trial) and reports the same events and payload.
 """
 from __future__ import annotations
 
@@ -33,7 +31,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -43,20 +40,19 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import ray
-import yaml
 from ray import tune
 from ray.tune.search import Searcher
 
 from ablate import __version__
-from ablate.errors import AblateError, Interrupted, LaunchError, LockLost, StoreError
-from ablate.launch import run_process, torchrun_command
-from ablate.matrix import PlannedRun, RunRequest, expand, plan
-from ablate.progress import NullProgress
-from ablate.provenance import driver_info, project_root
-from ablate.placement import check_cluster, concurrency_limit, run_bundle
-from ablate.record import CurvePoint, RunRecord, StepTime
-from ablate.spec import CACHE_KEY, Spec, data_root_path
-from ablate.store import Store
+from ablate.errors import AblateError, Interrupted, LockLost, StoreError
+from ablate.spec.matrix import PlannedRun, RunRequest, expand, plan
+from ablate.run.progress import NullProgress
+from ablate.run.trial import LaunchOptions, make_trainable
+from ablate.provenance import driver_info
+from ablate.run.placement import check_cluster, concurrency_limit, run_bundle
+from ablate.store.record import CurvePoint, RunRecord, StepTime
+from ablate.spec.model import CACHE_KEY, Spec
+from ablate.store.parquet import Store
 
 log = logging.getLogger("ablate")
 
@@ -68,19 +64,6 @@ _RAY_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS
 # usage errors): the same input fails the same way every time, so such a run is never retried.
 INPUT_ERROR_TYPES = ("ConfigError", "DataError", "InputError", "UsageError")
 TUNE_DIR_PREFIX = "ablate-tune-"  # + "<driver pid>-": Tune's scratch dir of one run_requests call
-
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """How trials are placed and start the trainer. Tests swap `module` for tests/ablate/fake_trainer.py."""
-
-    module: str = "trainer.train"
-    serve_module: str = "trainer.serve"  # the long-lived worker (resources.reuse_workers)
-    report_every_s: float = 2.0  # throttle of `step` reports to Tune (val events always go)
-    grace_s: float = 10.0  # SIGTERM → SIGKILL delay when a run is stopped
-    # The cluster's autoscaler adds nodes (`ablate run --autoscale`): a run no alive node can hold
-    # is a warning, not an error, and concurrency is not capped (ablate.placement).
-    autoscale: bool = False
 
 
 @dataclass
@@ -167,98 +150,6 @@ def ray_session(address: str | None = None) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# The trial (runs in a Ray worker)
-# --------------------------------------------------------------------------------------------
-def _trial(job: dict, opts: LaunchOptions) -> None:
-    """One run attempt: torchrun → events → Tune reports → final payload report."""
-    if job.get("kind") == "script":  # a training script of the user's (ablate.script)
-        from ablate.script_run import trial
-
-        return trial(job, opts)
-    root = project_root()  # of this node's copy (e.g. a `ray job` working dir)
-    overrides = dict(job["overrides"])
-    if not Path(job["data_dir"]).is_absolute():  # trials run in a Ray staging dir: absolute paths
-        overrides["data.data_dir"] = str(data_root_path(job["data_root"], root) / job["data_dir"])
-    # In the trial's staging dir (Ray's session tree, node-local): the guard deletes the file when
-    # the run ends, but Ray SIGKILLs the guard too when a driver dies, and then it stays there.
-    here = os.getcwd() if os.access(os.getcwd(), os.W_OK) else None
-    fd, cfg_path = tempfile.mkstemp(prefix=f"ablate-{job['run_id']}-", suffix=".yaml", dir=here)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(overrides, f, sort_keys=True)
-    env = dict(os.environ)  # CUDA_VISIBLE_DEVICES stays as Ray set it
-    env["OMP_NUM_THREADS"] = str(job["omp_threads"])  # Ray sets the trial's CPU count; torchrun passes it on
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = torchrun_command(job["ranks"], job["preset"], cfg_path, job["seed"], module=job["module"])
-    last_step_report = [0.0]
-
-    def on_event(ev: dict) -> None:
-        kind = ev["event"]
-        if kind == "val":
-            tune.report({"step": ev.get("step"), "val_loss": ev.get("val_loss"), "train_time_ms": ev.get("train_time_ms")})
-        elif kind == "step" and time.time() - last_step_report[0] >= opts.report_every_s:
-            last_step_report[0] = time.time()
-            tune.report({"step": ev.get("step"), "train_time_ms": ev.get("train_time_ms"), "step_ms": ev.get("step_ms")})
-
-    payload: dict[str, Any] = {"node_id": None, "node_ip": None, "hostname": socket.gethostname()}
-    try:
-        payload["node_id"] = ray.get_runtime_context().get_node_id()
-        payload["node_ip"] = ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 (provenance only)
-        pass
-    # first report: where the run is, so even an attempt lost with its node records that node
-    tune.report({"ablate_node": json.dumps(payload)})
-    try:
-        if job.get("reuse_workers"):
-            from ablate.workers import worker_for
-
-            key = (job["ranks"], job["serve_module"], env["OMP_NUM_THREADS"], env.get("CUDA_VISIBLE_DEVICES"),
-                   str(root))
-            worker = worker_for(key, job["ranks"], cwd=str(root), env=env, module=job["serve_module"],
-                                grace_s=opts.grace_s)
-            payload["worker_runs_before"] = worker.served
-            res = worker.run(job["preset"], cfg_path, job["seed"], on_event=on_event, timeout_s=job["timeout_s"])
-        else:
-            res = run_process(cmd, env=env, cwd=str(root), on_event=on_event, timeout_s=job["timeout_s"],
-                              grace_s=opts.grace_s, remove_after=[cfg_path])
-        start = res.first("start")
-        err_event = res.last("error") or {}
-        payload.update(
-            ok=res.ok, error=res.error_text(), returncode=res.returncode, start=start, end=res.last("end"),
-            error_type=None if res.ok or res.stopped else err_event.get("type"),
-            error_event=res.last("error"),
-            curve=[{k: e.get(k) for k in ("step", "val_loss", "train_time_ms")} for e in res.curve],
-            steps=[{k: e.get(k) for k in ("step", "step_ms", "train_time_ms")} for e in res.steps],
-            started_at=res.started_at, start_event_at=res.start_event_at, ended_at=res.ended_at,
-            noise_lines=res.noise_count)
-    except LaunchError as e:
-        now = time.time()
-        payload.update(ok=False, error=str(e), returncode=None, start=None, end=None, curve=[], steps=[],
-                       started_at=now, start_event_at=None, ended_at=now, error_type=None)
-    finally:
-        with contextlib.suppress(FileNotFoundError):  # normally the guard removed it
-            os.unlink(cfg_path)
-    if not payload.get("start"):
-        try:
-            from trainer.config import to_dict
-            from trainer.presets import load_config
-
-            payload["resolved_config"] = to_dict(load_config(job["preset"], overrides, seed=job["seed"]))
-        except Exception as e:  # noqa: BLE001 (best effort for a run that died before `start`)
-            payload["resolved_config"] = {"error": str(e)}
-    tune.report({"ablate_payload": json.dumps(payload)})
-
-
-def _make_trainable(jobs: list[dict], opts: LaunchOptions):
-    """The Tune trainable of one run_requests call. A trial's config names its run (`index` in
-    `jobs`, one job per run, the same for every attempt) and the attempt's `run_id`. A fresh
-    function object per call: tune.with_resources sets an attribute on it."""
-    def ablate_run(config: dict) -> None:
-        _trial({**jobs[config["index"]], "run_id": config["run_id"]}, opts)
-
-    return ablate_run
-
-
-# --------------------------------------------------------------------------------------------
 # The driver side
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -286,7 +177,7 @@ def make_job(spec: Spec, req: RunRequest, run_id: str, opts: LaunchOptions) -> d
     """What a trial needs to run `req` as attempt `run_id` (another attempt: the same job, its own run_id)."""
     r = spec.resources
     if spec.is_script_arm(req.arm):
-        from ablate.script_run import job
+        from ablate.run.script_trial import job
 
         return job(spec, req, run_id)
     data_dir = spec.resolve(req.arm, req.overrides).data.data_dir
@@ -328,7 +219,7 @@ def divergence(payload: dict) -> str | None:
 
 def build_row(spec: Spec, a: Attempt, payload: dict,
               driver: dict) -> tuple[RunRecord, list[CurvePoint], list[StepTime]]:
-    """The runs record (ablate.record.RunRecord) and the curve/step rows of one finished attempt,
+    """The runs record (ablate.store.record.RunRecord) and the curve/step rows of one finished attempt,
     from the trial's payload (trainer and script runs alike)."""
     req, r = a.request, spec.resources
     start = payload.get("start") or {}
@@ -492,8 +383,8 @@ class TuneRuns(tune.Callback):
         payload = {**a.node, **payload}  # a trial lost with its node still names the node
         row, curve, steps = build_row(self.spec, a, payload, self.driver)
         try:
-            if payload.get("script_log"):  # a script run's log (ablate.script_run), before its row
-                from ablate.script_run import write_log
+            if payload.get("script_log"):  # a script run's log (ablate.run.script_trial), before its row
+                from ablate.run.script_trial import write_log
 
                 write_log(self.store, self.spec.name, a.run_id, payload)
             self.store.write_run(row, curve, steps)
@@ -603,13 +494,13 @@ def _run_tune(spec: Spec, todo: list[PlannedRun], store: Store, progress: Any, o
     cancelled, nothing else started)."""
     jobs = [make_job(spec, p.request, p.request.run_id(p.attempt), opts) for p in todo]
     if any(j.get("kind") == "script" for j in jobs):  # each script's text, once per sha256
-        from ablate.script_run import store_code
+        from ablate.run.script_trial import store_code
 
         store_code(store, spec.name, jobs)
     nodes = ray.nodes()
-    # ONE bundle per run (all its GPUs on one node; + gpu_node for 8-GPU runs): ablate.placement
+    # ONE bundle per run (all its GPUs on one node; + gpu_node for 8-GPU runs): ablate.run.placement
     resources = tune.PlacementGroupFactory([run_bundle(spec.resources, nodes)])
-    trainable = tune.with_resources(_make_trainable(jobs, opts), resources)
+    trainable = tune.with_resources(make_trainable(jobs, opts), resources)
     runs = TuneRuns(spec, todo, jobs, store, progress, lock, first_order)
     storage = tempfile.mkdtemp(prefix=f"{TUNE_DIR_PREFIX}{os.getpid()}-")
     # Autoscaling (no cap): every run may be a pending placement group the autoscaler acts on; a
@@ -658,7 +549,7 @@ def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: 
     """Obtain an outcome for each request: reuse `ok` rows in the store, run the rest through
     Tune with retries (spec.retries, each failed attempt relaunched as soon as it fails), write
     every attempt to the store. Results in request order. The caller holds the experiment's lock
-    (`lock`, ablate.lock; run_experiment and run_search take it); losing it stops the runs.
+    (`lock`, ablate.store.lock; run_experiment and run_search take it); losing it stops the runs.
 
     Raises Interrupted when the driver is stopped (rows written so far stay), StoreError at the
     first failed store write, LockLost when the lock was lost."""
@@ -694,9 +585,9 @@ def run_requests(spec: Spec, requests: list[RunRequest], store: Store, address: 
 
 
 def arms_to_continue_stored(store: Store, spec: Spec) -> list[str]:
-    """Arms that get another seed round: ablate.sequential decides; without it, every arm."""
+    """Arms that get another seed round: ablate.analysis.sequential decides; without it, every arm."""
     try:
-        from ablate.sequential import arms_to_continue
+        from ablate.analysis.sequential import arms_to_continue
     except ImportError:
         return list(spec.arms)
     runs = store.runs(spec.name)
@@ -712,7 +603,7 @@ def arms_to_continue_stored(store: Store, spec: Spec) -> list[str]:
 def clean_stale_tune_dirs(tmp: str | None = None) -> list[str]:
     """Remove Tune scratch dirs (`ablate-tune-<pid>-*` in the temp dir) of drivers on this machine
     that are no longer running (a killed driver cannot remove its own). Returns the removed paths."""
-    from ablate.lock import pid_alive
+    from ablate.store.lock import pid_alive
 
     root = Path(tmp or tempfile.gettempdir())
     removed = []
@@ -730,7 +621,7 @@ def prepare_experiment(spec: Spec, store: Store, progress: Any = None) -> None:
     again), hidden temporary files of interrupted writes, its Tune scratch dirs on this machine."""
     progress = progress or NullProgress()
     store.write_bytes(spec.name, "spec.yaml", (spec.text or json.dumps(spec.model_dump())).encode())
-    from ablate.script import store_arms
+    from ablate.spec.script import store_arms
 
     store_arms(store, spec)  # script arms: each arm's identity, for tables and status (script_arms.json)
     stale = store.inflight(spec.name)
@@ -752,7 +643,7 @@ def held_lock(store: Store, experiment: str, lock: Any = None, take_over: bool =
     if lock is not None:
         yield lock
         return
-    from ablate.lock import experiment_lock
+    from ablate.store.lock import experiment_lock
 
     with experiment_lock(store, experiment, command=f"{__name__} (pid {os.getpid()})", take_over=take_over) as own:
         if own.took_over and hasattr(progress, "note"):

@@ -5,8 +5,8 @@
     ablate report EXPERIMENT [--store URI] [--baseline ARM] [--target LOSS]
     ablate import-logs PATH... --experiment NAME --arm NAME [--store URI] [--target LOSS]
 
-`register(app)` adds them to the main typer app (ablate/cli.py). `table` and `report` read the
-experiment from the store once (ablate.tables.read_experiment) and pass it down; a stored spec that
+`register(app)` adds them to the main typer app (ablate/cli/main.py). `table` and `report` read the
+experiment from the store once (ablate.analysis.tables.read_experiment) and pass it down; a stored spec that
 no longer validates gives a note on stderr, not an error. Exit codes (ablate.errors.EXIT_CODES):
 0 success, 1 runtime failure (including any log file that could not be imported), 2 bad input
 (a bad experiment or arm name, an unknown format, the experiment locked by a running driver).
@@ -35,7 +35,7 @@ def _fail(e: Exception) -> typer.Exit:
 
 def _store(uri: str):
     from ablate.errors import SpecError, StoreError
-    from ablate.store import Store
+    from ablate.store.parquet import Store
 
     try:
         return Store(uri)
@@ -45,7 +45,7 @@ def _store(uri: str):
 
 def _read(store: str, experiment: str):
     """The experiment, read once; a note on stderr when its stored spec no longer validates."""
-    from ablate.tables import read_experiment
+    from ablate.analysis.tables import read_experiment
 
     exp = read_experiment(_store(store), experiment)
     if exp.stored.note():
@@ -73,8 +73,8 @@ def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (s
     Each arm counts only the runs of its current config (the stored spec's config hash; for arms
     not in the spec, e.g. imported logs, the config of the arm's latest run); the table says how
     many older runs it left out."""
-    from ablate.results import render_table
-    from ablate.tables import FORMATS
+    from ablate.cli.results import render_table
+    from ablate.analysis.tables import FORMATS
 
     _check_name(experiment)
     if fmt not in FORMATS:
@@ -87,7 +87,7 @@ def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (s
     if fmt == "rich":
         from rich.console import Console
 
-        console = Console()              # the table fits its width (ablate.tables.RichTable)
+        console = Console()              # the table fits its width (ablate.analysis.tables.RichTable)
         if not console.is_terminal and "COLUMNS" not in os.environ:   # CI logs, pipes: the wide layout
             console = Console(width=max(console.width, 200))
         console.print(out)
@@ -98,7 +98,7 @@ def table_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (s
 def report_cmd(experiment: Annotated[str, typer.Argument(help="experiment name (store folder)")],
                store: StoreOpt = "results", baseline: BaselineOpt = None, target: TargetOpt = None) -> None:
     """Write report.md and PNG figures into the experiment's folder."""
-    from ablate.results import write_report
+    from ablate.cli.results import write_report
 
     _check_name(experiment)
     try:
@@ -117,8 +117,8 @@ def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files 
                         "--target", help="target loss stored with the experiment, so `ablate table` shows "
                         "p(<target) without flags (e.g. 3.28)")] = None) -> None:
     """Import speedrun-style text logs as runs (source=import)."""
-    from ablate.importlogs import import_logs
-    from ablate.lock import experiment_lock
+    from ablate.store.importlogs import import_logs
+    from ablate.store.lock import experiment_lock
     from ablate.names import ARM_RULE, NAME_RULE, is_arm, is_experiment
 
     if not is_experiment(experiment):
@@ -136,8 +136,8 @@ def import_logs_cmd(paths: Annotated[list[Path], typer.Argument(help="log files 
         with experiment_lock(st, experiment, command=f"ablate import-logs --experiment {experiment}"):
             results = import_logs(st, list(paths), experiment, arm)
             if target is not None and any(not r.error for r in results):
-                from ablate.spec import read_stored_spec
-                from ablate.tables import store_target
+                from ablate.spec.model import read_stored_spec
+                from ablate.analysis.tables import store_target
 
                 typer.echo(f"target loss {target:g} stored in {store_target(st, experiment, target)}")
                 spec_target = read_stored_spec(st, experiment).analysis.target_loss

@@ -13,7 +13,7 @@
     resources: {gpus_per_run: 8}
 
 This module owns the spec side (docs/spec.md, "Scripts"): which arms run a script, the checks made
-before anything runs, patching, and each arm's identity. ablate.script_run launches such arms.
+before anything runs, patching, and each arm's identity. ablate.run.script_trial launches such arms.
 Relative `script`, `patch` and `files` paths are taken from the spec file's folder. An arm's code
 is its script after its patches, plus `files:` (more files the script reads or imports, placed
 beside it in each run's working directory); its config hash is that code's sha256 digests with
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ablate.patch import PatchError, apply_file_patch, parse_patch
+from ablate.spec.patch import PatchError, apply_file_patch, parse_patch
 
 if TYPE_CHECKING:
-    from ablate.spec import Spec
+    from ablate.spec.model import Spec
 
 ARM_KEYS = ("script", "patch", "files", "env", "args")  # what a script arm may set
 TRAINER_SCRIPT_FIELDS = ("script", "files", "nproc_per_node", "env", "args", "obtain")
@@ -147,7 +147,7 @@ def arm_hash(spec: "Spec", arm: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Checks (called by ablate.spec before anything runs)
+# Checks (called by ablate.spec.model before anything runs)
 # --------------------------------------------------------------------------------------------
 def script_problems(spec: "Spec") -> list[str]:
     """Every problem of the spec's script side, one line each (field, value, fix). Fills

@@ -1,6 +1,6 @@
 """The `search:` block of an experiment spec: the space, the sampler, the objectives, `confirm:`.
 
-    from ablate.search_space import parse_search
+    from ablate.spec.search_space import parse_search
     cfg = parse_search(spec.search, preset="small", base_overrides={"schedule.cooldown_frac": 0.55})
     cfg.distributions()              # {dotted key: optuna distribution}, for study.ask()
     cfg.to_overrides(trial.params)   # Optuna's stored values → trainer overrides (tuples decoded)
@@ -169,7 +169,7 @@ Param = Annotated[Union[FloatParam, IntParam, ChoiceParam], Field(discriminator=
 
 
 INT64_MAX = 2**63 - 1  # seeds are int64 in the store
-MAX_SEEDS = 10_000  # as ablate.spec.MAX_SEEDS
+MAX_SEEDS = 10_000  # as ablate.spec.model.MAX_SEEDS
 
 
 class ConfirmConfig(_Strict):

@@ -1,9 +1,9 @@
 """Group-sequential boundaries, decisions and p-values (Lan–DeMets alpha spending).
 
-    python -c "from ablate.stats_seq import design; print(design([0.25, 0.5, 0.75, 1.0], 0.01))"
+    python -c "from ablate.analysis.group_sequential import design; print(design([0.25, 0.5, 0.75, 1.0], 0.01))"
 
-The math behind `ablate/sequential.py` (which applies it to runs) and the sequential p-values of
-`ablate/tables.py`. Pure functions of information fractions and z statistics; no pandas here.
+The math behind `ablate/analysis/sequential.py` (which applies it to runs) and the sequential p-values of
+`ablate/analysis/tables.py`. Pure functions of information fractions and z statistics; no pandas here.
 
 Model: at look k the oriented statistic is Z_k = S_k / sqrt(t_k), where S is a Brownian motion
 with drift theta (theta = expected Z at full information) and t_k in (0, 1] is the information

@@ -1,10 +1,10 @@
-"""Running a script arm (ablate.script) inside a Ray Tune trial, and what its log becomes.
+"""Running a script arm (ablate.spec.script) inside a Ray Tune trial, and what its log becomes.
 
-    ablate run premul-o.yaml        # ablate.orchestrate hands script arms to `trial` below
+    ablate run premul-o.yaml        # ablate.run.driver hands script arms to `trial` below
 
 Each run gets a working directory of its own (in the trial's staging directory on its node),
 holding the arm's patched script and its `files:`, and runs there under the same launcher as
-trainer runs (ablate.launch: process-tree guard, torchrun `--standalone`, Ray's placement):
+trainer runs (ablate.run.launch: process-tree guard, torchrun `--standalone`, Ray's placement):
 
     python -m torch.distributed.run --standalone --nproc_per_node=N train_gpt.py ARGS...
 
@@ -16,9 +16,9 @@ are replicates), `ABLATE_RUN_ID`, `OMP_NUM_THREADS`, and the compile cache varia
 resources.compile_cache_dir is set. stdout lines in the record format
 (`step:N/M val_loss:X train_time:Tms step_avg:Sms`) are progress as they come; when the process
 ends, the log file the script wrote (`logs/<id>.txt`, named by its first stdout line, else the
-newest there; else its stdout lines) is parsed by ablate.importlogs.parse_log, the parser of
+newest there; else its stdout lines) is parsed by ablate.store.importlogs.parse_log, the parser of
 `ablate import-logs`, into the run's curve, step times, status and environment: the payload from
-which the driver builds the run's ablate.record.RunRecord (ablate.orchestrate.build_row, as for
+which the driver builds the run's ablate.store.record.RunRecord (ablate.run.driver.build_row, as for
 trainer runs; source=script, script_sha256) and writes it with the log (without the script, which
 the store keeps once per sha256 under scripts/) and the curves.
 """
@@ -39,7 +39,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ablate.importlogs import PEAK_MEM, SEPARATOR, TRAIN_LINE, VAL_LINE, LogFormatError, ParsedLog, parse_log
+from ablate.store.importlogs import PEAK_MEM, SEPARATOR, TRAIN_LINE, VAL_LINE, LogFormatError, ParsedLog, parse_log
 
 LOGFILE_LINE = re.compile(r"^(\S*logs/[^/\s]+\.txt)\s*$")  # what a record script prints first
 MAX_LOG_BYTES = 8 << 20  # a log kept in the store is cut to this size (a record log is ~0.2 MiB)
@@ -55,7 +55,7 @@ def script_command(nproc: int, script: str, args: list[str], python: str = sys.e
 # stdout → events (live progress)
 # --------------------------------------------------------------------------------------------
 class RecordLines:
-    """Parser of a record script's stdout for ablate.launch.run_process: `val` and `step` events
+    """Parser of a record script's stdout for ablate.run.launch.run_process: `val` and `step` events
     (the trainer's names), a `start` event for the log file line, None for anything else. Keeps
     the record-format lines (the log when the script writes no file) and when the first line came."""
 
@@ -103,7 +103,7 @@ class RecordLines:
 def job(spec: Any, req: Any, run_id: str) -> dict:
     """Everything a trial needs to run the script arm `req.arm` (texts included: nodes need no files)."""
     from ablate.provenance import git_commit
-    from ablate.script import resolved
+    from ablate.spec.script import resolved
 
     sa, r = resolved(spec, req.arm), spec.resources
     config = sa.config()
@@ -148,7 +148,7 @@ def trial(job: dict, opts: Any) -> None:
     from ray import tune
 
     from ablate.errors import LaunchError
-    from ablate.launch import run_process
+    from ablate.run.launch import run_process
     from ablate.provenance import project_root
 
     here = os.getcwd() if os.access(os.getcwd(), os.W_OK) else None
@@ -204,11 +204,11 @@ def trial(job: dict, opts: Any) -> None:
 def data_link(workdir: str, data_root: str | None, project_root: Path) -> Path:
     """Link `<workdir>/data` to the data folder on this node: `data_root` (relative: under the
     project root), default `<project root>/data`. Returns the target."""
-    from ablate.spec import data_root_path
+    from ablate.spec.model import data_root_path
 
     target = data_root_path(data_root, project_root) if data_root else project_root / "data"
     link = Path(workdir, "data")
-    if not link.exists() and not link.is_symlink():  # the arm's own code never holds data/ (ablate.script)
+    if not link.exists() and not link.is_symlink():  # the arm's own code never holds data/ (ablate.spec.script)
         link.symlink_to(target, target_is_directory=True)
     return target
 
@@ -250,7 +250,7 @@ def gpu_info(visible: str | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# The outcome: LaunchResult + log → the payload ablate.orchestrate.build_row reads
+# The outcome: LaunchResult + log → the payload ablate.run.driver.build_row reads
 # --------------------------------------------------------------------------------------------
 def _parse(data: bytes | None, what: str) -> tuple[ParsedLog | None, str | None]:
     if data is None:
@@ -264,8 +264,8 @@ def _parse(data: bytes | None, what: str) -> tuple[ParsedLog | None, str | None]
 def outcome(res: Any, lines: RecordLines, log_name: str | None, log_bytes: bytes | None, job: dict,
             gpus: dict[str, Any] | None = None) -> dict[str, Any]:
     """The payload of a finished script run: ok, error, start/end (as the trainer's events would
-    say), curve, steps, times, the log to store. `res` is the ablate.launch.LaunchResult."""
-    from ablate.launch import without_torchrun_report
+    say), curve, steps, times, the log to store. `res` is the ablate.run.launch.LaunchResult."""
+    from ablate.run.launch import without_torchrun_report
 
     parsed, problem = _parse(log_bytes, f"the log file {log_name}")
     source = log_name

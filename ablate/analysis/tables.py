@@ -6,12 +6,12 @@
     Arm | Runs | Time μ | Time σ | Time Δ | Time p | Loss μ | Loss σ | Loss Δ | Loss p | p(<target) | Verdict
 
 `read_experiment` reads an experiment from the store once per command: its runs, its spec.yaml
-copy (parsed once by the model, ablate.spec.read_stored_spec) and settings.json (a target stored
+copy (parsed once by the model, ablate.spec.model.read_stored_spec) and settings.json (a target stored
 by `ablate import-logs --target`). `settings_from_spec` takes the baseline, target_loss, analysis
 block and sequential seeds from that Spec (the model holds every default; flags override them);
 `table_from_runs` is the pure analysis (a runs DataFrame and Settings in, one numeric row per
 arm out); `format_table` renders it. Search experiments get their table from
-ablate.search_report; ablate.results picks which. Each arm counts only the runs of its current
+ablate.search.report; ablate.cli.results picks which. Each arm counts only the runs of its current
 config (`select_configs`); `--all-configs` shows every config of an arm as its own row. Times in
 md and rich have 4 decimals like the record tables (132.7217 s); CSV and JSON keep full precision.
 An experiment whose ok runs read different data (the rows' data_synthetic / data_hash) is marked:
@@ -31,10 +31,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from ablate import stats
+from ablate.analysis import stats
 from ablate.errors import AnalysisError, SpecError
-from ablate.sequential import SeqPlan, arm_outcomes, plan_from_spec
-from ablate.spec import Spec, StoredSpec, analysis_spec, read_stored_spec
+from ablate.analysis.sequential import SeqPlan, arm_outcomes, plan_from_spec
+from ablate.spec.model import Spec, StoredSpec, analysis_spec, read_stored_spec
 
 FORMATS = ("rich", "md", "csv", "json")
 POWER = 0.8
@@ -52,7 +52,7 @@ SETTINGS_FILE = "settings.json"   # per experiment, next to spec.yaml: {"target_
 class Settings:
     """How an experiment is analysed: its spec's baseline, target_loss, analysis block and
     sequential seeds, overridden by CLI flags. Made by `settings_from_spec`; no default of the
-    spec is stated here (the model ablate.spec.Spec holds them)."""
+    spec is stated here (the model ablate.spec.model.Spec holds them)."""
 
     baseline: str
     target: float | None
@@ -255,7 +255,7 @@ def table_from_runs(runs_df: pd.DataFrame, settings: Settings, current: Mapping[
     `all_configs` shown as rows `arm@hash`. Only status "ok" runs enter the statistics;
     diverged/failed/cancelled runs are counted (diverged ones in the verdict too). p columns are
     adjusted across rows by `correction` (raw values in *_p_raw). With `sequential`, *_p_raw are
-    the group-sequential p-values of `ablate.sequential` instead of fixed-sample ones.
+    the group-sequential p-values of `ablate.analysis.sequential` instead of fixed-sample ones.
     """
     baseline, target, alternative, correction = (settings.baseline, settings.target, settings.alternative,
                                                  settings.correction)

@@ -1,9 +1,9 @@
 """Parquet result store: one folder per experiment, one file per run attempt, atomic writes.
 
-    from ablate.store import Store
+    from ablate.store.parquet import Store
     store = Store("results")              # or "s3://bucket/prefix", "memory://x", any fsspec URI
     store.runs("smoke")                   # pandas DataFrame, one row per run attempt
-    store.write_run(record, curve, steps) # an ablate.record.RunRecord and its curve/step rows
+    store.write_run(record, curve, steps) # an ablate.store.record.RunRecord and its curve/step rows
 
 Layout (schema version 1, documented in docs/store.md):
 
@@ -12,12 +12,12 @@ Layout (schema version 1, documented in docs/store.md):
     <root>/<experiment>/curves/<run_id>.parquet   val loss per evaluated step
     <root>/<experiment>/steps/<run_id>.parquet    step time per logged step
     <root>/<experiment>/inflight/<run_id>.json    a run the driver has launched and not yet written
-    <root>/<experiment>/lock.json                 the driver that runs the experiment (ablate.lock)
+    <root>/<experiment>/lock.json                 the driver that runs the experiment (ablate.store.lock)
 
 A run is visible once its `runs` file exists: it is written last, so readers never see a run
 whose curve is missing. Local writes go to a hidden temporary file that is renamed into place;
 object stores get one PUT of the finished object. Either way a killed writer leaves no torn file.
-The rows and their schemas are ablate.record's; each read is one pyarrow.dataset scan of a folder.
+The rows and their schemas are ablate.store.record's; each read is one pyarrow.dataset scan of a folder.
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 
 from ablate.errors import StoreError
 from ablate.names import check_experiment, check_relpath, is_experiment
-from ablate.record import (CURVES_SCHEMA, DATASETS, RUN_STATUSES, RUNS_SCHEMA, SCHEMA_VERSION, SCHEMAS, STEPS_SCHEMA,
+from ablate.store.record import (CURVES_SCHEMA, DATASETS, RUN_STATUSES, RUNS_SCHEMA, SCHEMA_VERSION, SCHEMAS, STEPS_SCHEMA,
                            CurvePoint, RunRecord, StepTime, from_table, to_table)
 
-# The schemas come from the record types (ablate.record); these names stay importable from here.
+# The schemas come from the record types (ablate.store.record); these names stay importable from here.
 __all__ = ["CURVES_SCHEMA", "DATASETS", "RUNS_SCHEMA", "RUN_STATUSES", "SCHEMAS", "SCHEMA_VERSION", "STEPS_SCHEMA",
            "Store"]
 
@@ -130,7 +130,7 @@ class Store:
     def create_exclusive(self, experiment: str, relpath: str, data: bytes) -> bool | None:
         """Create a file only if it does not exist, atomically, complete from the first moment:
         True if created, False if it existed; None where the filesystem cannot do this (object
-        stores: a PUT always wins; ablate.lock then verifies by reading back)."""
+        stores: a PUT always wins; ablate.store.lock then verifies by reading back)."""
         path = self._path(experiment, *relpath.split("/"))
         if not isinstance(self.fs, pafs.LocalFileSystem):
             return None
@@ -170,7 +170,7 @@ class Store:
         for run_id in run_ids:
             for dataset in ("runs", "curves", "steps"):
                 self.delete(experiment, f"{dataset}/{run_id}.parquet")
-            self.delete(experiment, f"logs/{run_id}.txt")  # script runs (ablate.script_run)
+            self.delete(experiment, f"logs/{run_id}.txt")  # script runs (ablate.run.script_trial)
             self.delete(experiment, f"inflight/{run_id}.json")
 
     def remove_experiment(self, experiment: str) -> None:
@@ -274,7 +274,7 @@ class Store:
     def read(self, experiment: str, dataset: str, columns: list[str] | None = None,
              where: ds.Expression | None = None, run_ids: set[str] | None = None) -> pa.Table:
         """One scan of a dataset ("runs", "curves", "steps") of the experiment, with its schema
-        (ablate.record): every file read once, cast to the current schema (a nullable column an
+        (ablate.store.record): every file read once, cast to the current schema (a nullable column an
         older file lacks reads as null), in no particular row order. `columns`: only these;
         `where`: a pyarrow.dataset filter, e.g. `ds.field("arm") == "lr"`; `run_ids`: only these
         runs' files. StoreError naming the file for a file newer than this ablate, one lacking a
@@ -299,7 +299,7 @@ class Store:
 
     def runs(self, experiment: str, columns: list[str] | None = None, where: ds.Expression | None = None):
         """One row per run attempt, in launch order (`order`, then `attempt`): a pandas DataFrame
-        of the runs schema (ablate.record.RunRecord). `columns`/`where`: as for `read`."""
+        of the runs schema (ablate.store.record.RunRecord). `columns`/`where`: as for `read`."""
         keys = ["order", "attempt", "run_id"]
         wanted = list(RUNS_SCHEMA.names) if columns is None else list(columns)
         df = self.read(experiment, "runs", wanted + [k for k in keys if k not in wanted], where).to_pandas()
@@ -321,12 +321,12 @@ class Store:
         return df.sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
 
     def curves(self, experiment: str, runs=None):
-        """Val loss per evaluated step of every written run (ablate.record.CurvePoint columns);
+        """Val loss per evaluated step of every written run (ablate.store.record.CurvePoint columns);
         `runs`: the runs frame already read."""
         return self._per_step(experiment, "curves", runs)
 
     def steps(self, experiment: str, runs=None):
-        """Step time per logged step of every written run (ablate.record.StepTime columns);
+        """Step time per logged step of every written run (ablate.store.record.StepTime columns);
         `runs`: the runs frame already read."""
         return self._per_step(experiment, "steps", runs)
 

@@ -11,7 +11,7 @@ running while any of its comparisons is undecided (and it has fewer than `max` o
 * loss below `target_loss` (one-sided, the speedrun rule's direction), when a target is set.
 
 Each comparison is a group-sequential test with Lan–DeMets alpha spending and non-binding
-futility (`ablate/stats_seq.py`); looks are the rounds, information = runs / `max`. The
+futility (`ablate/analysis/group_sequential.py`); looks are the rounds, information = runs / `max`. The
 baseline keeps running while any other arm does (it is their comparator). docs/statistics.md
 says why this procedure and how the p-values in the table are computed afterwards.
 """
@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ablate import stats
-from ablate.spec import Spec
-from ablate.stats_seq import Design, decide, design, orient, sequential_pvalue, z_from_t
+from ablate.analysis import stats
+from ablate.spec.model import Spec
+from ablate.analysis.group_sequential import Design, decide, design, orient, sequential_pvalue, z_from_t
 
 METRICS = {"loss": "final_val_loss", "time": "time_s"}
 
@@ -54,7 +54,7 @@ class SeqPlan:
 
 
 def plan_from_spec(spec: Spec, baseline: str | None = None, target: float | None = None) -> SeqPlan | None:
-    """SeqPlan from the spec (ablate.spec.Spec, parsed by the model); None when its seeds are not
+    """SeqPlan from the spec (ablate.spec.model.Spec, parsed by the model); None when its seeds are not
     sequential. `baseline` / `target` replace the spec's (the table's --baseline / --target)."""
     if not spec.sequential:
         return None

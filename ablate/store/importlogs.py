@@ -29,7 +29,7 @@ from typing import Any
 
 from ablate import __version__
 from ablate.errors import LogFormatError
-from ablate.record import RunRecord
+from ablate.store.record import RunRecord
 
 SEPARATOR = re.compile(r"^={20,}\s*$")
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:([0-9.]+)ms step_avg:([0-9.]+)ms\s*$")
@@ -136,7 +136,7 @@ def parse_log(data: bytes) -> ParsedLog:
     kind, n, loss, t = last_line
     log.last_step, log.train_time_ms = n, t
     bad = [c for c in log.curve if not math.isfinite(c["val_loss"])]
-    if bad:  # as ablate.orchestrate.divergence: a non-finite loss at any eval
+    if bad:  # as ablate.run.driver.divergence: a non-finite loss at any eval
         more = f" (and {len(bad) - 1} later eval(s))" if len(bad) > 1 else ""
         log.status = "diverged"
         log.error = f"diverged: val_loss is {bad[0]['val_loss']} at step {bad[0]['step']}/{log.total_steps}{more}"

@@ -3,14 +3,14 @@
     ablate report EXPERIMENT [--store URI] [--baseline ARM] [--target LOSS]
 
 report.md holds the results table (the same as `ablate table --format md`; for a search
-experiment its trials listing and the confirmation's table), the figures of `ablate/plots.py`,
+experiment its trials listing and the confirmation's table), the figures of `ablate/analysis/plots.py`,
 every run with its status, config and provenance, runs without an ok result with their errors,
 step-time stalls, and warnings when runs mix torch versions or GPU models (time comparisons
 across them are not like for like). Works on `ablate run`, imported (`ablate import-logs`),
 search and mixed experiments. The figures show the runs the table compares (each arm's current
 config; a search without confirmation: its best suggestions). `report_files` is the pure part
 (frames in, bytes out); `write_report` takes the experiment as the command read it once
-(ablate.tables.read_experiment) and writes through `Store.write_bytes`.
+(ablate.analysis.tables.read_experiment) and writes through `Store.write_bytes`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ from typing import Any
 
 import pandas as pd
 
-from ablate import __version__, plots
-from ablate.spec import Spec
-from ablate.tables import Experiment, Settings, data_label, select_configs, table_from_runs, to_markdown
+from ablate import __version__
+
+from ablate.analysis import plots
+from ablate.spec.model import Spec
+from ablate.analysis.tables import Experiment, Settings, data_label, select_configs, table_from_runs, to_markdown
 
 FIGURES = {
     "curves_step.png": "Val loss against step (mean ± 95% CI over seeds)",
@@ -163,7 +165,7 @@ def report_files(experiment: str, table: pd.DataFrame | str, settings: Settings,
     trainer = spec.trainer if spec is not None and (spec.trainer.preset or spec.trainer.script) else None
     if trainer is not None or settings.target is not None:
         what = [f"Trainer preset `{trainer.preset}`"] if trainer is not None and trainer.preset else []
-        if trainer is not None and trainer.script:  # a script experiment (ablate.script)
+        if trainer is not None and trainer.script:  # a script experiment (ablate.spec.script)
             what.append(f"Training script `{trainer.script}`")
         what.append(f"baseline arm `{settings.baseline}`")
         if settings.target is not None:
@@ -188,9 +190,9 @@ def _best_search_runs(runs: pd.DataFrame, n: int = MAX_SEARCH_ARMS_DRAWN) -> pd.
 
 def write_report(exp: Experiment, baseline: str | None = None, target: float | None = None,
                  table: str | None = None) -> dict[str, str]:
-    """Analyse the experiment (as read once: ablate.tables.read_experiment) and write report.md and
+    """Analyse the experiment (as read once: ablate.analysis.tables.read_experiment) and write report.md and
     the PNGs into its folder; returns name → path/URI. `table`: the results table's Markdown when
-    the caller has its own (a search's listing: ablate.results.write_report passes it), else the
+    the caller has its own (a search's listing: ablate.cli.results.write_report passes it), else the
     significance table of the experiment's runs."""
     store, experiment, runs = exp.store, exp.name, exp.runs
     if runs.empty:

@@ -1,6 +1,6 @@
 """Live progress of `ablate run`: runs done/total, failed, elapsed, ETA, runs in flight.
 
-    with RunProgress(console, title="smoke") as p:   # driven by ablate.orchestrate
+    with RunProgress(console, title="smoke") as p:   # driven by ablate.run.driver
         p.add(4); p.started("baseline-s0-…", "baseline", 0); p.finished("baseline-s0-…", "ok", 3.21)
 
 On a terminal it is a rich.live display; otherwise (CI logs, pipes, `ray job` logs) one plain

@@ -3,22 +3,22 @@ prints when it ends, and the table of report.md (`write_report`).
 
     ablate table EXPERIMENT [--format rich|md|csv|json] [--store URI] [--baseline ARM] [--target LOSS]
 
-    from ablate.results import render_table
-    from ablate.tables import read_experiment
+    from ablate.cli.results import render_table
+    from ablate.analysis.tables import read_experiment
     print(render_table(read_experiment(Store("results"), "smoke"), "md"))
 
-The caller reads the experiment once (ablate.tables.read_experiment: runs, spec copy parsed by
+The caller reads the experiment once (ablate.analysis.tables.read_experiment: runs, spec copy parsed by
 the model, settings.json) and passes it down. A search experiment (a `search:` block in its spec)
-gets ablate.search_report's trial listing and its confirmation's table; any other experiment the
-significance table of ablate.tables. This module sits above both, so neither imports the other's
+gets ablate.search.report's trial listing and its confirmation's table; any other experiment the
+significance table of ablate.analysis.tables. This module sits above both, so neither imports the other's
 caller.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ablate import tables
-from ablate.search_report import is_search_experiment, search_table
+from ablate.analysis import tables
+from ablate.search.report import is_search_experiment, search_table
 
 
 def render_table(exp: tables.Experiment, fmt: str = "rich", baseline: str | None = None,
@@ -42,9 +42,9 @@ def print_table(exp: tables.Experiment, console: Any = None, baseline: str | Non
 
 
 def write_report(exp: tables.Experiment, baseline: str | None = None, target: float | None = None) -> dict[str, str]:
-    """`ablate report`: report.md and the figures (ablate.report); a search experiment's report
+    """`ablate report`: report.md and the figures (ablate.analysis.report); a search experiment's report
     holds its trial listing and confirmation table."""
-    from ablate import report
+    from ablate.analysis import report
 
     table = search_table(exp, "md", baseline, target) if is_search_experiment(exp) else None
     return report.write_report(exp, baseline, target, table=table)

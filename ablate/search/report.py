@@ -1,18 +1,18 @@
 """`ablate table` for a search experiment: the trial listing, then the confirmation's table.
 
-    ablate table lr_mul_search                      # ablate.results calls search_table for search specs
-    from ablate.search_report import search_table
-    from ablate.tables import read_experiment
+    ablate table lr_mul_search                      # ablate.cli.results calls search_table for search specs
+    from ablate.search.report import search_table
+    from ablate.analysis.tables import read_experiment
     print(search_table(read_experiment(Store("results"), "lr_mul_search_tiny"), fmt="md"))
 
 The listing has one row per Optuna trial (suggestion): number, state, the searched parameters,
 n (seeds that finished ok), mean and std of val loss (and of train time in s for two
 objectives), a `*` on the Pareto front (two objectives) and `✓` on the suggestions sent to the
-confirmation. Values come from the runs as the command read them once (ablate.tables.Experiment:
+confirmation. Values come from the runs as the command read them once (ablate.analysis.tables.Experiment:
 source "search" runs), states from the Optuna study when its storage can be opened. Complete
 trials come first, best mean loss first.
 The confirmation runs (source "ablate": the spec's arms and `t<number>` arms on fresh seeds) get
-the ordinary significance table of ablate.tables.
+the ordinary significance table of ablate.analysis.tables.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from ablate import tables
-from ablate.search_space import ChoiceParam, SearchConfig
-from ablate.study import ATTR_CONFIRMED, ATTR_INTERRUPTED, SEARCH_INFO, pareto_mask
+from ablate.analysis import tables
+from ablate.spec.search_space import ChoiceParam, SearchConfig
+from ablate.search.study import ATTR_CONFIRMED, ATTR_INTERRUPTED, SEARCH_INFO, pareto_mask
 
 
 def is_search_experiment(exp: tables.Experiment) -> bool:

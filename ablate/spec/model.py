@@ -2,7 +2,7 @@
 
     python -m ablate validate experiments/*.yaml
 
-    from ablate.spec import load_spec
+    from ablate.spec.model import load_spec
     spec = load_spec("experiments/smoke.yaml")
     spec.overrides("lr-0.05")        # flat dotted overrides the trainer gets for that arm
     spec.config_hash("lr-0.05")      # identity of the arm's resolved config (resume key)
@@ -30,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr, Validat
 
 from ablate.errors import SpecError
 from ablate.names import ARM_RULE, NAME_RULE, is_arm, is_experiment
-from ablate.script import read_stored
+from ablate.spec.script import read_stored
 from trainer.config import apply_overrides
 from trainer.config import flatten as _trainer_flatten
 from trainer.presets import get_preset
@@ -91,7 +91,7 @@ class _Model(BaseModel):
 class TrainerSpec(_Model):
     preset: str | None = None  # a name from trainer/presets.py (or `script:`, never both)
     set: dict[str, Any] = {}  # overrides for every arm, dotted or nested
-    # Script experiments: your own torchrun script instead of a preset (ablate/script.py checks these)
+    # Script experiments: your own torchrun script instead of a preset (ablate/spec/script.py checks these)
     script: str | None = None  # the base script of every arm, relative to the spec file's folder
     files: list[Any] = []  # more files the script reads or imports, placed beside it in each run's folder
     nproc_per_node: int | None = None  # torchrun ranks; must match resources (one rank per GPU)
@@ -123,7 +123,7 @@ Alpha = Annotated[float, AfterValidator(_unit_interval)]
 
 class SequentialSeeds(_Model):
     """Sequential seeds: `min` seeds per arm first, then one more at a time up to `max` for the
-    arms `ablate.sequential.arms_to_continue` keeps (at level `alpha`)."""
+    arms `ablate.analysis.sequential.arms_to_continue` keeps (at level `alpha`)."""
 
     min: int
     max: int
@@ -148,7 +148,7 @@ class Resources(_Model):
     # trainer override runtime.inductor_cache_dir (<dir>/inductor, <dir>/triton; GPU runs). Not part
     # of the config hash. "" = torch's defaults (/tmp/torchinductor_<user>, ~/.triton: also per node).
     compile_cache_dir: str = ""
-    # Keep each slot's trainer processes alive between runs (ablate.workers / trainer.serve): later
+    # Keep each slot's trainer processes alive between runs (ablate.run.workers / trainer.serve): later
     # runs skip process start, rendezvous and recompiling (~35 s per run on GPU, docs/performance.md).
     # Results are the same as with fresh processes; a failed run ends its worker.
     reuse_workers: bool = False
@@ -212,7 +212,7 @@ class Resources(_Model):
 
     def bundle(self) -> dict[str, float]:
         """The run's CPUs and GPUs, in one Ray bundle (never split, see ray-notes). On a cluster
-        an 8-GPU run may add `gpu_node: 1`: ablate.placement.run_bundle."""
+        an 8-GPU run may add `gpu_node: 1`: ablate.run.placement.run_bundle."""
         return {"CPU": float(self.cpus), "GPU": float(self.gpus_per_run)}
 
 
@@ -249,7 +249,7 @@ class Spec(_Model):
 
     _source: str = PrivateAttr(default="<string>")
     _text: str = PrivateAttr(default="")
-    # script arms (ablate.script): the folder relative paths start from, each arm's resolved code, and
+    # script arms (ablate.spec.script): the folder relative paths start from, each arm's resolved code, and
     # for a spec read back from the store (no files), each arm's identity from script_arms.json
     _base_dir: Path | None = PrivateAttr(default=None)
     _scripts: dict = PrivateAttr(default_factory=dict)
@@ -359,8 +359,8 @@ class Spec(_Model):
         return f"preset {t.preset}" + (f" (+ {mixed} script arm{'s' if mixed > 1 else ''})" if mixed else "")
 
     def is_script_arm(self, arm: str) -> bool:
-        """Whether the arm runs a training script (ablate.script) instead of the built-in trainer."""
-        from ablate.script import is_script_arm
+        """Whether the arm runs a training script (ablate.spec.script) instead of the built-in trainer."""
+        from ablate.spec.script import is_script_arm
 
         return is_script_arm(self, arm)
 
@@ -374,7 +374,7 @@ class Spec(_Model):
         if arm not in self.arms:
             raise SpecError(f"arm={arm!r} is not in the spec; arms are: {', '.join(self.arms)}")
         if self.is_script_arm(arm):  # script, patch, files, env, args as the spec writes them
-            from ablate.script import arm_overrides
+            from ablate.spec.script import arm_overrides
 
             return arm_overrides(self, arm)
         out = {**flatten(self.trainer.set), **flatten(self.arms[arm])}
@@ -399,7 +399,7 @@ class Spec(_Model):
         from trainer.config import config_hash
 
         if self.is_script_arm(arm):  # sha256 of the patched script and its files, env, args
-            from ablate.script import arm_hash
+            from ablate.spec.script import arm_hash
 
             return arm_hash(self, arm)
         return config_hash(self.resolve(arm, overrides))
@@ -599,9 +599,9 @@ def _semantic_problems(spec: Spec) -> list[str]:
     if n_runs > MAX_RUNS:
         problems.append(f"arms × seeds = {len(spec.arms)} × {len(spec.max_seeds)} = {n_runs} runs, more than "
                         f"{MAX_RUNS}; fix: fewer arms or seeds (or split the experiment)")
-    from ablate.script import script_problems, uses_scripts
+    from ablate.spec.script import script_problems, uses_scripts
 
-    if uses_scripts(spec):  # script experiments and script arms: ablate/script.py
+    if uses_scripts(spec):  # script experiments and script arms: ablate/spec/script.py
         problems += script_problems(spec)
         if spec.trainer.script is not None or spec.trainer.preset is None:
             return problems
@@ -621,7 +621,7 @@ def _raw_problems(data: Mapping[str, Any], err: ValidationError) -> list[str]:
     arms = data.get("arms")
     arms = {a: (o or {}) for a, o in arms.items() if is_arm(a) and isinstance(o or {}, Mapping)} \
         if isinstance(arms, Mapping) else {}
-    from ablate.script import ARM_KEYS
+    from ablate.spec.script import ARM_KEYS
 
     arms = {a: o for a, o in arms.items() if not any(k in o for k in ARM_KEYS)}  # script arms take no overrides
     try:
@@ -684,7 +684,7 @@ def _override_problems(preset: str, tset: Mapping[str, Any], arms: Mapping[str, 
             problems.append(f"arms.{arm}: runtime.device='cuda' with resources.gpus_per_run=0; fix: give the run "
                             "GPUs or drop the device override")
     if search is not None:
-        from ablate.search_space import SearchSpaceError, parse_search
+        from ablate.spec.search_space import SearchSpaceError, parse_search
 
         clash = [a for a in arms if re.fullmatch(r"t\d+", a)]
         if clash:

@@ -1,6 +1,6 @@
 """Long-lived trainer workers: one torchrun gang (trainer.serve) runs run after run. No Ray.
 
-    from ablate.workers import Worker
+    from ablate.run.workers import Worker
     w = Worker(2, cwd=root, env=env)
     res = w.run("tiny", "/tmp/ov.yaml", seed=0, on_event=print)   # a LaunchResult, as run_process's
     res = w.run("tiny", "/tmp/ov.yaml", seed=1)                   # same ranks, no new processes
@@ -9,7 +9,7 @@
 What a fresh process pays for every run (interpreter + torch import, rendezvous, NCCL set-up,
 dynamo tracing of every graph even with warm inductor caches, teardown) is paid once per worker;
 the trainer keeps the model and its compiled graphs while the model config stays the same
-(trainer/serve.py). A worker lives under the same guard as a single run (ablate.launch): it dies
+(trainer/serve.py). A worker lives under the same guard as a single run (ablate.run.launch): it dies
 with the process that started it, however that dies: the guard kills it when that process's pipe
 closes, and the ranks themselves exit when it is gone (`--watch-pid`), for Ray SIGKILLs a dead
 actor's children, the guard included. A run that fails, times out or is cancelled
@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Callable
 
-from ablate.launch import GUARD_GRACE_S, LaunchResult, Guarded
+from ablate.run.launch import GUARD_GRACE_S, LaunchResult, Guarded
 
 SERVE_MODULE = "trainer.serve"
 

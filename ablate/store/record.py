@@ -1,13 +1,13 @@
 """The store's rows, typed: RunRecord (one `runs` row per run attempt), CurvePoint and StepTime (the
 `curves` and `steps` rows), and the Parquet schemas derived from them (schema version 1).
 
-    from ablate.record import RunRecord, RUNS_SCHEMA
+    from ablate.store.record import RunRecord, RUNS_SCHEMA
     record = RunRecord(experiment="smoke", arm="baseline", seed=0, run_id="baseline-s0-6b2b38ef85fe-a1", ...)
-    store.write_run(record, curve, steps)          # ablate.store; store.run_records("smoke") reads them back
+    store.write_run(record, curve, steps)          # ablate.store.parquet; store.run_records("smoke") reads them back
 
-Every row the store writes is one of these: ablate.orchestrate.build_row (trainer runs, runs of a
-long-lived worker and script runs, from the trial's payload) and ablate.importlogs.run_row
-(imported logs) return a RunRecord; ablate.store writes records and reads them back with the
+Every row the store writes is one of these: ablate.run.driver.build_row (trainer runs, runs of a
+long-lived worker and script runs, from the trial's payload) and ablate.store.importlogs.run_row
+(imported logs) return a RunRecord; ablate.store.parquet writes records and reads them back with the
 schemas below.
 
 The schemas come from the type hints: `str` string, `int` int64, `Int32` int32, `float` float64,
@@ -201,7 +201,7 @@ class RunRecord(Record):
         unknown = sorted(set(row) - set(cls.columns()))
         if unknown:
             raise StoreError(f"run row {row.get('run_id')!r} has columns not in schema v{SCHEMA_VERSION}: "
-                             f"{', '.join(unknown)}; fix: drop them or add a field to ablate.record.RunRecord "
+                             f"{', '.join(unknown)}; fix: drop them or add a field to ablate.store.record.RunRecord "
                              "(docs/store.md)")
         return cls(**row)
 

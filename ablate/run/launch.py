@@ -1,9 +1,9 @@
 """Run one trainer process tree, stream its JSON-lines events, and never leave orphans. No Ray.
 
-    from ablate.launch import run_process, torchrun_command
+    from ablate.run.launch import run_process, torchrun_command
     res = run_process(torchrun_command(2, "tiny", "/tmp/ov.yaml", seed=0), cwd=root, on_event=print)
 
-    python ablate/launch.py --grace 10 [--rm PATH] -- CMD ...   # the guard (started by run_process)
+    python ablate/run/launch.py --grace 10 [--rm PATH] -- CMD ...   # the guard (started by run_process)
 
 Why a guard: torchrun starts every rank in a session of its own (start_new_session=True in
 torch.distributed.elastic), so killing torchrun's process group leaves the ranks running, and a
@@ -210,7 +210,7 @@ def run_process(argv: list[str], *, env: dict[str, str] | None = None, cwd: str 
                 stop: threading.Event | None = None, grace_s: float = GUARD_GRACE_S,
                 remove_after: list[str] = (), parse: Callable[[str], dict | None] = parse_line) -> LaunchResult:
     """Run `argv` under the guard; call `on_event` (in this thread) for each event as it arrives.
-    `parse` makes events of stdout lines: the trainer's JSON lines by default (ablate.script_run
+    `parse` makes events of stdout lines: the trainer's JSON lines by default (ablate.run.script_trial
     passes a parser of the record scripts' text lines).
 
     Returns when the process tree is gone. `timeout_s` (wall clock) or `stop` being set kills
@@ -246,7 +246,7 @@ def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The guard (runs as `python ablate/launch.py --grace S -- CMD ...`)
+# The guard (runs as `python ablate/run/launch.py --grace S -- CMD ...`)
 # ----------------------------------------------------------------------------------------------
 def _children_map() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}

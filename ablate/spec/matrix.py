@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
-from ablate.spec import Spec
+from ablate.spec.model import Spec
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class RunRequest:
     overrides: dict[str, Any] = field(hash=False, compare=False)
     config_hash: str = ""
     round: int = 0  # seed round (sequential seeds), 0-based
-    source: str = "ablate"  # "ablate" | "search" | "script" (ablate.script) | "import"
+    source: str = "ablate"  # "ablate" | "search" | "script" (ablate.spec.script) | "import"
     search_trial: int | None = None
 
     @property
@@ -41,7 +41,7 @@ def make_request(spec: Spec, arm: str, seed: int, *, overrides: dict[str, Any] |
                  source: str = "ablate", search_trial: int | None = None) -> RunRequest:
     """A request for `arm` (its spec overrides unless `overrides` is given, e.g. by a search).
     CPU specs (gpus_per_run: 0) always get runtime.device: cpu."""
-    if spec.is_script_arm(arm):  # a training script (ablate.script): its own source, no trainer overrides
+    if spec.is_script_arm(arm):  # a training script (ablate.spec.script): its own source, no trainer overrides
         return RunRequest(arm=arm, seed=seed, overrides=spec.overrides(arm), config_hash=spec.config_hash(arm),
                           round=round, source="script", search_trial=search_trial)
     ov = spec.overrides(arm) if overrides is None else dict(overrides)
@@ -136,7 +136,7 @@ def missing_runs(spec: Spec, runs_df) -> tuple[dict[str, int], str | None]:
     if spec.search is None:
         seeds = range(spec.seeds.min) if spec.sequential else spec.max_seeds  # type: ignore[union-attr]
         return {arm: missing(arm, seeds, done[done["config_hash"] == spec.config_hash(arm)]) for arm in spec.arms}, None
-    from ablate.search_space import parse_search
+    from ablate.spec.search_space import parse_search
 
     cfg = parse_search(spec.search, preset=spec.trainer.preset, base_overrides=spec.overrides(spec.baseline))
     confirm = range(cfg.confirm.first_seed, cfg.confirm.first_seed + cfg.confirm.seeds) if cfg.confirm else range(0)

@@ -1,6 +1,6 @@
 """Unified diffs (as `git diff` writes and `git apply` takes them) applied to text in memory. No git.
 
-    from ablate.patch import parse_patch, apply_file_patch
+    from ablate.spec.patch import parse_patch, apply_file_patch
     patches = parse_patch(Path("my/no_smear.diff").read_text())      # one FilePatch per file in the diff
     new_text = apply_file_patch(script_text, patches[0])             # PatchError names the failing hunk
 

@@ -3,26 +3,26 @@ properly powered confirmation of the best ones next to the baseline.
 
     ablate run experiments/lr_mul_search.yaml          # a spec with `search:` runs this
 
-    from ablate.search import run_search
+    from ablate.search.driver import run_search
     outcome = run_search(load_spec("experiments/lr_mul_search_tiny.yaml"), Store("results"))
 
 How it runs (docs/search.md):
   * Waves. Each wave asks Optuna for up to max(1, max_concurrent // seeds_per_trial) suggestions
     (TPE's constant liar spreads suggestions asked together), turns every (suggestion, seed) into
     a run request (arm `t<number>`, source "search", search_trial=<number>, seeds 0..k-1) and hands
-    the wave to `ablate.orchestrate.run_requests`: the same Tune trainable, retries and Parquet
+    the wave to `ablate.run.driver.run_requests`: the same Tune trainable, retries and Parquet
     writes as every other run. When the wave is back, each suggestion is told the mean of its
     seeds' objectives; a seed that failed after its retries (or ended with a non-finite loss)
     fails the whole suggestion. Optuna's ask/tell lives on the driver, so the seed grouping,
     failure rule and multi-objective handling are ours (Tune's Repeater gets all three wrong).
-  * Resume. The study is in persistent storage (ablate.study). Trials still RUNNING from an
+  * Resume. The study is in persistent storage (ablate.search.study). Trials still RUNNING from an
     interrupted session are evaluated again under the same number and arm, and run_requests finds
     their finished seeds in the store, so nothing is re-run and no point is re-suggested. The
     loop stops when `trials` suggestions have finished (complete or failed).
   * Confirmation (`confirm:`): the top-k suggestions (two objectives: the Pareto front by loss)
     run as arms `t<number>` beside every spec arm on fresh seeds, seed-major and interleaved,
     with source "ablate", so `ablate table` gives the significance table for them.
-One driver per experiment at a time (the experiment lock, ablate.lock): two drivers would both
+One driver per experiment at a time (the experiment lock, ablate.store.lock): two drivers would both
 resume the same RUNNING trials.
 """
 from __future__ import annotations
@@ -39,13 +39,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate.errors import Interrupted, SpecError
-from ablate.matrix import RunRequest, make_request
-from ablate.orchestrate import LaunchOptions, RunResult, held_lock, prepare_experiment, ray_session, run_requests
-from ablate.placement import max_concurrency
-from ablate.search_space import SearchConfig, base_values, parse_search
-from ablate.spec import Spec
-from ablate.store import Store
-from ablate.study import (
+from ablate.spec.matrix import RunRequest, make_request
+from ablate.run.driver import LaunchOptions, RunResult, held_lock, prepare_experiment, ray_session, run_requests
+from ablate.run.placement import max_concurrency
+from ablate.spec.search_space import SearchConfig, base_values, parse_search
+from ablate.spec.model import Spec
+from ablate.store.parquet import Store
+from ablate.search.study import (
     ATTR_ARM, ATTR_BASELINE, ATTR_CONFIRMED, ATTR_ERROR, ATTR_INTERRUPTED, ATTR_MEAN, ATTR_N, ATTR_PER_SEED,
     ATTR_SEEDS, ATTR_STD, SEARCH_INFO, counts_toward_budget, open_study, ranked, storage_url,
 )
@@ -295,8 +295,8 @@ def describe_search(spec: Spec, store: Store) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from ablate.matrix import resource_plan
-    from ablate.search_space import FloatParam, IntParam
+    from ablate.spec.matrix import resource_plan
+    from ablate.spec.search_space import FloatParam, IntParam
 
     cfg = search_config(spec)
     url, name = study_location(spec, cfg, store)

@@ -1,6 +1,6 @@
 """Where runs go on a Ray cluster: the one bundle of a run, the pre-flight check, the concurrency.
 
-    from ablate.placement import run_bundle, check_cluster, concurrency_limit
+    from ablate.run.placement import run_bundle, check_cluster, concurrency_limit
     bundle = run_bundle(spec.resources, ray.nodes())     # {"CPU": 4.0, "GPU": 8.0, "gpu_node": 1.0}
     note = check_cluster(spec, ray.nodes(), autoscale=True)   # SpecError, or a warning text, or None
     limit = concurrency_limit(spec, ray.nodes(), autoscale=False)   # Tune's max_concurrent_trials
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ablate.errors import SpecError
 
 if TYPE_CHECKING:
-    from ablate.spec import Resources, Spec
+    from ablate.spec.model import Resources, Spec
 
 GPU_NODE_RESOURCE = "gpu_node"  # one unit per 8-GPU node (cluster.yaml); an 8-GPU run takes it
 WHOLE_NODE_GPUS = 8  # gpus_per_run that means "a whole node"

@@ -12,7 +12,7 @@ or a runtime error (everything is written and the table printed first); 2 bad in
 before anything ran or changed (spec, argument, name, store URI, experiment locked by another
 driver; typer's own usage errors are 2 too); 130 interrupted (finished runs are kept, run again
 to resume; typer turns Ctrl-C in any command into 130).
-`table`, `report` and `import-logs` come from ablate.cli_analysis when it is installed.
+`table`, `report` and `import-logs` come from ablate.cli.analysis when it is installed.
 
 Every value that reaches the terminal is printed as plain text (rich `Text`, never markup), so a
 name such as '[/]' or a hint such as `[a-z0-9]*` prints as written.
@@ -35,7 +35,7 @@ from ablate.errors import (
     EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, AblateError, Interrupted, SpecError, StoreError,
     exit_codes_text,
 )
-from ablate.spec import Spec, load_spec
+from ablate.spec.model import Spec, load_spec
 
 EPILOG = "Exit codes (every command):\n\n" + "\n\n".join(
     line.strip() for line in exit_codes_text().splitlines())
@@ -73,7 +73,7 @@ def _fail(e: AblateError) -> typer.Exit:
 
 
 def _open_store(uri: str):
-    from ablate.store import Store
+    from ablate.store.parquet import Store
 
     try:
         return Store(uri)
@@ -129,7 +129,7 @@ def run(
     search = spec.search is not None
     if dry_run:
         if search:
-            from ablate.search import describe_search
+            from ablate.search.driver import describe_search
 
             try:
                 out.print(describe_search(spec, store))
@@ -143,9 +143,9 @@ def run(
         raise _fail(SpecError("--autoscale needs a cluster whose autoscaler can add nodes: pass --address "
                               "(or run inside `ray job submit`, which sets RAY_ADDRESS); the embedded local "
                               "cluster never grows, so runs would wait forever"))
-    from ablate.lock import acquire
-    from ablate.orchestrate import LaunchOptions, run_experiment  # imports Ray: only when running
-    from ablate.progress import RunProgress
+    from ablate.store.lock import acquire
+    from ablate.run.driver import LaunchOptions, run_experiment  # imports Ray: only when running
+    from ablate.run.progress import RunProgress
 
     options = LaunchOptions(autoscale=autoscale)
     command = "ablate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["run"] else f"ablate run {spec_path}"
@@ -158,8 +158,8 @@ def run(
         if lock.took_over:
             _say(err, "note:", "yellow", lock.took_over)
         with RunProgress(err, title=spec.name) as progress:
-            if search:  # Optuna search, then its confirmation (ablate.search)
-                from ablate.search import run_search
+            if search:  # Optuna search, then its confirmation (ablate.search.driver)
+                from ablate.search.driver import run_search
 
                 outcome = run_search(spec, store, address, progress=progress, options=options, lock=lock)
                 results = outcome.confirmation  # a failed search seed is a search outcome, not an error
@@ -199,7 +199,7 @@ PLAN_ROWS = 40  # a larger matrix is summarised per arm by --dry-run
 
 
 def _print_plan(spec: Spec, store) -> None:
-    from ablate.matrix import expand, plan, resource_plan
+    from ablate.spec.matrix import expand, plan, resource_plan
 
     reqs = expand(spec)
     try:
@@ -246,18 +246,18 @@ def _print_plan(spec: Spec, store) -> None:
              + ("long-lived workers (reuse_workers)" if spec.resources.reuse_workers else "a fresh process per run"),
              f"runs: {len(reqs)} now, at most {rp['max_runs']} (+ retries); concurrency = whole bundles that "
              "fit on the cluster's nodes"]
-    from ablate.script import describe
+    from ablate.spec.script import describe
 
-    lines += describe(spec) + [f"store: {where}"]  # script arms (ablate.script): how they run, each arm's code
+    lines += describe(spec) + [f"store: {where}"]  # script arms (ablate.spec.script): how they run, each arm's code
     for line in lines:
         out.print(Text(line), soft_wrap=True)
 
 
 def print_results_table(store, spec: Spec) -> None:
-    """The experiment's table (ablate.results) after a run: its runs read once, its config hashes
+    """The experiment's table (ablate.cli.results) after a run: its runs read once, its config hashes
     from the spec that ran (resolved once, when it was loaded)."""
-    from ablate.results import print_table
-    from ablate.tables import read_experiment
+    from ablate.cli.results import print_table
+    from ablate.analysis.tables import read_experiment
 
     try:
         exp = read_experiment(store, spec.name, spec)
@@ -292,7 +292,7 @@ def validate(specs: List[Path] = typer.Argument(..., metavar="SPEC...", help="Sp
 def _stored_spec(store, experiment: str):
     """The experiment's spec copy from the store, parsed once (None if absent or no longer valid,
     with a note), and whether a copy exists."""
-    from ablate.spec import read_stored_spec
+    from ablate.spec.model import read_stored_spec
 
     try:  # script arms: their identity at the last run (script_arms.json), not today's files
         stored = read_stored_spec(store, experiment)
@@ -314,7 +314,7 @@ def status(experiment: str = typer.Argument(..., help="Experiment name (store fo
         inflight = store.inflight(experiment)
     except StoreError as e:
         raise _fail(e) from None
-    from ablate.lock import STALE_AFTER_S, read_lock
+    from ablate.store.lock import STALE_AFTER_S, read_lock
 
     try:
         holder = read_lock(store, experiment)
@@ -327,7 +327,7 @@ def status(experiment: str = typer.Argument(..., help="Experiment name (store fo
                               "fix: check the name or pass --store"))
     missing_by_arm, search_note = {}, None
     if spec is not None:
-        from ablate.matrix import missing_runs
+        from ablate.spec.matrix import missing_runs
 
         try:
             missing_by_arm, search_note = missing_runs(spec, df)
@@ -379,7 +379,7 @@ def rm(experiment: str = typer.Argument(..., help="Experiment name (store folder
 
     Asks for confirmation (or --yes). Refused while a driver holds the experiment's lock. A
     removed (arm, seed) runs again at the next `ablate run` of the spec."""
-    from ablate.lock import experiment_lock
+    from ablate.store.lock import experiment_lock
     from ablate.names import check_arm, check_run_id
 
     _check_name(experiment)
@@ -443,8 +443,8 @@ def rm(experiment: str = typer.Argument(..., help="Experiment name (store folder
              "reads them from the study")
 
 
-# `table`, `report`, `import-logs`, `rm`'s neighbours: the analysis commands (ablate/cli_analysis.py)
-from ablate import cli_analysis  # noqa: E402
+# `table`, `report`, `import-logs`, `rm`'s neighbours: the analysis commands (ablate/cli/analysis.py)
+from ablate.cli import analysis as cli_analysis
 
 cli_analysis.register(app)
 

@@ -1,6 +1,6 @@
 """One driver per experiment: a lock file in the store, kept fresh by a heartbeat.
 
-    from ablate.lock import experiment_lock
+    from ablate.store.lock import experiment_lock
     with experiment_lock(store, "smoke", command="ablate run experiments/smoke.yaml") as lock:
         ...                      # lock.lost is set when this driver no longer owns the experiment
         lock.check()             # LockLost (exit 1) once it is

@@ -1,6 +1,6 @@
 """The Optuna study behind a search experiment: where it lives, its sampler, its Pareto front.
 
-    from ablate.study import open_study, storage_url
+    from ablate.search.study import open_study, storage_url
     url = storage_url(store_uri="results", experiment="lr-mul-search", explicit=cfg.storage)
     study = open_study(cfg, study_name="lr-mul-search", url=url)
 
@@ -10,7 +10,7 @@ One study per experiment, in persistent storage so `ablate run` after an interru
   * `search.storage` → any RDB URL Optuna accepts (postgresql://, mysql://, sqlite:///...).
 Open it with `optuna-dashboard <url>`.
 
-Per-trial bookkeeping lives in Optuna user attributes (names below), written by ablate.search:
+Per-trial bookkeeping lives in Optuna user attributes (names below), written by ablate.search.driver:
 the arm name, seeds, per-seed objective values, n / mean / std, the error of a failed
 suggestion, and whether a FAIL only means "interrupted before its params were drawn".
 """
@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate.search_space import SearchConfig, SearchSpaceError
+from ablate.spec.search_space import SearchConfig, SearchSpaceError
 
 SEARCH_INFO = "search.json"  # in the store's experiment folder: {"storage": url, "study_name": name}
 

@@ -1,0 +1,1 @@
+"""Statistics, tables, sequential designs, reports and plots over stored runs."""

@@ -1,0 +1,1 @@
+"""Optuna search over trainer configs, run through the run layer."""

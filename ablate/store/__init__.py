@@ -1,0 +1,1 @@
+"""The Parquet store: the run record and its schema, reading and writing, the driver lock, log import."""
