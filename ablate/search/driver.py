@@ -42,7 +42,7 @@ from ablate.errors import Interrupted, SpecError
 from ablate.spec.matrix import RunRequest, make_request
 from ablate.run.driver import LaunchOptions, RunResult, held_lock, prepare_experiment, ray_session, run_requests
 from ablate.run.placement import max_concurrency
-from ablate.spec.search_space import SearchConfig, base_values, parse_search
+from ablate.spec.search_space import SearchConfig, base_values
 from ablate.spec.model import Spec
 from ablate.store.parquet import Store
 from ablate.search.study import (
@@ -82,8 +82,7 @@ def search_config(spec: Spec) -> SearchConfig:
         raise SpecError(f"arms {', '.join(clash)}: names t<number> are the search's suggestions in a search spec; "
                         "fix: rename those arms", spec.source)
     try:
-        return parse_search(spec.search, preset=spec.trainer.preset,
-                            base_overrides=spec.overrides(spec.baseline))
+        return spec.search_config()
     except SpecError as e:
         raise SpecError(e.problems, spec.source) from None
 
@@ -164,7 +163,7 @@ def _enqueue_baseline(study: optuna.Study, cfg: SearchConfig, spec: Spec) -> Non
     """First suggestion of a new study = the base config's values, when they lie inside the space."""
     if not cfg.enqueue_baseline or study.trials:
         return
-    params = cfg.encode(base_values(cfg, spec.trainer.preset, spec.overrides(spec.baseline)))
+    params = cfg.encode(base_values(cfg, spec.resolve(spec.baseline)))
     if params is None:
         log.info("search: the base config lies outside the space; not enqueued as the first suggestion")
         return
@@ -300,7 +299,7 @@ def describe_search(spec: Spec, store: Store) -> Any:
 
     cfg = search_config(spec)
     url, name = study_location(spec, cfg, store)
-    base = base_values(cfg, spec.trainer.preset, spec.overrides(spec.baseline))
+    base = base_values(cfg, spec.resolve(spec.baseline))
     space = Table("key", "type", "range / values", "base value", title=Text(f"{spec.name}: search space"))
     for key, p in cfg.space.items():
         if isinstance(p, (FloatParam, IntParam)):

@@ -136,9 +136,7 @@ def missing_runs(spec: Spec, runs_df) -> tuple[dict[str, int], str | None]:
     if spec.search is None:
         seeds = range(spec.seeds.min) if spec.sequential else spec.max_seeds  # type: ignore[union-attr]
         return {arm: missing(arm, seeds, done[done["config_hash"] == spec.config_hash(arm)]) for arm in spec.arms}, None
-    from ablate.spec.search_space import parse_search
-
-    cfg = parse_search(spec.search, preset=spec.trainer.preset, base_overrides=spec.overrides(spec.baseline))
+    cfg = spec.search_config()
     confirm = range(cfg.confirm.first_seed, cfg.confirm.first_seed + cfg.confirm.seeds) if cfg.confirm else range(0)
     source = df["source"] if "source" in df else pd.Series("ablate", index=df.index)
     search_done, conf_done = done[source.loc[done.index] == "search"], done[source.loc[done.index] != "search"]

@@ -256,6 +256,7 @@ class Spec(_Model):
     _stored_scripts: dict | None = PrivateAttr(default=None)
     # each resolved TrainConfig by its overrides (_config_key): an arm is resolved once per spec
     _configs: dict = PrivateAttr(default_factory=dict)
+    _search_cfg: Any = PrivateAttr(default=None)  # the parsed search block (validation parses it once)
 
     # ---- field checks (messages become "field=value: message; fix: example") -------------
     @field_validator("name")
@@ -392,6 +393,19 @@ class Spec(_Model):
         if key not in self._configs:
             self._configs[key] = resolve_config(self.trainer.preset, ov)
         return self._configs[key]
+
+    def search_config(self):
+        """The `search:` block as a SearchConfig (ablate.spec.search_space), checked against the
+        trainer around the baseline's config: parsed once (validation keeps it), then reused."""
+        if self.search is None:
+            raise SpecError("this spec has no search: block", self._source)
+        if self._search_cfg is None:
+            from ablate.spec.search_space import parse_search
+
+            self._search_cfg = parse_search(self.search, preset=self.trainer.preset,  # type: ignore[arg-type]
+                                            base_overrides=self.overrides(self.baseline),
+                                            base_config=self.resolve(self.baseline))
+        return self._search_cfg
 
     def config_hash(self, arm: str, overrides: Mapping[str, Any] | None = None) -> str:
         """trainer.config.config_hash of the arm's config, with data.data_dir as the spec wrote it
@@ -606,8 +620,10 @@ def _semantic_problems(spec: Spec) -> list[str]:
         if spec.trainer.script is not None or spec.trainer.preset is None:
             return problems
     preset_arms = {a: ov for a, ov in spec.arms.items() if not spec.is_script_arm(a)}
+    searches: dict[str, Any] = {}
     problems += _override_problems(spec.trainer.preset, spec.trainer.set, preset_arms, spec.resources,
-                                   spec.baseline, spec.search, configs=spec._configs)
+                                   spec.baseline, spec.search, configs=spec._configs, searches=searches)
+    spec._search_cfg = searches.get("search")
     return problems
 
 
@@ -636,10 +652,12 @@ def _raw_problems(data: Mapping[str, Any], err: ValidationError) -> list[str]:
 
 
 def _override_problems(preset: str, tset: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]],
-                       r: Resources | None, baseline: str, search: Any, configs: dict | None = None) -> list[str]:
+                       r: Resources | None, baseline: str, search: Any, configs: dict | None = None,
+                       searches: dict | None = None) -> list[str]:
     """Reserved keys, the compile-cache clash, every override against the trainer's config tree
     (each arm checked even when another fails), world-size divisibility and the search space.
-    Each arm is resolved once, as Spec.resolve would (`configs`: where those configs are kept)."""
+    Each arm is resolved once, as Spec.resolve would (`configs`: where those configs are kept); the
+    parsed search block goes to `searches["search"]`."""
     from trainer.config import ConfigError
 
     problems: list[str] = []
@@ -693,9 +711,13 @@ def _override_problems(preset: str, tset: Mapping[str, Any], arms: Mapping[str, 
         if base_ok and arm_ok.get(baseline, baseline not in arms):  # a valid base to search around
             base_ov = {**checked["trainer.set"], **checked.get(f"arms.{baseline}", {}), **cpu}
             try:
-                parse_search(search, preset=preset, base_overrides=base_ov)
+                parsed = parse_search(search, preset=preset, base_overrides=base_ov,
+                                      base_config=(configs or {}).get(_config_key(base_ov)))
             except SearchSpaceError as e:
                 problems += e.problems
+            else:
+                if searches is not None:
+                    searches["search"] = parsed
     for ref, names in indivisible.items():
         field = "resources.gpus_per_run" if r.gpus_per_run else "resources.cpu_ranks_per_run"  # type: ignore[union-attr]
         ranks = r.ranks  # type: ignore[union-attr]

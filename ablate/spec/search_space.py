@@ -326,10 +326,12 @@ def _tname(t: Any) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def check_against_trainer(cfg: SearchConfig, preset: str, base_overrides: Mapping[str, Any]) -> None:
-    """Raise SearchSpaceError listing every key or value the trainer would reject."""
+def check_against_trainer(cfg: SearchConfig, preset: str, base_overrides: Mapping[str, Any],
+                          base_config: Any = None) -> None:
+    """Raise SearchSpaceError listing every key or value the trainer would reject (`base_config`:
+    the base TrainConfig if already resolved, else preset + base_overrides)."""
     try:
-        base = load_config(preset, overrides=dict(base_overrides))
+        base = base_config if base_config is not None else load_config(preset, overrides=dict(base_overrides))
     except ConfigError as e:
         raise SearchSpaceError(f"the base config (trainer.preset {preset!r} + trainer.set + "
                                f"baseline arm) is invalid: {e}") from None
@@ -371,24 +373,26 @@ def _format_validation(e: ValidationError) -> list[str]:
 
 
 def parse_search(raw: Mapping[str, Any], *, preset: str,
-                 base_overrides: Mapping[str, Any] | None = None) -> SearchConfig:
+                 base_overrides: Mapping[str, Any] | None = None, base_config: Any = None) -> SearchConfig:
     """Validate a raw `search:` mapping, then check it against the trainer. Each stage reports
-    all of its problems in one SearchSpaceError."""
+    all of its problems in one SearchSpaceError. `base_config`: the base TrainConfig when the caller
+    has already resolved it (ablate.spec.model: the baseline arm's), so it is not resolved again."""
     if not isinstance(raw, Mapping):
         raise SearchSpaceError(f"search must be a mapping, got {type(raw).__name__}")
     try:
         cfg = SearchConfig.model_validate(dict(raw))
     except ValidationError as e:
         raise SearchSpaceError(_format_validation(e)) from None
-    check_against_trainer(cfg, preset, base_overrides or {})
+    check_against_trainer(cfg, preset, base_overrides or {}, base_config)
     return cfg
 
 
-def base_values(cfg: SearchConfig, preset: str, base_overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The base config's current value of every searched key (tuples as lists)."""
+def base_values(cfg: SearchConfig, base_config: Any) -> dict[str, Any]:
+    """The base config's current value of every searched key (tuples as lists); `base_config`: the
+    baseline arm's TrainConfig (Spec.resolve(spec.baseline))."""
     from trainer.config import to_dict
 
-    d = to_dict(load_config(preset, overrides=dict(base_overrides)))
+    d = to_dict(base_config)
     out: dict[str, Any] = {}
     for key in cfg.space:
         node: Any = d

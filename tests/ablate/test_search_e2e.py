@@ -112,7 +112,7 @@ def test_sweep_four_suggestions_two_seeds(sweep):
         assert cfg_json["optim"]["lr_mul"]["attn"] == pytest.approx(ov["optim.lr_mul.attn"])
         assert cfg_json["schedule"]["ws_schedule"] == ov["schedule.ws_schedule"]
     # suggestion 0 is the record's own values (enqueued baseline)
-    base = cfg.encode(base_values(cfg, spec.trainer.preset, spec.overrides(spec.baseline)))
+    base = cfg.encode(base_values(cfg, spec.resolve(spec.baseline)))
     assert study.trials[0].params == base
     assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 4
 

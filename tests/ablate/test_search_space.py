@@ -61,14 +61,14 @@ def test_choice_roundtrip_decodes_lists_and_applies_to_trainer():
 
 def test_base_values_and_encode_outside_space():
     cfg = parse_search(search(), preset="tiny")
-    base = base_values(cfg, "tiny", {})
+    base = base_values(cfg, load_config("tiny"))
     assert base == {"optim.lr_mul.attn": 1.0, "model.backout_layer": 4,
                     "schedule.ws_schedule": [2, 4, 6],
                     "model.attn_backend": load_config("tiny").model.attn_backend}
     assert cfg.encode(base)["schedule.ws_schedule"] == "[2, 4, 6]"
     assert cfg.encode({**base, "optim.lr_mul.attn": 3.0}) is None
     assert cfg.encode({**base, "schedule.ws_schedule": [1, 2]}) is None
-    base2 = base_values(cfg, "tiny", {"optim.lr_mul.attn": 0.7})
+    base2 = base_values(cfg, load_config("tiny", {"optim.lr_mul.attn": 0.7}))
     assert base2["optim.lr_mul.attn"] == 0.7
 
 
@@ -163,7 +163,7 @@ def test_shipped_search_specs_validate():
         assert "schedule.ws_schedule" in cfg.space
         assert cfg.confirm is not None
         # the record's values are the first (enqueued) suggestion
-        assert cfg.encode(base_values(cfg, tr["preset"], base)) is not None
+        assert cfg.encode(base_values(cfg, load_config(tr["preset"], base))) is not None
 
 
 def test_run_search_rejects_a_bad_space_before_anything_runs(tmp_path):
@@ -179,3 +179,30 @@ def test_run_search_rejects_a_bad_space_before_anything_runs(tmp_path):
                     "search": {"trials": 2, "space": {"optim.lr_mul.atn": {"type": "float", "low": 2, "high": 1}}}})
     assert "low (2.0) > high (1.0)" in str(ei.value)
     assert not ray.is_initialized() and not any(tmp_path.iterdir())  # no Ray, no store files, no study
+
+
+def test_a_search_spec_parses_its_search_block_once_and_resolves_the_base_once(monkeypatch):
+    """Validation parses the search block against the baseline's config it already resolved; the
+    driver and the plan reuse that SearchConfig (Spec.search_config), nothing is resolved again."""
+    from ablate.spec import search_space
+    from ablate.spec.model import parse_spec
+
+    calls = {"parse": 0, "load": 0}
+    parse, load = search_space.parse_search, search_space.load_config
+
+    def counting_parse(*a, **k):
+        calls["parse"] += 1
+        return parse(*a, **k)
+
+    def counting_load(*a, **k):
+        calls["load"] += 1
+        return load(*a, **k)
+
+    monkeypatch.setattr(search_space, "parse_search", counting_parse)
+    monkeypatch.setattr(search_space, "load_config", counting_load)
+    spec = parse_spec({"name": "s", "trainer": {"preset": "tiny"}, "arms": {"baseline": {}}, "seeds": 1,
+                       "resources": {"gpus_per_run": 0}, "search": search()})
+    assert calls == {"parse": 1, "load": 0}  # the base: the baseline arm's config, resolved once already
+    cfg = spec.search_config()
+    assert spec.search_config() is cfg and calls == {"parse": 1, "load": 0}
+    assert base_values(cfg, spec.resolve("baseline"))["optim.lr_mul.attn"] == 1.0
