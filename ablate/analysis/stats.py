@@ -258,10 +258,12 @@ def t_power(nc: float, df: float, alpha: float, alternative: str = "two-sided") 
     (behind TTestPower and TTestIndPower; they agree to 1e-9, tests/ablate/test_stats_library.py).
     A wrapper because statsmodels takes its tails as 1 − special.nctdtr, which is NaN where
     scipy.stats.nct is finite (df = 1, nc = −21.9: NaN vs power 0.269), and a NaN power stops the
-    runs-needed search early (2 pairs reported where 3 are needed)."""
+    runs-needed search early (2 pairs reported where 3 are needed). The lower tail is taken as
+    nct.sf(c, df, −nc) (= nct.cdf(−c, df, nc) by symmetry), which scipy evaluates where its cdf
+    gives NaN (df = 1, nc = +21.9: cdf NaN, sf 0.0)."""
     if alternative == "two-sided":
         c = stats.t.isf(alpha / 2, df)
-        return float(stats.nct.sf(c, df, nc) + stats.nct.cdf(-c, df, nc))
+        return float(stats.nct.sf(c, df, nc) + stats.nct.sf(c, df, -nc))
     c = stats.t.isf(alpha, df)
     if alternative == "less":
         nc = -nc

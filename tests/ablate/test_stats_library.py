@@ -101,10 +101,14 @@ def old_adjust(pvalues, method):
     return out
 
 
-def _old_power_t(nc, df, alpha, alternative):
+def _old_power_t(nc, df, alpha, alternative, nan_tail=False):
+    """The pre-library power. Its two-sided lower tail was nct.cdf(−c, df, nc), NaN at df = 1 for
+    large positive nc (fixed in stats.t_power: nct.sf(c, df, −nc), the same number where finite);
+    `nan_tail=True` gives that old form, the default the fixed one."""
     if alternative == "two-sided":
         c = sps.t.isf(alpha / 2, df)
-        return float(sps.nct.sf(c, df, nc) + sps.nct.cdf(-c, df, nc))
+        lower = sps.nct.cdf(-c, df, nc) if nan_tail else sps.nct.sf(c, df, -nc)
+        return float(sps.nct.sf(c, df, nc) + lower)
     c = sps.t.isf(alpha, df)
     return float(sps.nct.sf(c, df, -nc if alternative == "less" else nc))
 
@@ -326,7 +330,17 @@ def test_runs_needed_where_statsmodels_power_is_nan():
     assert stats.runs_needed_paired(d, sd, 0.01, 0.9) == 3 == old_runs_needed_paired(d, sd, 0.01, 0.9)
 
 
+def test_a_nan_power_no_longer_stops_the_runs_needed_search():
+    """Δ = 1.52, sd of differences 0.28, α 0.05, power 0.9: with 2 pairs (df 1, nc 7.67) the old lower
+    tail was NaN, the search stopped there and reported 2; the power is 0.45 at 2 pairs and 0.99 at 3."""
+    d, sd = 1.520628134207834, 0.28020370089543456
+    assert math.isnan(_old_power_t(d * math.sqrt(2) / sd, 1, 0.05, "two-sided", nan_tail=True))
+    assert 0.3 < stats.t_power(d * math.sqrt(2) / sd, 1, 0.05) < 0.9
+    assert stats.runs_needed_paired(d, sd, 0.05, 0.9) == 3
+
+
 def test_runs_needed_gives_the_old_numbers():
+    """The old numbers (with the old power's NaN lower tail fixed: see the test above)."""
     rng = np.random.default_rng(7)
     for _ in range(150):
         d = float(rng.choice([-1, 1]) * 10 ** rng.uniform(-2, 0.5))
@@ -372,3 +386,15 @@ def test_sequential_target_and_welch_z_are_scipys_t_and_the_old_numbers():
         assert same(target_z(pd.Series(x), target), old_target_z(np.array(x), target), rel=0)
     a, b = rng.normal(0.3, 1.0, (500, 7)), rng.normal(0.0, 2.0, (500, 9))
     np.testing.assert_allclose(welch_z(a, b), old_welch_z(a, b), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("nc", [21.9, -21.9, 50.0, -50.0])
+def test_two_sided_power_is_finite_for_large_effects_either_way(nc):
+    """scipy's nct.cdf is NaN at df = 1 for large positive noncentrality; the two-sided power takes
+    the lower tail as nct.sf(c, df, −nc), so a large "arm is worse" effect has the same power as an
+    equally large "better" one (and runs_needed does not stop early on a NaN)."""
+    from ablate.analysis.stats import t_power
+
+    p = t_power(nc, 1, 0.05)
+    assert math.isfinite(p) and p == pytest.approx(t_power(-nc, 1, 0.05), rel=1e-12)
+    assert p > 0.9
