@@ -284,15 +284,10 @@ def machine() -> dict:
 
 
 def commit_of(arg: str | None) -> str:
-    if arg:
-        return arg
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trainer", "ablate", "benchmarks"],
-                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        return sha.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git; pass --commit)"
+    """--commit, else the checkout's HEAD (trainer.env.git_commit: "+dirty" when tracked files changed)."""
+    from trainer.env import git_commit
+
+    return arg or git_commit(ROOT) or "unknown (no git; pass --commit)"
 
 
 def write_doc(path: Path, rows: list[Row], info: dict, commit: str, wall: float, machine_name: str,

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,21 +69,6 @@ class SearchOutcome:
 
 def arm_name(number: int) -> str:
     return f"t{number}"
-
-
-def search_config(spec: Spec) -> SearchConfig:
-    """The spec's validated `search:` block, checked against the baseline arm's config."""
-    if spec.search is None:
-        raise SpecError("the spec has no `search:` block; fix: add one (docs/search.md) or use `ablate run` "
-                        "for a plain ablation", spec.source)
-    clash = [a for a in spec.arms if re.fullmatch(r"t\d+", a)]
-    if clash:
-        raise SpecError(f"arms {', '.join(clash)}: names t<number> are the search's suggestions in a search spec; "
-                        "fix: rename those arms", spec.source)
-    try:
-        return spec.search_config()
-    except SpecError as e:
-        raise SpecError(e.problems, spec.source) from None
 
 
 def _requests_for(spec: Spec, cfg: SearchConfig, trial: FrozenTrial) -> list[RunRequest]:
@@ -245,7 +229,7 @@ def run_search(spec: Spec, store: Store, address: str | None = None, *, progress
     """Run (or resume) the spec's search, then its confirmation. Raises Interrupted when stopped;
     running it again continues the same study. Holds the experiment's lock (`lock` if the caller
     took it, else taken here)."""
-    cfg = search_config(spec)
+    cfg = spec.search_config()
     url, name = study_location(spec, cfg, store)
     with held_lock(store, spec.name, lock, take_over, progress) as lock:
         study = open_study(cfg, name, url)  # refuses a study made for another space: before any write
@@ -297,7 +281,7 @@ def describe_search(spec: Spec, store: Store) -> Any:
     from ablate.spec.matrix import resource_plan
     from ablate.spec.search_space import FloatParam, IntParam
 
-    cfg = search_config(spec)
+    cfg = spec.search_config()
     url, name = study_location(spec, cfg, store)
     base = base_values(cfg, spec.resolve(spec.baseline))
     space = Table("key", "type", "range / values", "base value", title=Text(f"{spec.name}: search space"))

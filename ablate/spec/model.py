@@ -398,13 +398,17 @@ class Spec(_Model):
         """The `search:` block as a SearchConfig (ablate.spec.search_space), checked against the
         trainer around the baseline's config: parsed once (validation keeps it), then reused."""
         if self.search is None:
-            raise SpecError("this spec has no search: block", self._source)
-        if self._search_cfg is None:
+            raise SpecError("the spec has no `search:` block; fix: add one (docs/search.md) or use `ablate run` "
+                            "for a plain ablation", self._source)
+        if self._search_cfg is None:  # a Spec built without parse_spec's checks
             from ablate.spec.search_space import parse_search
 
-            self._search_cfg = parse_search(self.search, preset=self.trainer.preset,  # type: ignore[arg-type]
-                                            base_overrides=self.overrides(self.baseline),
-                                            base_config=self.resolve(self.baseline))
+            try:
+                self._search_cfg = parse_search(self.search, preset=self.trainer.preset,  # type: ignore[arg-type]
+                                                base_overrides=self.overrides(self.baseline),
+                                                base_config=self.resolve(self.baseline))
+            except SpecError as e:
+                raise SpecError(e.problems, self._source) from None
         return self._search_cfg
 
     def config_hash(self, arm: str, overrides: Mapping[str, Any] | None = None) -> str:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ablate.search.driver import arm_name, run_search, search_config
+from ablate.search.driver import arm_name, run_search
 from ablate.search.report import search_table
 from ablate.analysis.tables import read_experiment
 from ablate.spec.search_space import base_values
@@ -95,7 +95,7 @@ def test_interrupt_left_a_resumable_study(sweep):
 
 def test_sweep_four_suggestions_two_seeds(sweep):
     spec, store_dir = sweep["spec"], sweep["dir"]
-    cfg = search_config(spec)
+    cfg = spec.search_config()
     study = _study(store_dir, spec.name)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]  # nothing re-suggested at a new number
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
