@@ -276,6 +276,13 @@ def _adopt(kept: torch.nn.Module, fresh: torch.nn.Module) -> None:
     kept.train()
 
 
+def longest_forward(cfg: TrainConfig) -> int:
+    """Tokens of the longest flat sequence one rank's forward sees: the largest training
+    micro-batch (any batch stage or the extension) or eval batch."""
+    s, ref = cfg.schedule, cfg.runtime.reference_world_size
+    return max(*s.train_bs_schedule, s.train_bs_extension, cfg.eval.val_batch_size) // ref
+
+
 def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, grad_accum: int,
            val_files: list, reuse: bool = False) -> _Run:
     from trainer.adam import DistAdam
@@ -285,6 +292,7 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model, world_size=world_size).to(device)
     model.fp8 = bool(cfg.model.fp8_head and fp8_supported(device))
+    model.rotary.precompute(longest_forward(cfg))
     key = _model_key(cfg, device, world_size)
     kept = _KEPT.get(key) if reuse else None
     if kept is not None:  # a warm worker: same weights as a fresh build, the compiled graphs kept

@@ -524,3 +524,43 @@ def test_param_dtype_knob():
     loss = _randomize(m)(*_batch(), 64, 32)  # fp32 activations (embedding dtype) run end to end
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
+
+
+def test_precomputed_rotary_tables_equal_the_computed_ones_through_yarn_steps():
+    """The cos/sin tables kept as buffers (Rotary.precompute) are the values cos_sin computes, for
+    every prefix length, after each YaRN extension and after reset; longer sequences still work."""
+    from trainer.attention import Rotary
+
+    def fresh():
+        return Rotary(64, 16, 1 / 1024, 0.12, 1.0, 32.0, attn_factor=0.2, dtype=torch.bfloat16)
+
+    r, ref = fresh(), fresh()
+    r.precompute(300)
+    table = r.cos_table
+    for step in [None, (384, 896), (896, 1664), "reset", (384, 1664)]:
+        if step == "reset":
+            r.reset()
+            ref.reset()
+        elif step is not None:
+            r.extend(*step)
+            ref.extend(*step)
+        for T in (1, 128, 300):
+            got, want = r.cos_sin(T, torch.device("cpu")), ref.cos_sin(T, torch.device("cpu"))
+            assert got[0].shape == want[0].shape == (T, 1, 32)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (step, T)
+        assert r.cos_table is table  # refreshed in place: a compiled graph keeps its tensors
+    long = r.cos_sin(301, torch.device("cpu"))  # beyond the table: computed
+    assert torch.equal(long[0], ref.cos_sin(301, torch.device("cpu"))[0])
+    r.precompute(300)
+    assert r.cos_table is table
+
+
+def test_the_trainer_precomputes_the_longest_forward():
+    from trainer.presets import load_config
+    from trainer.train import longest_forward
+
+    cfg = load_config("speedrun")
+    ref = cfg.runtime.reference_world_size
+    assert longest_forward(cfg) == max(max(cfg.schedule.train_bs_schedule), cfg.schedule.train_bs_extension,
+                                       cfg.eval.val_batch_size) // ref
+    assert longest_forward(cfg) >= 393216 // 8
