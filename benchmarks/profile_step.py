@@ -6,7 +6,9 @@
 Builds the run in-process (world size 1, the stage's real shapes), compiles and warms the stage,
 profiles --steps optimizer steps and prints the kernels grouped by name, largest first: total ms
 per step, share, calls per step, and a coarse class (matmul, attention, optimizer, norm/elementwise,
-cross-entropy, embedding, copy/other) with the per-class totals. GPU only.
+cross-entropy, embedding, copy/other) with the per-class totals; then how busy the GPU was (kernel
+time over step time: well under 100 % means the host or a sync holds it up) and, with --cpu-top N,
+the host-side ops that cost the most CPU time. GPU only.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--trace", default="", help="also write a Chrome trace here")
+    ap.add_argument("--cpu-top", type=int, default=0, help="also list the N host-side ops with the most self CPU time")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     args = ap.parse_args(argv)
     dev = torch.device("cuda", 0)
@@ -97,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  {'class':>14}  kernel")
     for k, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"{ms:8.2f} {ms / total:6.1%} {n:6.0f}  {classify(k):>14}  {k[:150]}")
+    print(f"GPU busy {total / step_ms:.1%} of the step (the rest: the GPU waits, for the host or a sync)")
+    if args.cpu_top:
+        host = [ev for ev in prof.key_averages() if ev.device_type == torch.autograd.DeviceType.CPU]
+        print(f"host ops by self CPU time, ms/step (all host ops: "
+              f"{sum(ev.self_cpu_time_total for ev in host) / 1000 / args.steps:.1f} ms/step)")
+        for ev in sorted(host, key=lambda e: -e.self_cpu_time_total)[:args.cpu_top]:
+            print(f"{ev.self_cpu_time_total / 1000 / args.steps:8.2f} self {ev.cpu_time_total / 1000 / args.steps:8.2f} "
+                  f"total {ev.count / args.steps:6.0f} calls  {ev.key[:120]}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
     return 0

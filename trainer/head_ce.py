@@ -37,32 +37,37 @@ except ImportError:  # pragma: no cover - exercised on CPU machines without trit
 
 if triton is not None:
     @triton.jit
-    def _bf16(x):
-        """x rounded to the nearest bf16 (ties to even), as fp32; bit arithmetic, so the same on
-        every backend (Triton's interpreter truncates .to(tl.bfloat16)). x must be finite."""
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        return b.to(tl.float32, bitcast=True)
+    def _bf16(x, NATIVE: tl.constexpr):
+        """x rounded to the nearest bf16 (ties to even), as fp32. NATIVE: one conversion
+        instruction (GPU); else bit arithmetic giving the same bits, for Triton's interpreter,
+        which truncates .to(tl.bfloat16). x must be finite."""
+        if NATIVE:
+            return x.to(tl.bfloat16).to(tl.float32)
+        else:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            return b.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _lse_kernel(logits, targets, lse, loss, stride, cap, inv_div, V: tl.constexpr, BLOCK: tl.constexpr):
+    def _lse_kernel(logits, targets, lse, loss, stride, cap, inv_div, V: tl.constexpr, BLOCK: tl.constexpr,
+                    NATIVE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits + row * stride
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             raw = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            z = _bf16(cap * tl.sigmoid(raw * inv_div))
+            z = _bf16(cap * tl.sigmoid(raw * inv_div), NATIVE)
             acc += tl.where(cols < V, tl.exp(z - cap), 0.0)
         row_lse = cap + tl.log(tl.sum(acc, axis=0))
         t = tl.load(targets + row)
-        zt = _bf16(cap * tl.sigmoid(tl.load(base + t).to(tl.float32) * inv_div))
+        zt = _bf16(cap * tl.sigmoid(tl.load(base + t).to(tl.float32) * inv_div), NATIVE)
         tl.store(lse + row, row_lse)
         tl.store(loss + row, row_lse - zt)
 
     @triton.jit
     def _grad_kernel(logits, targets, lse, grad_out, g, stride, cap, inv_div, inv_gs, V: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, NATIVE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits + row * stride
         out = g + row * V
@@ -72,10 +77,21 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             raw = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            z = _bf16(cap * tl.sigmoid(raw * inv_div))
+            z = _bf16(cap * tl.sigmoid(raw * inv_div), NATIVE)
             gz = tl.exp(z - row_lse) - tl.where(cols == t, 1.0, 0.0)
             gr = gz * (z * inv_div) * (1.0 - z * (1.0 / cap)) * scale
             tl.store(out + cols, gr.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=cols < V)
+
+
+    @triton.jit
+    def _transpose_kernel(src, dst, N, V, BM: tl.constexpr, BN: tl.constexpr):
+        """dst (V, N) = srcᵀ for 1-byte elements, one BM × BN tile per program."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        tile = tl.load(src + rows[:, None].to(tl.int64) * V + cols[None, :],
+                       mask=(rows[:, None] < N) & (cols[None, :] < V))
+        tl.store(dst + cols[:, None].to(tl.int64) * N + rows[None, :], tl.trans(tile),
+                 mask=(cols[:, None] < V) & (rows[None, :] < N))
 
 
 def available() -> bool:
@@ -87,11 +103,39 @@ def available() -> bool:
 @torch.library.custom_op("trainer::softcap_ce_lse", mutates_args=())
 def softcap_ce_lse(logits: Tensor, targets: Tensor, cap: float, div: float) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row lse), fp32 (N,), of softcapped cross-entropy over bf16 (N, V) logits."""
+    return lse_pass(logits, targets, cap, div, **LSE_LAUNCH)
+
+
+# Launch parameters (column block, warps) of the two passes; benchmarks/bench_head.py times others.
+LSE_LAUNCH = {"block": 2048, "warps": 8}
+GRAD_LAUNCH = {"block": 2048, "warps": 8}
+
+
+def lse_pass(logits: Tensor, targets: Tensor, cap: float, div: float, block: int, warps: int) -> tuple[Tensor, Tensor]:
     N, V = logits.shape
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
-    _lse_kernel[(N,)](logits, targets, lse, loss, logits.stride(0), cap, 1.0 / div, V=V, BLOCK=2048, num_warps=8)
+    _lse_kernel[(N,)](logits, targets, lse, loss, logits.stride(0), cap, 1.0 / div, V=V, BLOCK=block,
+                      NATIVE=logits.is_cuda, num_warps=warps)
     return loss, lse
+
+
+def transpose_pass(g: Tensor, bm: int, bn: int, warps: int) -> Tensor:
+    """gᵀ made contiguous ((V, N) e5m2 from (N, V)) by a tiled Triton copy."""
+    N, V = g.shape
+    out = torch.empty((V, N), device=g.device, dtype=g.dtype)
+    _transpose_kernel[(triton.cdiv(N, bm), triton.cdiv(V, bn))](g.view(torch.uint8), out.view(torch.uint8), N, V,
+                                                                BM=bm, BN=bn, num_warps=warps)
+    return out
+
+
+def grad_pass(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float, g_s: float,
+              block: int, warps: int) -> Tensor:
+    N, V = logits.shape
+    g = torch.empty((N, V), device=logits.device, dtype=torch.float8_e5m2)
+    _grad_kernel[(N,)](logits, targets, lse, grad_out, g, logits.stride(0), cap, 1.0 / div, 1.0 / g_s, V=V,
+                       BLOCK=block, NATIVE=logits.is_cuda, num_warps=warps)
+    return g
 
 
 @softcap_ce_lse.register_fake
@@ -104,11 +148,7 @@ def _(logits, targets, cap, div):
 def softcap_ce_grad_fp8(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float,
                         g_s: float) -> Tensor:
     """G in e5m2 (N, V), G = ∂(grad_out · Σ loss)/∂logits / g_s."""
-    N, V = logits.shape
-    g = torch.empty((N, V), device=logits.device, dtype=torch.float8_e5m2)
-    _grad_kernel[(N,)](logits, targets, lse, grad_out, g, logits.stride(0), cap, 1.0 / div, 1.0 / g_s, V=V,
-                       BLOCK=2048, num_warps=8)
-    return g
+    return grad_pass(logits, targets, lse, grad_out, cap, div, g_s, **GRAD_LAUNCH)
 
 
 @softcap_ce_grad_fp8.register_fake

@@ -1,0 +1,126 @@
+"""The fused head's memory-bound passes alone, at one micro-batch of the speedrun's last stage.
+
+    python benchmarks/bench_head.py [--rows 49152] [--vocab 50304] [--reps 10]
+
+Times, on random bf16 logits of (rows, vocab):
+  - the log-sum-exp pass and the gradient pass of trainer/head_ce.py for several launch
+    parameters (column block × warps), each checked bit-equal to the bit-arithmetic rounding
+    (the interpreter's path) and to the trainer's current launch;
+  - the transposed copy of the e5m2 gradient that the FP8 weight-gradient product needs:
+    PyTorch eager, Inductor, and trainer.head_ce.transpose_fp8 at several tiles.
+Prints ms per call, GB/s of the bytes each must move, and the ratio to the current choice. GPU only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer import head_ce
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=49152)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    N, V, cap, div, g_s = args.rows, args.vocab, 30.0, 7.5, 2.0 ** -8
+    torch.manual_seed(0)
+    logits = (torch.randn(N, V, device="cuda") * 6).bfloat16()
+    targets = torch.randint(0, V, (N,), device="cuda")
+    grad_out = torch.ones(1, device="cuda")
+    gb_lse, gb_grad = N * V * 2 / 1e9, N * V * 3 / 1e9
+
+    # reference: the bit-arithmetic rounding (NATIVE=False), the current launch
+    ref_lse = torch.empty(N, device="cuda")
+    ref_loss = torch.empty(N, device="cuda")
+    cur = head_ce.LSE_LAUNCH
+    head_ce._lse_kernel[(N,)](logits, targets, ref_lse, ref_loss, logits.stride(0), cap, 1 / div, V=V,
+                              BLOCK=cur["block"], NATIVE=False, num_warps=cur["warps"])
+    ref_g = torch.empty((N, V), device="cuda", dtype=torch.float8_e5m2)
+    cur_g = head_ce.GRAD_LAUNCH
+    head_ce._grad_kernel[(N,)](logits, targets, ref_lse, grad_out, ref_g, logits.stride(0), cap, 1 / div, 1 / g_s,
+                               V=V, BLOCK=cur_g["block"], NATIVE=False, num_warps=cur_g["warps"])
+    ref_g8 = ref_g.view(torch.uint8)
+
+    def bits_lse():
+        head_ce._lse_kernel[(N,)](logits, targets, ref_lse, ref_loss, logits.stride(0), cap, 1 / div, V=V,
+                                  BLOCK=cur["block"], NATIVE=False, num_warps=cur["warps"])
+
+    base = timed(bits_lse, args.reps)
+    print(f"lse pass, bit-arithmetic rounding, block {cur['block']} warps {cur['warps']}: {base:.3f} ms "
+          f"({gb_lse / base * 1e3:.0f} GB/s)")
+    print(f"{'pass':>5} {'block':>6} {'warps':>5} {'ms':>8} {'GB/s':>6} {'vs bits':>8}  equal")
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            try:
+                loss, lse = head_ce.lse_pass(logits, targets, cap, div, block, warps)
+                ms = timed(lambda: head_ce.lse_pass(logits, targets, cap, div, block, warps), args.reps)
+            except Exception as e:  # noqa: BLE001 - a launch that does not fit is a row, not a stop
+                print(f"{'lse':>5} {block:>6} {warps:>5}  failed: {type(e).__name__}")
+                continue
+            eq = bool(torch.equal(lse, ref_lse) and torch.equal(loss, ref_loss))
+            print(f"{'lse':>5} {block:>6} {warps:>5} {ms:8.3f} {gb_lse / ms * 1e3:6.0f} {base / ms:8.2f}  {eq}")
+
+    def bits_grad():
+        head_ce._grad_kernel[(N,)](logits, targets, ref_lse, grad_out, ref_g, logits.stride(0), cap, 1 / div,
+                                   1 / g_s, V=V, BLOCK=cur_g["block"], NATIVE=False, num_warps=cur_g["warps"])
+
+    base = timed(bits_grad, args.reps)
+    print(f"grad pass, bit-arithmetic rounding: {base:.3f} ms ({gb_grad / base * 1e3:.0f} GB/s)")
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            try:
+                g = head_ce.grad_pass(logits, targets, ref_lse, grad_out, cap, div, g_s, block, warps)
+                ms = timed(lambda: head_ce.grad_pass(logits, targets, ref_lse, grad_out, cap, div, g_s, block, warps),
+                           args.reps)
+            except Exception as e:  # noqa: BLE001
+                print(f"{'grad':>5} {block:>6} {warps:>5}  failed: {type(e).__name__}")
+                continue
+            eq = bool(torch.equal(g.view(torch.uint8), ref_g8))
+            print(f"{'grad':>5} {block:>6} {warps:>5} {ms:8.3f} {gb_grad / ms * 1e3:6.0f} {base / ms:8.2f}  {eq}")
+            del g
+
+    # the transposed copy of G (what _scaled_mm needs for dW): 2 × N·V bytes moved
+    gb_t = 2 * N * V / 1e9
+    ref_t = ref_g8.t().contiguous()
+    eager = timed(lambda: ref_g.t().contiguous(), args.reps)
+    print(f"transpose, eager .t().contiguous(): {eager:.3f} ms ({gb_t / eager * 1e3:.0f} GB/s)")
+    comp = torch.compile(lambda g: g.t().contiguous(), fullgraph=True)
+    ms = timed(lambda: comp(ref_g), args.reps)
+    print(f"transpose, Inductor: {ms:.3f} ms ({gb_t / ms * 1e3:.0f} GB/s, {eager / ms:.2f}× eager)")
+    if hasattr(head_ce, "transpose_pass"):
+        for bm, bn, warps in ((64, 64, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8), (128, 256, 8),
+                              (256, 256, 8), (256, 256, 16)):
+            try:
+                out = head_ce.transpose_pass(ref_g, bm, bn, warps)
+                ms = timed(lambda: head_ce.transpose_pass(ref_g, bm, bn, warps), args.reps)
+            except Exception as e:  # noqa: BLE001
+                print(f"transpose {bm}x{bn} w{warps}: failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            eq = bool(torch.equal(out.view(torch.uint8), ref_t))
+            print(f"transpose {bm}x{bn} w{warps}: {ms:.3f} ms ({gb_t / ms * 1e3:.0f} GB/s, {eager / ms:.2f}× eager)"
+                  f"  equal {eq}")
+            del out
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
