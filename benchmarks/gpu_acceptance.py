@@ -16,7 +16,8 @@ Rows:
   `speedrun`, `speedrun-1027` and `small`; sdpa (the CPU path, never chosen by `auto` on GPU) for
   `small`. With 2 or 4 GPUs the speedrun preset also runs at world size 2 / 4.
 - pytest: the GPU tests (tests/trainer/test_attention_gpu.py: fa4 and flex against an fp32
-  reference, 50 `small` steps fa4 vs flex; Polar Express kernels; FP8 head).
+  reference, 50 `small` steps fa4 vs flex; Polar Express kernels; FP8 head; micro-batches replayed
+  from CUDA graphs train like eager ones, fa4 and flex).
 - ablate: `ablate run experiments/gpu_acceptance.yaml` (2 arms × 1 seed, `small`, 1 GPU per run) with
   resources.reuse_workers off and on: every run ok, losses finite and falling; and script arms (the
   CPU tests' fake record script, one GPU bundle per run): one ok, one diverged, GPU ids recorded.
@@ -158,13 +159,13 @@ def mask_row(out: Path) -> Row:
 
 def pytest_row(out: Path) -> Row:
     files = ["tests/trainer/test_attention_gpu.py", "tests/trainer/test_head_ce.py", "tests/trainer/test_polar_gpu.py",
-             "tests/trainer/test_model.py"]
+             "tests/trainer/test_model.py", "tests/trainer/test_graphs_gpu.py"]
     rc, stdout, secs = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files],
                           out / "pytest_gpu.log", timeout=540)
     tail = [ln for ln in stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     summary = tail[-1].strip("= ") if tail else f"exit {rc}"
     failed = [ln.split(" - ")[0] for ln in stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    return Row("pytest -m gpu (attention backends, fused head, polar, fp8)", "PASS" if rc == 0 else "FAIL", secs,
+    return Row("pytest -m gpu (attention backends, fused head, polar, fp8, CUDA graphs)", "PASS" if rc == 0 else "FAIL", secs,
                summary + ("; " + "; ".join(failed)[:300] if failed else ""))
 
 

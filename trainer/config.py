@@ -404,6 +404,9 @@ class RuntimeConfig:
     warmup_steps_per_stage: int = 10  # steps per stage in the warmup
     reference_world_size: int = 8  # grad accumulation = reference_world_size / world_size
     log_every: int = 1  # `step` events every k steps
+    # replay each micro-batch's forward + backward as a CUDA graph (GPU, compiled, fa4/flex):
+    # the same kernels without the host's launch overhead (trainer/graphs.py)
+    cuda_graphs: bool = True
     inductor_cache_dir: str = ""  # TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR root; "" = torch default
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ from trainer.config import ConfigError, TrainConfig, apply_overrides, config_has
 from trainer.data import Batch, DataError, TrainLoader, data_provenance, ensure_data, val_batches
 from trainer.events import Emitter
 from trainer.feed import Feed
+from trainer.graphs import MicroSteps
 from trainer.presets import load_config
 from trainer.schedule import batch_tokens, lr_multiplier, muon_momentum, short_window, stages, total_tokens, window_blocks
 
@@ -185,6 +186,7 @@ class _Run:
     all_params: list
     feed: Feed
     val: list  # DeviceBatch per validation forward
+    steps: MicroSteps  # each micro-batch's forward + backward, from CUDA graphs where enabled
     long: int = 0  # long window (blocks) the rotary is currently extended to
     _win_cache: dict = dataclasses.field(default_factory=dict)
 
@@ -219,19 +221,22 @@ class _Run:
         long, short = window or window_blocks(s, sched_step)
         self.set_window(long)
         T = (bs or batch_tokens(s, sched_step)) // cfg.runtime.reference_world_size
-        mean = cfg.optim.grad_reduction == "mean"
+        div = self.grad_accum if cfg.optim.grad_reduction == "mean" else 1
+
+        def fwd_bwd(b) -> None:
+            loss = self.forward(b, long, short)
+            (loss / div if div > 1 else loss).backward()
+
+        key = (long, short, self.model.rotary.attn_scale)  # what a captured graph bakes in besides shapes
         for _ in range(self.grad_accum):
-            loss = self.forward(self.feed(loader.next_batch(T)), long, short)
-            (loss / self.grad_accum if mean else loss).backward()
+            self.steps.run(fwd_bwd, self.feed(loader.next_batch(T)), key)
         lr = lr_multiplier(s, sched_step)
         self.muon.step(lr, muon_momentum(cfg.optim.muon, s, sched_step))
         if cfg.optim.adam.every_other_step and parity % 2 == 0:
-            for p in self.muon_params:  # Adam keeps accumulating over the pair of steps
-                p.grad = None
+            self.steps.clear(self.muon_params)  # Adam keeps accumulating over the pair of steps
         else:
             self.adam.step(lr)
-            for p in self.all_params:
-                p.grad = None
+            self.steps.clear(self.all_params)
 
     @torch.no_grad()
     def evaluate(self, long: int, short: int, limit: int | None = None) -> float:
@@ -323,10 +328,13 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     val: list[Batch] = val_batches(val_files, val_tokens=cfg.eval.val_tokens,
                                    tokens_per_forward=cfg.eval.val_batch_size // ref, rank=rank,
                                    world_size=world_size, bos_id=cfg.data.bos_id)
+    rt = cfg.runtime
+    graphs = (rt.cuda_graphs and rt.compile and device.type == "cuda" and cfg.model.attn_backend in ("fa4", "flex"))
+    all_params = [p for _, p in fams]
     return _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, grad_accum=grad_accum, model=model,
                 fwd=fwd, muon=muon, adam=adam, muon_params=[p for _, p in muon_params],
-                all_params=[p for _, p in fams], feed=feed, val=feed.eval_batches(val),
-                long=window_blocks(cfg.schedule, 0)[0])
+                all_params=all_params, feed=feed, val=feed.eval_batches(val),
+                steps=MicroSteps(device, all_params, enabled=graphs), long=window_blocks(cfg.schedule, 0)[0])
 
 
 def _loader(cfg: TrainConfig, files: list, rank: int, world_size: int) -> TrainLoader:
@@ -370,8 +378,7 @@ def _warmup(run: _Run, train_files: list) -> tuple[float, float]:
     run.adam.reset()
     run.model.rotary.reset()
     run.long = window_blocks(s, 0)[0]
-    for p in run.all_params:
-        p.grad = None
+    run.steps.clear(run.all_params)
     del model_state, muon_state, adam_state
     gc.collect()
     _sync(run.device)

@@ -1,0 +1,33 @@
+"""trainer/graphs.py off the GPU: MicroSteps is a plain call there and clears grads to None.
+
+    python -m pytest tests/trainer/test_graphs.py -q    (the GPU side: tests/trainer/test_graphs_gpu.py)
+"""
+import torch
+
+from trainer.graphs import MicroSteps
+
+
+def test_cpu_micro_steps_run_eagerly_and_clear_to_none():
+    w = torch.nn.Parameter(torch.ones(3))
+    steps = MicroSteps(torch.device("cpu"), [w], enabled=True)
+    assert not steps.enabled  # graphs are a CUDA feature; asking on CPU is not an error
+
+    def fwd_bwd(batch):
+        (w * batch[0]).sum().backward()
+
+    for x in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 1.0])):
+        steps.run(fwd_bwd, (x,), key=(0,))
+    assert torch.equal(w.grad, torch.tensor([2.0, 3.0, 4.0]))  # accumulated over both micro-batches
+    assert steps.captures == 0 and not steps.graphs
+    steps.clear([w])
+    assert w.grad is None
+
+
+def test_cuda_graphs_setting_is_on_by_default_and_in_the_hash():
+    from trainer.config import config_hash
+    from trainer.presets import load_config
+
+    on = load_config("tiny", {})
+    off = load_config("tiny", {"runtime.cuda_graphs": False})
+    assert on.runtime.cuda_graphs is True
+    assert config_hash(on) != config_hash(off)  # it changes measured time, so runs keep it apart
