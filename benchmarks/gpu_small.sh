@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_small.sh          # on the GPU machine; JSON lines land in $OUT
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TORCHINDUCTOR_CACHE_DIR=/tmp/small-inductor TRITON_CACHE_DIR=/tmp/small-triton
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TORCHINDUCTOR_CACHE_DIR=/tmp/small-inductor TRITON_CACHE_DIR=/tmp/small-triton
 DATA=/tmp/data/synth-small
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -m trainer.data synth --out $DATA --train-tokens 100000000 --val-tokens 1048576

@@ -26,7 +26,7 @@ def _train(backend: str, graphs: bool, data, steps: int = 12):
     cfg = resolve_backend(load_config("small", {
         "model.attn_backend": backend, "data.data_dir": str(data), "data.synthetic": False, "seed": 0,
         "schedule.num_scheduled_iterations": 40, "schedule.num_extension_iterations": 0,
-        "eval.val_tokens": 131_072, "runtime.warmup": False, "runtime.cuda_graphs": graphs,
+        "eval.val_tokens": 262_144, "runtime.warmup": False, "runtime.cuda_graphs": graphs,
     }), dev)
     ga = check_run(cfg, 1, dev)
     d = cfg.data
@@ -50,7 +50,7 @@ def test_graphed_micro_batches_train_like_eager_ones(backend, tmp_path_factory):
     from trainer.data import write_synthetic
 
     data = tmp_path_factory.mktemp(f"synth-graphs-{backend}")
-    write_synthetic(data, train_tokens=4_000_000, val_tokens=131_072, vocab=50257, bos_id=50256, seed=5,
+    write_synthetic(data, train_tokens=4_000_000, val_tokens=262_144, vocab=50257, bos_id=50256, seed=5,
                     mean_doc_len=600, zipf_a=1.1, shard_tokens=4_000_000)
     run_g, loss_g, p_g = _train(backend, True, data)
     assert run_g.steps.enabled and run_g.steps.captures >= 1, "no graph was captured"
