@@ -56,7 +56,11 @@ def test_graphed_micro_batches_train_like_eager_ones(backend, tmp_path_factory):
     assert run_g.steps.enabled and run_g.steps.captures >= 1, "no graph was captured"
     run_e, loss_e, p_e = _train(backend, False, data)
     assert not run_e.steps.enabled
+    _, loss_e2, p_e2 = _train(backend, False, data)
     assert math.isfinite(loss_g) and math.isfinite(loss_e)
-    # the same kernels in the same order; only atomics in the attention backward may differ
-    assert abs(loss_g - loss_e) < 5e-3, (loss_g, loss_e)
-    assert ((p_g - p_e).norm() / p_e.norm()).item() < 1e-2
+    # The same kernels in the same order, but two eager runs of one seed already differ (atomics in
+    # the attention backward): on an H200, flex, 12 steps, the parameters of two eager runs were 5.4 %
+    # apart (relative L2) and an eager and a graphed run 5.3 %; the val losses 1.6e-5 and 7.6e-5.
+    noise = ((p_e2 - p_e).norm() / p_e.norm()).item()
+    assert abs(loss_g - loss_e) < max(5e-3, 3 * abs(loss_e2 - loss_e)), (loss_g, loss_e, loss_e2)
+    assert ((p_g - p_e).norm() / p_e.norm()).item() <= 3 * noise + 1e-3, noise
