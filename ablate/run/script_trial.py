@@ -144,11 +144,11 @@ def write_log(store: Any, experiment: str, run_id: str, payload: dict) -> None:
 # --------------------------------------------------------------------------------------------
 def trial(job: dict, opts: Any) -> None:
     """One attempt of a script run: working directory → torchrun → live reports → final payload."""
-    import ray
     from ray import tune
 
     from ablate.errors import LaunchError
     from ablate.run.launch import run_process
+    from ablate.run.reporting import event_reporter, report_node
     from ablate.provenance import project_root
 
     here = os.getcwd() if os.access(os.getcwd(), os.W_OK) else None
@@ -166,22 +166,8 @@ def trial(job: dict, opts: Any) -> None:
     env.update(job["env"])
     env.update(DATA_PATH=workdir, SEED=str(job["seed"]), ABLATE_RUN_ID=job["run_id"])
     lines = RecordLines()
-    last_step_report = [0.0]
-
-    def on_event(ev: dict) -> None:
-        if ev["event"] == "val":
-            tune.report({"step": ev["step"], "val_loss": ev["val_loss"], "train_time_ms": ev["train_time_ms"]})
-        elif ev["event"] == "step" and time.time() - last_step_report[0] >= opts.report_every_s:
-            last_step_report[0] = time.time()
-            tune.report({"step": ev["step"], "train_time_ms": ev["train_time_ms"], "step_ms": ev["step_ms"]})
-
-    payload: dict[str, Any] = {"node_id": None, "node_ip": None, "hostname": socket.gethostname()}
-    try:
-        payload["node_id"] = ray.get_runtime_context().get_node_id()
-        payload["node_ip"] = ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 (provenance only)
-        pass
-    tune.report({"ablate_node": json.dumps(payload)})  # where the run is, even if it is lost with its node
+    on_event = event_reporter(opts.report_every_s)
+    payload = report_node()
     try:
         cmd = script_command(job["ranks"], job["code"][0]["name"], job["args"])
         res = run_process(cmd, env=env, cwd=workdir, on_event=on_event, timeout_s=job["timeout_s"],

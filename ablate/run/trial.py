@@ -15,20 +15,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import ray
 import yaml
 from ray import tune
 
 from ablate.errors import LaunchError
 from ablate.provenance import project_root
 from ablate.run.launch import run_process, torchrun_command
+from ablate.run.reporting import event_reporter, report_node
 from ablate.spec.model import data_root_path
 
 
@@ -66,24 +64,8 @@ def trial(job: dict, opts: LaunchOptions) -> None:
     env["OMP_NUM_THREADS"] = str(job["omp_threads"])  # Ray sets the trial's CPU count; torchrun passes it on
     env["PYTHONUNBUFFERED"] = "1"
     cmd = torchrun_command(job["ranks"], job["preset"], cfg_path, job["seed"], module=job["module"])
-    last_step_report = [0.0]
-
-    def on_event(ev: dict) -> None:
-        kind = ev["event"]
-        if kind == "val":
-            tune.report({"step": ev.get("step"), "val_loss": ev.get("val_loss"), "train_time_ms": ev.get("train_time_ms")})
-        elif kind == "step" and time.time() - last_step_report[0] >= opts.report_every_s:
-            last_step_report[0] = time.time()
-            tune.report({"step": ev.get("step"), "train_time_ms": ev.get("train_time_ms"), "step_ms": ev.get("step_ms")})
-
-    payload: dict[str, Any] = {"node_id": None, "node_ip": None, "hostname": socket.gethostname()}
-    try:
-        payload["node_id"] = ray.get_runtime_context().get_node_id()
-        payload["node_ip"] = ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 (provenance only)
-        pass
-    # first report: where the run is, so even an attempt lost with its node records that node
-    tune.report({"ablate_node": json.dumps(payload)})
+    on_event = event_reporter(opts.report_every_s)
+    payload = report_node()
     try:
         if job.get("reuse_workers"):
             from ablate.run.workers import worker_for
