@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
+from ablate.analysis import stats
 from ablate.errors import PlotsUnavailable
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ def curve_bands(curves: pd.DataFrame) -> pd.DataFrame:
     g = curves.assign(time_s=curves["train_time_ms"] / 1000.0).groupby(["arm", "step"])
     out = g.agg(n=("val_loss", "count"), mean=("val_loss", "mean"), std=("val_loss", "std"),
                 time_s=("time_s", "mean")).reset_index()
-    tq = np.where(out["n"] > 1, sps.t.ppf(0.5 + CONFIDENCE / 2, np.maximum(out["n"] - 1, 1)), np.nan)
-    out["half"] = tq * out["std"] / np.sqrt(out["n"])
+    out["half"] = stats.ci_half_width(out["std"].to_numpy(), out["n"].to_numpy(), CONFIDENCE)
     return out
 
 
@@ -127,14 +126,8 @@ def curves_figure(curves: pd.DataFrame, runs: pd.DataFrame, x: str = "step",
 
 def mean_ci(vals) -> tuple[float, float]:
     """Mean and half-width of its t-based CONFIDENCE interval (NaN below two values)."""
-    v = np.asarray(vals, dtype=float)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    half = float(sps.t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return float(v.mean()), half
+    s = stats.summarize(vals, CONFIDENCE)
+    return s.mean, stats.ci_half_width(s.std, s.n, CONFIDENCE)
 
 
 def finals_figure(runs: pd.DataFrame, target: float | None = None, baseline: str | None = None,

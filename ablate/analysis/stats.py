@@ -66,6 +66,15 @@ class Summary:
     ci_high: float
 
 
+def ci_half_width(std, n, confidence: float = 0.95):
+    """Half-width of the t-based confidence interval of a mean, t(n−1)·std/√n; NaN where n < 2.
+    Elementwise over arrays (per-step bands in plots) as over numbers."""
+    n_arr = np.asarray(n, dtype=float)
+    tq = np.where(n_arr > 1, stats.t.ppf(0.5 + confidence / 2, np.maximum(n_arr - 1, 1)), np.nan)
+    half = tq * (np.asarray(std, dtype=float) / np.sqrt(np.maximum(n_arr, 1)))  # t·se, summarize's order
+    return float(half) if np.ndim(half) == 0 else half
+
+
 def summarize(x, confidence: float = 0.95) -> Summary:
     """Summary of the finite values of x; std/se/CI are NaN below two values."""
     a = _arr(x)
@@ -77,7 +86,7 @@ def summarize(x, confidence: float = 0.95) -> Summary:
         return Summary(1, mean, math.nan, math.nan, math.nan, math.nan)
     std = float(a.std(ddof=1))
     se = std / math.sqrt(n)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    half = ci_half_width(std, n, confidence)
     return Summary(n, mean, std, se, mean - half, mean + half)
 
 

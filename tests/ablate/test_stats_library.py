@@ -398,3 +398,19 @@ def test_two_sided_power_is_finite_for_large_effects_either_way(nc):
     p = t_power(nc, 1, 0.05)
     assert math.isfinite(p) and p == pytest.approx(t_power(-nc, 1, 0.05), rel=1e-12)
     assert p > 0.9
+
+
+def test_ci_half_width_is_the_summary_interval_and_works_per_element():
+    import math
+
+    import numpy as np
+
+    from ablate.analysis import stats
+
+    x = [3.281, 3.279, 3.284, 3.280]
+    s = stats.summarize(x)
+    half = stats.ci_half_width(s.std, s.n)
+    assert s.ci_high - s.mean == pytest.approx(half, rel=1e-12) and s.mean - s.ci_low == pytest.approx(half, rel=1e-12)
+    assert math.isnan(stats.ci_half_width(0.1, 1))
+    arr = stats.ci_half_width(np.array([s.std, 0.2, 0.3]), np.array([4, 1, 0]))
+    assert arr[0] == half and np.isnan(arr[1:]).all()
