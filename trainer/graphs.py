@@ -6,9 +6,9 @@
 
 Why: with small micro-batches the step is bound by the host, not the GPU. Measured on an H200
 (docs/performance.md): the `speedrun` preset's 131,072-token stage kept the GPU busy 65 % of the
-step; the host spent it launching ~2,600 kernels, 140 matmuls and 20 FlashAttention-4 calls
-(~0.25 ms of Python each) per micro-batch. A replayed graph launches the same kernels in the same
-order from one host call, so numerics do not change.
+step; per micro-batch the host issued ~460 kernel launches, 140 matmuls and 20 FlashAttention-4
+calls (~0.25 ms of Python each). A replayed graph launches the same kernels in the same order from
+one host call, so numerics do not change.
 
 How: the first micro-batch of each key (window, YaRN scale, shapes) runs for real on a side stream
 (it also warms the graph up: allocator, cuBLAS workspaces), then the same call is recorded — not

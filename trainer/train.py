@@ -271,13 +271,18 @@ def _model_key(cfg: TrainConfig, device: torch.device, world_size: int) -> tuple
 def _adopt(kept: torch.nn.Module, fresh: torch.nn.Module) -> None:
     """Give `kept` the exact initial state of `fresh` (same class and config), in place: every
     parameter and buffer (persistent or not) is copied, so the tensors a compiled graph was traced
-    with stay the same objects and no recompile happens."""
+    with stay the same objects and no recompile happens. The rotary tables are sized by the run's
+    batch and eval shapes, which the model key leaves out: they are recomputed at the fresh run's
+    length (new tensors, and one recompile, only where that length changed)."""
     for (_, dst), (_, src) in zip(kept.named_parameters(), fresh.named_parameters(), strict=True):
         dst.copy_(src)
         dst.grad = None
-    for (_, dst), (_, src) in zip(kept.named_buffers(), fresh.named_buffers(), strict=True):
-        dst.copy_(src)
+    tables = {"rotary.cos_table", "rotary.sin_table"}
+    for (name, dst), (_, src) in zip(kept.named_buffers(), fresh.named_buffers(), strict=True):
+        if name not in tables:
+            dst.copy_(src)
     kept.rotary.reset()
+    kept.rotary.precompute(fresh.rotary.cos_table.shape[0])
     kept.train()
 
 

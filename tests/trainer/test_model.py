@@ -564,3 +564,29 @@ def test_the_trainer_precomputes_the_longest_forward():
     assert longest_forward(cfg) == max(max(cfg.schedule.train_bs_schedule), cfg.schedule.train_bs_extension,
                                        cfg.eval.val_batch_size) // ref
     assert longest_forward(cfg) >= 393216 // 8
+
+
+def test_a_kept_model_adopts_a_run_with_longer_batches():
+    """A long-lived worker keeps the model across runs of the same model config; another run's
+    batch or eval size changes the rotary tables' length, which _adopt must follow (copying the
+    buffers as they were failed on the shape)."""
+    from trainer.model import GPT
+    from trainer.presets import load_config
+    from trainer.train import _adopt
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    kept = GPT(cfg.model)
+    kept.rotary.precompute(64)
+    kept.rotary.extend(32, 64)  # the kept model ended its last run YaRN-extended
+    torch.manual_seed(1)
+    fresh = GPT(cfg.model)
+    fresh.rotary.precompute(96)
+    _adopt(kept, fresh)
+    assert kept.rotary.cos_table.shape[0] == 96
+    assert torch.equal(kept.rotary.cos_table, fresh.rotary.cos_table)
+    assert torch.equal(kept.rotary.sin_table, fresh.rotary.sin_table)
+    assert all(torch.equal(a, b) for a, b in zip(kept.parameters(), fresh.parameters()))
+    table = kept.rotary.cos_table
+    _adopt(kept, fresh)  # same length: refreshed in place, the same tensor (no recompile)
+    assert kept.rotary.cos_table is table
