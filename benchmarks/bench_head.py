@@ -6,6 +6,8 @@ Times, on random bf16 logits of (rows, vocab):
   - the log-sum-exp pass and the gradient pass of trainer/head_ce.py for several launch
     parameters (column block × warps), each checked bit-equal to the bit-arithmetic rounding
     (the interpreter's path) and to the trainer's current launch;
+  - both passes with z stored by the first and read by the second (head_ce.SAVE_Z) against the
+    current pair, checked for the same lse and gradient bits;
   - the transposed copy of the e5m2 gradient that the FP8 weight-gradient product needs:
     PyTorch eager, Inductor, and trainer.head_ce.transpose_fp8 at several tiles.
 Prints ms per call, GB/s of the bytes each must move, and the ratio to the current choice. GPU only.
@@ -97,6 +99,22 @@ def main(argv: list[str] | None = None) -> int:
             eq = bool(torch.equal(g.view(torch.uint8), ref_g8))
             print(f"{'grad':>5} {block:>6} {warps:>5} {ms:8.3f} {gb_grad / ms * 1e3:6.0f} {base / ms:8.2f}  {eq}")
             del g
+
+    # head_ce.SAVE_Z: the lse pass also writes z, the gradient pass reads it (no sigmoid per logit)
+    L, G = head_ce.LSE_LAUNCH, head_ce.GRAD_LAUNCH
+    now_lse = timed(lambda: head_ce.lse_pass(logits, targets, cap, div, **L), args.reps)
+    now_grad = timed(lambda: head_ce.grad_pass(logits, targets, ref_lse, grad_out, cap, div, g_s, **G), args.reps)
+    loss_z, lse_z, z = head_ce.lse_pass(logits, targets, cap, div, **L, store_z=True)
+    z_lse = timed(lambda: head_ce.lse_pass(logits, targets, cap, div, **L, store_z=True), args.reps)
+    g_z = head_ce.grad_pass(z, targets, lse_z, grad_out, cap, div, g_s, **G, from_z=True)
+    z_grad = timed(lambda: head_ce.grad_pass(z, targets, lse_z, grad_out, cap, div, g_s, **G, from_z=True), args.reps)
+    same = bool(torch.equal(lse_z, ref_lse) and torch.equal(g_z.view(torch.uint8), ref_g8))
+    print(f"SAVE_Z=False (raw logits to both passes): lse {now_lse:.3f} + grad {now_grad:.3f} = "
+          f"{now_lse + now_grad:.3f} ms")
+    print(f"SAVE_Z=True  (z stored, gradient from z):  lse {z_lse:.3f} + grad {z_grad:.3f} = {z_lse + z_grad:.3f} ms"
+          f"  ({(now_lse + now_grad) / (z_lse + z_grad):.2f}×, same bits {same}; "
+          f"currently SAVE_Z={head_ce.SAVE_Z})")
+    del z, g_z
 
     # the transposed copy of G (what _scaled_mm needs for dW): 2 × N·V bytes moved
     gb_t = 2 * N * V / 1e9

@@ -49,8 +49,8 @@ if triton is not None:
             return b.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _lse_kernel(logits, targets, lse, loss, stride, cap, inv_div, V: tl.constexpr, BLOCK: tl.constexpr,
-                    NATIVE: tl.constexpr):
+    def _lse_kernel(logits, targets, lse, loss, zout, stride, cap, inv_div, V: tl.constexpr, BLOCK: tl.constexpr,
+                    NATIVE: tl.constexpr, STORE_Z: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits + row * stride
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -58,6 +58,8 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK)
             raw = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
             z = _bf16(cap * tl.sigmoid(raw * inv_div), NATIVE)
+            if STORE_Z:  # z is a bf16 value already: the store is exact
+                tl.store(zout + row * V + cols, z.to(tl.bfloat16), mask=cols < V)
             acc += tl.where(cols < V, tl.exp(z - cap), 0.0)
         row_lse = cap + tl.log(tl.sum(acc, axis=0))
         t = tl.load(targets + row)
@@ -67,7 +69,8 @@ if triton is not None:
 
     @triton.jit
     def _grad_kernel(logits, targets, lse, grad_out, g, stride, cap, inv_div, inv_gs, V: tl.constexpr,
-                     BLOCK: tl.constexpr, NATIVE: tl.constexpr):
+                     BLOCK: tl.constexpr, NATIVE: tl.constexpr, FROM_Z: tl.constexpr):
+        """FROM_Z: `logits` holds z (the lse pass's STORE_Z output), not the raw logits."""
         row = tl.program_id(0).to(tl.int64)
         base = logits + row * stride
         out = g + row * V
@@ -76,8 +79,11 @@ if triton is not None:
         scale = tl.load(grad_out).to(tl.float32) * inv_gs
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            raw = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            z = _bf16(cap * tl.sigmoid(raw * inv_div), NATIVE)
+            if FROM_Z:
+                z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            else:
+                raw = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+                z = _bf16(cap * tl.sigmoid(raw * inv_div), NATIVE)
             gz = tl.exp(z - row_lse) - tl.where(cols == t, 1.0, 0.0)
             gr = gz * (z * inv_div) * (1.0 - z * (1.0 / cap)) * scale
             tl.store(out + cols, gr.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=cols < V)
@@ -114,16 +120,23 @@ def softcap_ce_lse(logits: Tensor, targets: Tensor, cap: float, div: float) -> t
 LSE_LAUNCH = {"block": 2048, "warps": 8, "native": False}
 GRAD_LAUNCH = {"block": 2048, "warps": 8, "native": True}
 TRANSPOSE_LAUNCH = {"bm": 128, "bn": 128, "warps": 8}
+# Whether the lse pass also writes z = cap·σ(raw/div) (bf16, exact) for the gradient pass to read,
+# trading a 4.9 GB write per micro-batch for two special-function ops per logit. Not yet timed on
+# a GPU (benchmarks/bench_head.py times both; the same bits either way), so off.
+SAVE_Z = False
 
 
 def lse_pass(logits: Tensor, targets: Tensor, cap: float, div: float, block: int, warps: int,
-             native: bool = True) -> tuple[Tensor, Tensor]:
+             native: bool = True, store_z: bool = False) -> tuple[Tensor, ...]:
+    """(loss, lse), or (loss, lse, z) with store_z: the softcapped bf16 logits z, which the
+    gradient pass can read instead of recomputing them (from_z)."""
     N, V = logits.shape
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
-    _lse_kernel[(N,)](logits, targets, lse, loss, logits.stride(0), cap, 1.0 / div, V=V, BLOCK=block,
-                      NATIVE=native and logits.is_cuda, num_warps=warps)
-    return loss, lse
+    z = torch.empty((N, V), device=logits.device, dtype=torch.bfloat16) if store_z else lse
+    _lse_kernel[(N,)](logits, targets, lse, loss, z, logits.stride(0), cap, 1.0 / div, V=V, BLOCK=block,
+                      NATIVE=native and logits.is_cuda, STORE_Z=store_z, num_warps=warps)
+    return (loss, lse, z) if store_z else (loss, lse)
 
 
 def transpose_pass(g: Tensor, bm: int, bn: int, warps: int) -> Tensor:
@@ -136,11 +149,12 @@ def transpose_pass(g: Tensor, bm: int, bn: int, warps: int) -> Tensor:
 
 
 def grad_pass(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float, g_s: float,
-              block: int, warps: int, native: bool = True) -> Tensor:
+              block: int, warps: int, native: bool = True, from_z: bool = False) -> Tensor:
+    """G in e5m2 from the raw logits, or from z (lse_pass's third output) with from_z: the same bits."""
     N, V = logits.shape
     g = torch.empty((N, V), device=logits.device, dtype=torch.float8_e5m2)
     _grad_kernel[(N,)](logits, targets, lse, grad_out, g, logits.stride(0), cap, 1.0 / div, 1.0 / g_s, V=V,
-                       BLOCK=block, NATIVE=native and logits.is_cuda, num_warps=warps)
+                       BLOCK=block, NATIVE=native and logits.is_cuda, FROM_Z=from_z, num_warps=warps)
     return g
 
 
@@ -160,6 +174,31 @@ def softcap_ce_grad_fp8(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: 
 @softcap_ce_grad_fp8.register_fake
 def _(logits, targets, lse, grad_out, cap, div, g_s):
     return logits.new_empty(logits.shape, dtype=torch.float8_e5m2)
+
+
+@torch.library.custom_op("trainer::softcap_ce_lse_z", mutates_args=())
+def softcap_ce_lse_z(logits: Tensor, targets: Tensor, cap: float, div: float) -> tuple[Tensor, Tensor, Tensor]:
+    """softcap_ce_lse plus z = cap·σ(logits/div) in bf16 (N, V), for softcap_ce_grad_fp8_from_z."""
+    return lse_pass(logits, targets, cap, div, **LSE_LAUNCH, store_z=True)
+
+
+@softcap_ce_lse_z.register_fake
+def _(logits, targets, cap, div):
+    N = logits.shape[0]
+    return (logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, dtype=torch.float32),
+            logits.new_empty(logits.shape, dtype=torch.bfloat16))
+
+
+@torch.library.custom_op("trainer::softcap_ce_grad_fp8_from_z", mutates_args=())
+def softcap_ce_grad_fp8_from_z(z: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float,
+                               g_s: float) -> Tensor:
+    """softcap_ce_grad_fp8 from the stored z instead of the raw logits (no sigmoid per logit): the same G."""
+    return grad_pass(z, targets, lse, grad_out, cap, div, g_s, **GRAD_LAUNCH, from_z=True)
+
+
+@softcap_ce_grad_fp8_from_z.register_fake
+def _(z, targets, lse, grad_out, cap, div, g_s):
+    return z.new_empty(z.shape, dtype=torch.float8_e5m2)
 
 
 @torch.library.custom_op("trainer::transpose_fp8", mutates_args=())
@@ -184,16 +223,20 @@ class _FP8HeadCE(torch.autograd.Function):
         one = torch.ones((), device=x.device, dtype=torch.float32)
         logits = torch._scaled_mm(x_f8, w_f8.t(), out_dtype=torch.bfloat16, scale_a=one * x_s,
                                   scale_b=one * w_s, use_fast_accum=True)
-        loss, lse = softcap_ce_lse(logits, targets, cap, div)
-        ctx.save_for_backward(x_f8, w_f8, logits, targets, lse)
-        ctx.consts, ctx.w_dtype = (x_s, w_s, g_s, cap, div), w.dtype
+        if SAVE_Z:  # the backward reads z: the raw logits die here, one sigmoid per logit saved
+            loss, lse, kept = softcap_ce_lse_z(logits, targets, cap, div)
+        else:
+            (loss, lse), kept = softcap_ce_lse(logits, targets, cap, div), logits
+        ctx.save_for_backward(x_f8, w_f8, kept, targets, lse)
+        ctx.consts, ctx.w_dtype, ctx.from_z = (x_s, w_s, g_s, cap, div), w.dtype, SAVE_Z
         return loss.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x_f8, w_f8, logits, targets, lse = ctx.saved_tensors
+        x_f8, w_f8, kept, targets, lse = ctx.saved_tensors
         x_s, w_s, g_s, cap, div = ctx.consts
-        g = softcap_ce_grad_fp8(logits, targets, lse, grad.float().reshape(1), cap, div, g_s)
+        grad_op = softcap_ce_grad_fp8_from_z if ctx.from_z else softcap_ce_grad_fp8
+        g = grad_op(kept, targets, lse, grad.float().reshape(1), cap, div, g_s)
         one = torch.ones((), device=g.device, dtype=torch.float32)
         # the records' two FP8 products; fp8 GEMMs take K-major operands, hence Gᵀ's copy (a Triton kernel)
         grad_x = torch._scaled_mm(g, w_f8.t().contiguous().t(), out_dtype=torch.bfloat16, scale_a=one * g_s,
@@ -209,4 +252,5 @@ def fp8_head_ce(x: Tensor, w: Tensor, targets: Tensor, scales: tuple[float, floa
     return _FP8HeadCE.apply(x, w, targets, *scales, cap, div)
 
 
-__all__ = ["fp8_head_ce", "softcap_ce_lse", "softcap_ce_grad_fp8", "available"]
+__all__ = ["fp8_head_ce", "softcap_ce_lse", "softcap_ce_grad_fp8", "softcap_ce_lse_z", "softcap_ce_grad_fp8_from_z",
+           "available"]

@@ -31,6 +31,14 @@ r = raw.double().requires_grad_()
 (torch.nn.functional.cross_entropy(cap * torch.sigmoid(r / div), t, reduction="sum") * 0.125).backward()
 rel = ((g.double() * gs - r.grad).norm() / r.grad.norm()).item()
 assert rel < 0.06, rel                                                    # e5m2 rounding: ~4 %
+# the variant that stores z in the lse pass and reads it in the gradient pass: the same bits
+from trainer.head_ce import softcap_ce_grad_fp8_from_z, softcap_ce_lse_z, transpose_fp8
+loss2, lse2, zz = softcap_ce_lse_z(raw, t, cap, div)
+assert torch.equal(loss2, loss) and torch.equal(lse2, lse) and zz.dtype == torch.bfloat16
+assert (zz.double() - z).abs().max() <= 2 ** -8 * cap                     # z itself, to a bf16 step
+g2 = softcap_ce_grad_fp8_from_z(zz, t, lse2, torch.tensor([0.125]), cap, div, gs)
+assert torch.equal(g2.view(torch.uint8), g.view(torch.uint8))
+assert torch.equal(transpose_fp8(g).view(torch.uint8), g.view(torch.uint8).t().contiguous())
 print("ok", rel)
 '''
 
@@ -44,16 +52,20 @@ def test_fused_head_kernels_match_fp64_reference_in_the_interpreter():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("save_z", [False, True])
 @pytest.mark.parametrize("N", [8192, 8000])
-def test_fused_head_matches_the_pytorch_graph_on_gpu(N):
+def test_fused_head_matches_the_pytorch_graph_on_gpu(N, save_z, monkeypatch):
     """Loss and the x / W gradients of the fused head equal PyTorch's FP8 head + softcap + CE within
     e5m2 rounding (each path rounds the logit gradient to e5m2 once)."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    from trainer import head_ce
     from trainer.head_ce import fp8_head_ce
     from trainer.model import _FP8Linear, fp8_supported
+
+    monkeypatch.setattr(head_ce, "SAVE_Z", save_z)  # both gradient-pass inputs: raw logits or stored z
 
     dev = torch.device("cuda")
     if not fp8_supported(dev):
