@@ -455,6 +455,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Fields that never change what a run computes: left out of the hash so that resume and
 # comparisons hold across nodes with different cache locations.
 HASH_EXCLUDED = ("runtime.inductor_cache_dir", "runtime.log_every")
+# Fields added after stores of runs existed, left out of the hash while at these values, so that a
+# run stored before the field existed keeps its hash (its experiment resumes instead of rerunning
+# everything); any other value enters the hash. runtime.cuda_graphs: the same kernels, replayed
+# (trainer/graphs.py), like any other speed-up of the trainer's code (git_commit in the row says which).
+HASH_NEUTRAL = {"runtime.cuda_graphs": True}
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -465,6 +470,10 @@ def config_hash(cfg: TrainConfig) -> str:
     for key in HASH_EXCLUDED:
         section, leaf = key.split(".")
         d[section].pop(leaf, None)
+    for key, neutral in HASH_NEUTRAL.items():
+        section, leaf = key.split(".")
+        if d[section].get(leaf) == neutral:
+            d[section].pop(leaf)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -30,4 +30,24 @@ def test_cuda_graphs_setting_is_on_by_default_and_in_the_hash():
     on = load_config("tiny", {})
     off = load_config("tiny", {"runtime.cuda_graphs": False})
     assert on.runtime.cuda_graphs is True
-    assert config_hash(on) != config_hash(off)  # it changes measured time, so runs keep it apart
+    assert config_hash(on) != config_hash(off)  # turning it off changes measured time: runs keep apart
+
+
+def test_the_default_leaves_stored_hashes_unchanged():
+    """A run stored before runtime.cuda_graphs existed hashes without the field; the default (on)
+    must hash the same, or every stored experiment would rerun from scratch on resume."""
+    import hashlib
+    import json
+
+    from trainer.config import HASH_EXCLUDED, config_hash, to_dict
+    from trainer.presets import load_config
+
+    cfg = load_config("speedrun", {"optim.muon.lr": 0.05})
+    d = to_dict(cfg)
+    d.pop("seed"), d.pop("preset")
+    for key in HASH_EXCLUDED:
+        section, leaf = key.split(".")
+        d[section].pop(leaf)
+    d["runtime"].pop("cuda_graphs")  # the config as it was before the field
+    before = hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    assert config_hash(cfg) == before
