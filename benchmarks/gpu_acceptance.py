@@ -165,8 +165,8 @@ def pytest_row(out: Path) -> Row:
     tail = [ln for ln in stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     summary = tail[-1].strip("= ") if tail else f"exit {rc}"
     failed = [ln.split(" - ")[0] for ln in stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    return Row("pytest -m gpu (attention backends, fused head, polar, fp8, CUDA graphs)", "PASS" if rc == 0 else "FAIL", secs,
-               summary + ("; " + "; ".join(failed)[:300] if failed else ""))
+    return Row("pytest -m gpu (attention backends, fused head, polar, fp8, CUDA graphs)",
+               "PASS" if rc == 0 else "FAIL", secs, summary + ("; " + "; ".join(failed)[:300] if failed else ""))
 
 
 def ablate_rows(data: Path, out: Path) -> list[Row]:
