@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer import head_ce
+from trainer import head_ce, qk_rotary
 from trainer.attention import Rotary, apply_rotary, attend, build_mask
 from trainer.config import ModelConfig
 
@@ -83,6 +83,7 @@ class Attention(nn.Module):
         self.d, self.h, self.hd, self.gc = d, m.num_heads, m.head_dim, m.gate_channels
         self.premul_o = m.premul_o
         self.qk_norm = m.qk_norm
+        self.fused_qk_rotary = m.fused_qk_rotary
         self.long = layer in m.long_window_layers
         # Stored (4d, d) "tall" or (d, 4d) "wide"; its memory viewed as (4, d, d) is Q, K, V, O (out×in).
         qkvo = torch.empty((4 * d, d) if m.weight_layout == "tall" else (d, 4 * d))
@@ -105,9 +106,12 @@ class Attention(nn.Module):
         if self.premul_o:  # 12-11: λ0 scales the QKV weight, λ1 scales W_O, ve added unscaled
             w_qkv, w_o = lam[0] * w_qkv, lam[1] * w_o
         q, k, v = F.linear(x, w_qkv.type_as(x)).view(T, 3, h, hd).unbind(1)
-        if self.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qk_norm and self.fused_qk_rotary and qk_rotary.usable(q):
+            q, k = qk_rotary.norm_rotary(q, k, cos, sin)  # one Triton kernel each way (trainer/qk_rotary.py)
+        else:
+            if self.qk_norm:
+                q, k = rms_norm(q), rms_norm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ve is not None:  # in v's dtype (the value tables may be stored in another: model.param_dtype)
             ve = ve.view(T, h, hd).type_as(v)
         if self.premul_o:

@@ -1,0 +1,165 @@
+"""The fused q/k RMS-norm + rotary kernels (trainer/qk_rotary.py, model.fused_qk_rotary) against an
+fp64 reference of the model's unfused math: on CPU in Triton's interpreter (skipped where triton is
+not installed, as with CPU builds of torch), on a GPU at the speedrun's shape and inside the model.
+
+    python -m pytest tests/trainer/test_qk_rotary.py -q
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHECK = r'''
+import sys
+import torch
+from trainer.attention import Rotary
+from trainer.qk_rotary import norm_rotary
+torch.manual_seed(0)
+T, H, D = int(sys.argv[1]), int(sys.argv[2]), 128
+dev = sys.argv[3]
+for table_dtype in (torch.bfloat16, torch.float32):
+    qkv = (torch.randn(T, 3, H, D, device=dev) * 2).bfloat16()
+    rot = Rotary(D, 32, 1 / 1024, 0.12, 1.0, 32.0, dtype=table_dtype).to(dev)
+    rot.precompute(T + 5)
+    rot.extend(128, 384)  # a YaRN-extended table
+    cos, sin = rot.cos_sin(T, torch.device(dev))
+    qk = qkv.clone().requires_grad_()
+    oq, ok = norm_rotary(qk[:, 0], qk[:, 1], cos, sin)
+    assert oq.shape == (T, H, D) and oq.is_contiguous() and oq.dtype == torch.bfloat16
+    ref = qkv.double().requires_grad_()
+
+    def path(x):  # the model's rms_norm (eps = bf16's) then apply_rotary, in fp64
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.bfloat16).eps)
+        x1, x2 = x.chunk(2, -1)
+        c, s = cos.double(), sin.double()
+        return torch.cat((x1 * c + x2 * s, x2 * c - x1 * s), -1)
+
+    rq, rk = path(ref[:, 0]), path(ref[:, 1])
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(oq, rq) < 6e-3 and rel(ok, rk) < 6e-3, (rel(oq, rq), rel(ok, rk))  # bf16 output rounding
+    gq, gk = torch.randn(T, H, D, device=dev).bfloat16(), torch.randn(T, H, D, device=dev).bfloat16()
+    ((oq.float() * gq.float()).sum() + (ok.float() * gk.float()).sum()).backward()
+    ((rq * gq.double()).sum() + (rk * gk.double()).sum()).backward()
+    for i in (0, 1):
+        assert rel(qk.grad[:, i], ref.grad[:, i]) < 1e-2, (i, rel(qk.grad[:, i], ref.grad[:, i]))
+    assert not qk.grad[:, 2].any()  # v is not an input of the op
+print("ok")
+'''
+
+
+def _run(env_extra: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-c", CHECK, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_fused_qk_rotary_matches_fp64_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    r = _run({"TRITON_INTERPRET": "1"}, "37", "6", "cpu")  # a partial last block, heads padded 6 → 8
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_fused_qk_rotary_matches_fp64_reference_on_gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    r = _run({}, "49152", "6", "cuda")
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_the_model_with_fused_qk_rotary_compiles_and_matches_the_unfused_one():
+    """model.fused_qk_rotary inside the compiled `small` model (fullgraph): the loss and gradients
+    of one micro-batch match the unfused model's within bf16 rounding."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from trainer.model import GPT
+    from trainer.presets import load_config
+
+    dev = torch.device("cuda")
+    T = 8192
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (T,), generator=g).to(dev)
+    y = torch.randint(0, 50257, (T,), generator=g).to(dev)
+    docs = torch.zeros(T, dtype=torch.int32, device=dev)
+    out = {}
+    for fused in (False, True):
+        cfg = load_config("small", {"model.fused_qk_rotary": fused, "model.attn_backend": "flex"})
+        torch.manual_seed(0)
+        model = GPT(cfg.model).to(dev)
+        gen = torch.Generator(device=dev).manual_seed(1)
+        with torch.no_grad():  # W_O starts at zero: make it non-zero so q and k get gradients
+            for b in model.blocks:
+                if b.attn is not None:
+                    d = b.attn.d
+                    w_o = b.attn.qkvo_w.view(4, d, d)[3]
+                    w_o.copy_(torch.randn(w_o.shape, device=dev, generator=gen) * 0.02)
+        model.rotary.precompute(T)
+        fwd = torch.compile(model, dynamic=False, fullgraph=True)
+        win = torch.tensor(384, dtype=torch.int32, device=dev)
+        loss = fwd(x, y, docs, win, win)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        out[fused] = (float(loss), grads)
+    (l0, g0), (l1, g1) = out[False], out[True]
+    assert abs(l1 - l0) <= 1e-2 * abs(l0), (l0, l1)
+    assert float((g1 - g0).norm() / g0.norm()) < 5e-2
+
+
+MODEL_CHECK = r'''
+import torch
+from trainer.model import GPT
+from trainer.presets import load_config
+T = 96
+g = torch.Generator().manual_seed(0)
+x, y = torch.randint(0, 500, (T,), generator=g), torch.randint(0, 500, (T,), generator=g)
+docs = torch.zeros(T, dtype=torch.int32)
+docs[40:] = 1
+out = {}
+for fused in (False, True):
+    cfg = load_config("tiny", {"model.fused_qk_rotary": fused, "model.head_dim": 128, "model.num_heads": 1,
+                               "model.model_dim": 128})
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    with torch.no_grad():  # W_O starts at zero: make it non-zero so q and k get gradients
+        for b in model.blocks:
+            if b.attn is not None:
+                w_o = b.attn.qkvo_w.view(4, 128, 128)[3]
+                w_o.copy_(torch.randn(w_o.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    model.rotary.precompute(T)
+    loss = model(x, y, docs, 64, 32)
+    loss.backward()
+    out[fused] = (float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+(l0, g0), (l1, g1) = out[False], out[True]
+assert abs(l1 - l0) <= 1e-3 * abs(l0), (l0, l1)
+rel = float((g1 - g0).norm() / g0.norm())
+assert 0 < rel < 5e-2, rel
+print("ok", l0, l1, rel)
+'''
+
+
+def test_the_model_takes_the_fused_path_and_trains_alike_in_the_interpreter():
+    """The tiny model (head_dim 128, sdpa on CPU) with model.fused_qk_rotary: the op inside the
+    model (autograd through the Triton kernels) gives the unfused loss and gradients within rounding."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, "-c", MODEL_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+def test_a_head_dim_the_kernel_cannot_take_is_a_config_error():
+    from trainer.config import ConfigError
+    from trainer.presets import load_config
+
+    with pytest.raises(ConfigError, match="model.fused_qk_rotary"):
+        load_config("tiny", {"model.fused_qk_rotary": True, "model.head_dim": 24, "model.num_heads": 2,
+                             "model.model_dim": 48})
+    assert load_config("speedrun", {"model.fused_qk_rotary": True}).model.fused_qk_rotary
