@@ -88,7 +88,6 @@ if triton is not None:
             gr = gz * (z * inv_div) * (1.0 - z * (1.0 / cap)) * scale
             tl.store(out + cols, gr.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=cols < V)
 
-
     @triton.jit
     def _transpose_kernel(src, dst, N, V, BM: tl.constexpr, BN: tl.constexpr):
         """dst (V, N) = srcᵀ for 1-byte elements, one BM × BN tile per program."""
@@ -104,12 +103,6 @@ def available() -> bool:
     """Whether the fused head can run: Triton importable (its kernels run on CUDA devices, or on
     the CPU under TRITON_INTERPRET=1 for tests)."""
     return triton is not None
-
-
-@torch.library.custom_op("trainer::softcap_ce_lse", mutates_args=())
-def softcap_ce_lse(logits: Tensor, targets: Tensor, cap: float, div: float) -> tuple[Tensor, Tensor]:
-    """(per-row loss, per-row lse), fp32 (N,), of softcapped cross-entropy over bf16 (N, V) logits."""
-    return lse_pass(logits, targets, cap, div, **LSE_LAUNCH)
 
 
 # Launch parameters of the passes, from benchmarks/bench_head.py on an H200 (docs/performance.md):
@@ -156,6 +149,12 @@ def grad_pass(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, ca
     _grad_kernel[(N,)](logits, targets, lse, grad_out, g, logits.stride(0), cap, 1.0 / div, 1.0 / g_s, V=V,
                        BLOCK=block, NATIVE=native and logits.is_cuda, FROM_Z=from_z, num_warps=warps)
     return g
+
+
+@torch.library.custom_op("trainer::softcap_ce_lse", mutates_args=())
+def softcap_ce_lse(logits: Tensor, targets: Tensor, cap: float, div: float) -> tuple[Tensor, Tensor]:
+    """(per-row loss, per-row lse), fp32 (N,), of softcapped cross-entropy over bf16 (N, V) logits."""
+    return lse_pass(logits, targets, cap, div, **LSE_LAUNCH)
 
 
 @softcap_ce_lse.register_fake
