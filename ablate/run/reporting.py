@@ -41,10 +41,10 @@ def event_reporter(every_s: float) -> Callable[[dict], None]:
     def on_event(ev: dict) -> None:
         kind = ev.get("event")
         if kind == "val":
-            tune.report({"step": ev.get("step"), "val_loss": ev.get("val_loss"), "train_time_ms": ev.get("train_time_ms")})
+            tune.report({k: ev.get(k) for k in ("step", "val_loss", "train_time_ms")})
         elif kind == "step" and time.time() - last[0] >= every_s:
             last[0] = time.time()
-            tune.report({"step": ev.get("step"), "train_time_ms": ev.get("train_time_ms"), "step_ms": ev.get("step_ms")})
+            tune.report({k: ev.get(k) for k in ("step", "train_time_ms", "step_ms")})
 
     return on_event
 
