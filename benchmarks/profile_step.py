@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host ops by self CPU time, ms/step (all host ops: "
               f"{sum(ev.self_cpu_time_total for ev in host) / 1000 / args.steps:.1f} ms/step)")
         for ev in sorted(host, key=lambda e: -e.self_cpu_time_total)[:args.cpu_top]:
-            per = 1000 * args.steps
-            print(f"{ev.self_cpu_time_total / per:8.2f} self {ev.cpu_time_total / per:8.2f} total "
+            ms_per = 1000 * args.steps
+            print(f"{ev.self_cpu_time_total / ms_per:8.2f} self {ev.cpu_time_total / ms_per:8.2f} total "
                   f"{ev.count / args.steps:6.0f} calls  {ev.key[:120]}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
