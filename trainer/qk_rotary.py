@@ -33,59 +33,59 @@ except ImportError:  # pragma: no cover - exercised on CPU machines without trit
 
 if triton is not None:
     @triton.jit
-    def _fwd_kernel(q, k, cos, sin, out_q, out_k, rstd, T, s_qt, s_qh, s_kt, s_kh, s_ct, eps,
-                    H: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _tile(cos, sin, s_ct, T, H: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's tokens t, heads h, their broadcastable (token, head, dim) indices, the mask
+        and the tokens' cos/sin rows (fp32)."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         h = tl.arange(0, HP)
-        c = tl.arange(0, HALF)
-        tt, hh, cc = t[:, None, None].to(tl.int64), h[None, :, None], c[None, None, :]
-        mask = (tt < T) & (hh < H)
+        tt, hh, cc = t[:, None, None].to(tl.int64), h[None, :, None], tl.arange(0, HALF)[None, None, :]
         cs = tl.load(cos + tt * s_ct + cc, mask=tt < T, other=0.0).to(tl.float32)
         sn = tl.load(sin + tt * s_ct + cc, mask=tt < T, other=0.0).to(tl.float32)
-        for which in tl.static_range(2):
+        return t, h, tt, hh, cc, (tt < T) & (hh < H), cs, sn
+
+    @triton.jit
+    def _halves(ptr, offs, mask, HALF: tl.constexpr):
+        """The two rotary halves (dims i and i + D/2) at `offs`, in fp32."""
+        lo = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return lo, tl.load(ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _fwd_kernel(q, k, cos, sin, out_q, out_k, rstd, T, s_qt, s_qh, s_kt, s_kh, s_ct, eps,
+                    H: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+        t, h, tt, hh, cc, mask, cs, sn = _tile(cos, sin, s_ct, T, H, HP, HALF, BLOCK_T)
+        out = tt * (H * 2 * HALF) + hh * (2 * HALF) + cc  # (T, H, D) contiguous outputs
+        r_offs = t[:, None].to(tl.int64) * (2 * H) + h[None, :]
+        for which in tl.static_range(2):  # q, then k
             src = q if which == 0 else k
             st = s_qt if which == 0 else s_kt
             sh = s_qh if which == 0 else s_kh
             dst = out_q if which == 0 else out_k
-            x1 = tl.load(src + tt * st + hh * sh + cc, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + tt * st + hh * sh + HALF + cc, mask=mask, other=0.0).to(tl.float32)
-            ms = (tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF)
-            r = 1.0 / tl.sqrt(ms + eps)
+            x1, x2 = _halves(src, tt * st + hh * sh + cc, mask, HALF)
+            r = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF) + eps)
             y1, y2 = x1 * r[:, :, None], x2 * r[:, :, None]
-            base = dst + tt * (H * 2 * HALF) + hh * (2 * HALF) + cc
-            tl.store(base, (y1 * cs + y2 * sn).to(dst.dtype.element_ty), mask=mask)
-            tl.store(base + HALF, (y2 * cs - y1 * sn).to(dst.dtype.element_ty), mask=mask)
-            tl.store(rstd + t[:, None].to(tl.int64) * (2 * H) + which * H + h[None, :], r,
-                     mask=(t[:, None] < T) & (h[None, :] < H))
+            tl.store(dst + out, (y1 * cs + y2 * sn).to(dst.dtype.element_ty), mask=mask)
+            tl.store(dst + out + HALF, (y2 * cs - y1 * sn).to(dst.dtype.element_ty), mask=mask)
+            tl.store(rstd + r_offs + which * H, r, mask=(t[:, None] < T) & (h[None, :] < H))
 
     @triton.jit
     def _bwd_kernel(q, k, dout_q, dout_k, cos, sin, rstd, dq, dk, T, s_qt, s_qh, s_kt, s_kh, s_ct,
                     H: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        h = tl.arange(0, HP)
-        c = tl.arange(0, HALF)
-        tt, hh, cc = t[:, None, None].to(tl.int64), h[None, :, None], c[None, None, :]
-        mask = (tt < T) & (hh < H)
-        cs = tl.load(cos + tt * s_ct + cc, mask=tt < T, other=0.0).to(tl.float32)
-        sn = tl.load(sin + tt * s_ct + cc, mask=tt < T, other=0.0).to(tl.float32)
-        for which in tl.static_range(2):
+        t, h, tt, hh, cc, mask, cs, sn = _tile(cos, sin, s_ct, T, H, HP, HALF, BLOCK_T)
+        g = tt * (H * 2 * HALF) + hh * (2 * HALF) + cc  # (T, H, D) contiguous gradients
+        r_offs = t[:, None].to(tl.int64) * (2 * H) + h[None, :]
+        for which in tl.static_range(2):  # q, then k
             src = q if which == 0 else k
             st = s_qt if which == 0 else s_kt
             sh = s_qh if which == 0 else s_kh
             dout = dout_q if which == 0 else dout_k
             dst = dq if which == 0 else dk
-            x1 = tl.load(src + tt * st + hh * sh + cc, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + tt * st + hh * sh + HALF + cc, mask=mask, other=0.0).to(tl.float32)
-            g = tt * (H * 2 * HALF) + hh * (2 * HALF) + cc
-            do1 = tl.load(dout + g, mask=mask, other=0.0).to(tl.float32)
-            do2 = tl.load(dout + g + HALF, mask=mask, other=0.0).to(tl.float32)
-            r = tl.load(rstd + t[:, None].to(tl.int64) * (2 * H) + which * H + h[None, :],
-                        mask=(t[:, None] < T) & (h[None, :] < H), other=0.0)
-            dy1 = do1 * cs - do2 * sn
+            x1, x2 = _halves(src, tt * st + hh * sh + cc, mask, HALF)
+            do1, do2 = _halves(dout, g, mask, HALF)
+            r = tl.load(rstd + r_offs + which * H, mask=(t[:, None] < T) & (h[None, :] < H), other=0.0)
+            dy1 = do1 * cs - do2 * sn  # the rotation transposed
             dy2 = do1 * sn + do2 * cs
             dot = (tl.sum(dy1 * x1, axis=2) + tl.sum(dy2 * x2, axis=2)) / (2 * HALF)
-            r3 = (r * r * r * dot)[:, :, None]
-            rr = r[:, :, None]
+            r3, rr = (r * r * r * dot)[:, :, None], r[:, :, None]
             tl.store(dst + g, (rr * dy1 - x1 * r3).to(dst.dtype.element_ty), mask=mask)
             tl.store(dst + g + HALF, (rr * dy2 - x2 * r3).to(dst.dtype.element_ty), mask=mask)
 
