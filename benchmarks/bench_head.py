@@ -46,20 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     gb_lse, gb_grad = N * V * 2 / 1e9, N * V * 3 / 1e9
 
     # reference: the bit-arithmetic rounding (NATIVE=False), the current launch
-    ref_lse = torch.empty(N, device="cuda")
-    ref_loss = torch.empty(N, device="cuda")
-    cur = head_ce.LSE_LAUNCH
-    head_ce._lse_kernel[(N,)](logits, targets, ref_lse, ref_loss, logits.stride(0), cap, 1 / div, V=V,
-                              BLOCK=cur["block"], NATIVE=False, num_warps=cur["warps"])
-    ref_g = torch.empty((N, V), device="cuda", dtype=torch.float8_e5m2)
-    cur_g = head_ce.GRAD_LAUNCH
-    head_ce._grad_kernel[(N,)](logits, targets, ref_lse, grad_out, ref_g, logits.stride(0), cap, 1 / div, 1 / g_s,
-                               V=V, BLOCK=cur_g["block"], NATIVE=False, num_warps=cur_g["warps"])
+    cur, cur_g = head_ce.LSE_LAUNCH, head_ce.GRAD_LAUNCH
+    ref_loss, ref_lse = head_ce.lse_pass(logits, targets, cap, div, cur["block"], cur["warps"], native=False)
+    ref_g = head_ce.grad_pass(logits, targets, ref_lse, grad_out, cap, div, g_s, cur_g["block"], cur_g["warps"],
+                              native=False)
     ref_g8 = ref_g.view(torch.uint8)
 
     def bits_lse():
-        head_ce._lse_kernel[(N,)](logits, targets, ref_lse, ref_loss, logits.stride(0), cap, 1 / div, V=V,
-                                  BLOCK=cur["block"], NATIVE=False, num_warps=cur["warps"])
+        head_ce.lse_pass(logits, targets, cap, div, cur["block"], cur["warps"], native=False)
 
     base = timed(bits_lse, args.reps)
     print(f"lse pass, bit-arithmetic rounding, block {cur['block']} warps {cur['warps']}: {base:.3f} ms "
@@ -77,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'lse':>5} {block:>6} {warps:>5} {ms:8.3f} {gb_lse / ms * 1e3:6.0f} {base / ms:8.2f}  {eq}")
 
     def bits_grad():
-        head_ce._grad_kernel[(N,)](logits, targets, ref_lse, grad_out, ref_g, logits.stride(0), cap, 1 / div,
-                                   1 / g_s, V=V, BLOCK=cur_g["block"], NATIVE=False, num_warps=cur_g["warps"])
+        head_ce.grad_pass(logits, targets, ref_lse, grad_out, cap, div, g_s, cur_g["block"], cur_g["warps"],
+                          native=False)
 
     base = timed(bits_grad, args.reps)
     print(f"grad pass, bit-arithmetic rounding: {base:.3f} ms ({gb_grad / base * 1e3:.0f} GB/s)")

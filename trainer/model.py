@@ -106,7 +106,7 @@ class Attention(nn.Module):
         if self.premul_o:  # 12-11: λ0 scales the QKV weight, λ1 scales W_O, ve added unscaled
             w_qkv, w_o = lam[0] * w_qkv, lam[1] * w_o
         q, k, v = F.linear(x, w_qkv.type_as(x)).view(T, 3, h, hd).unbind(1)
-        if self.qk_norm and self.fused_qk_rotary and qk_rotary.usable(q):
+        if self.qk_norm and self.fused_qk_rotary and qk_rotary.fits(hd) and qk_rotary.usable(q):
             q, k = qk_rotary.norm_rotary(q, k, cos, sin)  # one Triton kernel each way (trainer/qk_rotary.py)
         else:
             if self.qk_norm:

@@ -1,4 +1,4 @@
-"""q/k RMS-norm + rotary in one Triton kernel per direction (model.fused_qk_rotary, off by default).
+"""q/k RMS-norm + rotary in one Triton kernel per direction (model.fused_qk_rotary, on by default).
 
     from trainer.qk_rotary import norm_rotary
     q, k = norm_rotary(q, k, cos, sin)    # (T, H, D) views of the QKV output → contiguous (T, H, D)
@@ -9,8 +9,9 @@ machine epsilon, F.rms_norm's default; dims i and i + D/2 rotate together by the
 in fp32 from the bf16 inputs with one rounding at the end — as Inductor's fused kernels do, so it
 differs from the unfused path by bf16 rounding only. Why: on the speedrun preset at 393k tokens
 Inductor's kernels for this took 31.8 ms per step at ~1.9 TB/s (docs/performance.md, session 6);
-a kernel that reads q, k once and writes them once should run near the memory's rate. Not yet
-timed on a GPU, hence off.
+a kernel that reads q, k once and writes them once should run near the memory's rate. Timed on an
+H200 (session 7): 609.2 → 599.9 ms per step at 393k tokens, 216.0 → 214.2 at 131k; on since.
+Head sizes with head_dim/2 not a power of two (`fits`) and CPU runs take the unfused ops.
 
 forward: per program BLOCK_T tokens × all heads of q and of k: sum of squares per (token, head),
 r = rsqrt(mean + eps), y = x·r, out = (y1·cos + y2·sin, y2·cos − y1·sin); r is kept (T, 2, H).
@@ -102,6 +103,13 @@ def usable(t: Tensor) -> bool:
     """Whether the kernels can run on `t`'s device: a CUDA tensor, or any under TRITON_INTERPRET=1
     (Triton's interpreter, which the CPU tests use)."""
     return available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def fits(head_dim: int) -> bool:
+    """Whether the kernels take this head size: head_dim/2 a power of two (one tile of lanes per half).
+    The model runs the unfused ops for any other."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half > 0 and half & (half - 1) == 0
 
 
 def _check(q: Tensor, k: Tensor, cos: Tensor) -> tuple[int, int, int]:

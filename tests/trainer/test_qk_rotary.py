@@ -155,11 +155,12 @@ def test_the_model_takes_the_fused_path_and_trains_alike_in_the_interpreter():
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
 
 
-def test_a_head_dim_the_kernel_cannot_take_is_a_config_error():
-    from trainer.config import ConfigError
+def test_a_head_dim_the_kernel_cannot_take_runs_the_unfused_ops():
+    """On by default, so a head size the kernels cannot take (head_dim/2 not a power of two) must not
+    be a config error: the model takes the unfused ops for it."""
+    from trainer import qk_rotary
     from trainer.presets import load_config
 
-    with pytest.raises(ConfigError, match="model.fused_qk_rotary"):
-        load_config("tiny", {"model.fused_qk_rotary": True, "model.head_dim": 24, "model.num_heads": 2,
-                             "model.model_dim": 48})
-    assert load_config("speedrun", {"model.fused_qk_rotary": True}).model.fused_qk_rotary
+    cfg = load_config("tiny", {"model.head_dim": 24, "model.num_heads": 2, "model.model_dim": 48})
+    assert cfg.model.fused_qk_rotary and not qk_rotary.fits(24)
+    assert [d for d in (8, 16, 24, 32, 48, 64, 96, 128, 256) if qk_rotary.fits(d)] == [8, 16, 32, 64, 128, 256]
