@@ -117,6 +117,10 @@ class ModelConfig:
     # q/k RMS-norm + rotary as one Triton kernel per direction (trainer/qk_rotary.py; GPU, with
     # model.qk_norm); false: PyTorch ops that Inductor fuses. Same math, other rounding; off until timed.
     fused_qk_rotary: bool = False
+    # The relu² MLP with relu² in the up-projection's matmul epilogue and its derivative in the
+    # down-projection's input-gradient matmul (trainer/mlp_relu2.py; GPU, bf16, mlp_activation relu2);
+    # false: cuBLAS matmuls and Inductor's elementwise passes. Same math, other rounding; off until timed.
+    fused_relu2: bool = False
     init_scale: float = 0.5  # QKV / c_fc uniform bound = √3·init_scale·dim^-½
 
     @property
@@ -143,6 +147,9 @@ class ModelConfig:
         if self.fused_qk_rotary and half & (half - 1):
             _fail("model.fused_qk_rotary", True, f"needs head_dim/2 a power of two (head_dim is {self.head_dim}); "
                   "set model.fused_qk_rotary=false")
+        if self.fused_relu2 and self.mlp_activation != "relu2":
+            _fail("model.fused_relu2", True, f"fuses relu² only (model.mlp_activation is {self.mlp_activation!r}); "
+                  "set model.fused_relu2=false or model.mlp_activation=relu2")
         if not 0 <= self.rope_freqs <= self.head_dim // 2:
             _fail("model.rope_freqs", self.rope_freqs, f"must be in [0, head_dim/2 = {self.head_dim // 2}]")
         L = self.num_layers
@@ -466,8 +473,8 @@ HASH_EXCLUDED = ("runtime.inductor_cache_dir", "runtime.log_every")
 # run stored before the field existed keeps its hash (its experiment resumes instead of rerunning
 # everything); any other value enters the hash. runtime.cuda_graphs: the same kernels, replayed
 # (trainer/graphs.py), like any other speed-up of the trainer's code (git_commit in the row says which);
-# model.fused_qk_rotary: off is the path every stored run took.
-HASH_NEUTRAL = {"runtime.cuda_graphs": True, "model.fused_qk_rotary": False}
+# model.fused_qk_rotary, model.fused_relu2: off is the path every stored run took.
+HASH_NEUTRAL = {"runtime.cuda_graphs": True, "model.fused_qk_rotary": False, "model.fused_relu2": False}
 
 
 def config_hash(cfg: TrainConfig) -> str:
