@@ -89,9 +89,10 @@ if triton is not None:
     @triton.jit
     def _mm_relu2(a, b, pre, out, M, s_am, s_ak, s_bk, s_bn, N: tl.constexpr, K: tl.constexpr,
                   BACKWARD: tl.constexpr, NATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr):
         """acc = A (M, K) @ B (K, N) over any strides, then the epilogue: forward writes pre and
-        out = a; BACKWARD reads pre and writes out = gh. pre and out are contiguous (M, N)."""
+        out = a; BACKWARD reads pre and writes out = gh. pre and out are contiguous (M, N).
+        EVEN: the tiles divide K and N (no masks in the loop)."""
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,7 +102,7 @@ if triton is not None:
         b_ptrs = b + rk[:, None] * s_bk + rn[None, :] * s_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            if K % BLOCK_K == 0 and N % BLOCK_N == 0:
+            if EVEN:
                 x = tl.load(a_ptrs)
                 w = tl.load(b_ptrs)
             else:
@@ -201,7 +202,8 @@ def _launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, backward: bool, laun
         pre_d, out_d = TensorDescriptor.from_tensor(pre, [bm, bn]), TensorDescriptor.from_tensor(out, [bm, bn])
         _mm_relu2_tma[grid](a_d, b_d, pre_d, out_d, M, B_NK=b_nk, **common)
     else:
-        _mm_relu2[grid](a, b, pre, out, M, a.stride(0), a.stride(1), b.stride(0), b.stride(1), **common)
+        _mm_relu2[grid](a, b, pre, out, M, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                        EVEN=K % bk == 0 and N % bn == 0, **common)
 
 
 def _check(x: Tensor, w_fc: Tensor, w_proj: Tensor, tall: bool) -> tuple[int, int, int]:

@@ -26,8 +26,9 @@ tile = lambda bm, bn, bk, tma: dict(block_m=bm, block_n=bn, block_k=bk, group_m=
                                     tma=tma)
 if small:  # several tiles each way (grouped order), edges in M, N and K, and one tile larger than all
     launches = [tile(32, 32, 16, False), tile(32, 64, 32, False), tile(16, 32, 32, True), dict(mr.FWD_LAUNCH)]
-else:
-    launches = [dict(mr.FWD_LAUNCH), dict(mr.BWD_LAUNCH, tma=True)]
+else:  # the current launches and a TMA tile whose buffers fit any sm90 part's shared memory
+    launches = [dict(mr.FWD_LAUNCH), dict(mr.BWD_LAUNCH),
+                dict(block_m=128, block_n=128, block_k=64, group_m=8, warps=8, stages=3, tma=True)]
 
 
 def rel(a, b):
