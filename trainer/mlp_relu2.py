@@ -92,7 +92,8 @@ if triton is not None:
                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr):
         """acc = A (M, K) @ B (K, N) over any strides, then the epilogue: forward writes pre and
         out = a; BACKWARD reads pre and writes out = gh. pre and out are contiguous (M, N).
-        EVEN: the tiles divide K and N (no masks in the loop)."""
+        EVEN: the tiles divide K and N (no masks in the loop). N and K are constexprs (the model's
+        widths; Triton 3.6's interpreter with numpy 2 also cannot loop to a runtime bound)."""
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
