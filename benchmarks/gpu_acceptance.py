@@ -17,7 +17,8 @@ Rows:
   `small`. With 2 or 4 GPUs the speedrun preset also runs at world size 2 / 4.
 - pytest: the GPU tests (tests/trainer/test_attention_gpu.py: fa4 and flex against an fp32
   reference, 50 `small` steps fa4 vs flex; Polar Express kernels; FP8 head; micro-batches replayed
-  from CUDA graphs train like eager ones, fa4 and flex; the fused q/k norm + rotary kernels).
+  from CUDA graphs train like eager ones, fa4 and flex; the fused q/k norm + rotary kernels; the
+  fused relu² MLP kernels).
 - ablate: `ablate run experiments/gpu_acceptance.yaml` (2 arms × 1 seed, `small`, 1 GPU per run) with
   resources.reuse_workers off and on: every run ok, losses finite and falling; and script arms (the
   CPU tests' fake record script, one GPU bundle per run): one ok, one diverged, GPU ids recorded.
@@ -159,7 +160,8 @@ def mask_row(out: Path) -> Row:
 
 def pytest_row(out: Path) -> Row:
     files = ["tests/trainer/test_attention_gpu.py", "tests/trainer/test_head_ce.py", "tests/trainer/test_polar_gpu.py",
-             "tests/trainer/test_model.py", "tests/trainer/test_graphs_gpu.py", "tests/trainer/test_qk_rotary.py"]
+             "tests/trainer/test_model.py", "tests/trainer/test_graphs_gpu.py", "tests/trainer/test_qk_rotary.py",
+             "tests/trainer/test_mlp_relu2.py"]
     rc, stdout, secs = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files],
                           out / "pytest_gpu.log", timeout=540)
     tail = [ln for ln in stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]

@@ -118,6 +118,11 @@ class ModelConfig:
     # model.qk_norm and head_dim/2 a power of two, else the unfused ops); false: PyTorch ops that
     # Inductor fuses. Same math, other rounding; 1.5 % faster at the speedrun's 393k stage on an H200.
     fused_qk_rotary: bool = True
+    # The relu² MLP with relu² in the up-projection's matmul epilogue and its derivative in the
+    # down-projection's input-gradient matmul (trainer/mlp_relu2.py; GPU, bf16; MLPs with another
+    # mlp_activation run unfused); false: cuBLAS matmuls and Inductor's elementwise passes. Same math,
+    # other rounding; off until timed.
+    fused_relu2: bool = False
     init_scale: float = 0.5  # QKV / c_fc uniform bound = √3·init_scale·dim^-½
 
     @property
@@ -465,7 +470,8 @@ HASH_EXCLUDED = ("runtime.inductor_cache_dir", "runtime.log_every")
 # (trainer/graphs.py), like any other speed-up of the trainer's code (git_commit in the row says which);
 # model.fused_qk_rotary: the same arithmetic in one kernel, rounded at other points (bf16 noise,
 # bounded by tests/trainer/test_qk_rotary.py), like cuda_graphs a speed-up of the trainer's code.
-HASH_NEUTRAL = {"runtime.cuda_graphs": True, "model.fused_qk_rotary": True}
+# model.fused_relu2: off is the path every stored run took.
+HASH_NEUTRAL = {"runtime.cuda_graphs": True, "model.fused_qk_rotary": True, "model.fused_relu2": False}
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer import head_ce, qk_rotary
+from trainer import head_ce, mlp_relu2, qk_rotary
 from trainer.attention import Rotary, apply_rotary, attend, build_mask
 from trainer.config import ModelConfig
 
@@ -141,9 +141,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Parameter(fc.to(DTYPES[m.param_dtype.mlp_up]))
         self.c_proj = nn.Parameter(torch.zeros(shape, dtype=DTYPES[m.param_dtype.mlp_down]))
         self.act = ACTIVATIONS[m.mlp_activation]
+        self.fused_relu2 = m.fused_relu2 and m.mlp_activation == "relu2"
 
     def forward(self, x: Tensor) -> Tensor:
         fc, proj = self.c_fc.type_as(x), self.c_proj.type_as(x)
+        if self.fused_relu2 and mlp_relu2.usable(x):  # relu² in the matmuls' epilogues (trainer/mlp_relu2.py)
+            return mlp_relu2.mlp_relu2(x, fc, proj, self.tall)
         if self.tall:  # (4d, d): linear(x, c_fc), linear(h, c_projᵀ)
             return F.linear(self.act(F.linear(x, fc)), proj.t())
         return F.linear(self.act(F.linear(x, fc.t())), proj)  # (d, 4d)

@@ -4,8 +4,8 @@
     q, k = norm_rotary(q, k, cos, sin)    # (T, H, D) views of the QKV output → contiguous (T, H, D)
     python -m pytest tests/trainer/test_qk_rotary.py -q     # CPU: Triton's interpreter; GPU: the kernels
 
-What it computes is the model's `rms_norm` then `apply_rotary` of q and k (eps = the input dtype's
-machine epsilon, F.rms_norm's default; dims i and i + D/2 rotate together by the cos/sin tables),
+What it computes is the model's `rms_norm` then `apply_rotary` of q and k (eps = F.rms_norm's default,
+the machine epsilon of its fp32 compute type; dims i and i + D/2 rotate together by the cos/sin tables),
 in fp32 from the bf16 inputs with one rounding at the end — as Inductor's fused kernels do, so it
 differs from the unfused path by bf16 rounding only. Why: on the speedrun preset at 393k tokens
 Inductor's kernels for this took 31.8 ms per step at ~1.9 TB/s (docs/performance.md, session 6);
@@ -178,7 +178,10 @@ qk_norm_rotary_fwd.register_autograd(_backward, setup_context=_setup_context)
 def norm_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """rms_norm then apply_rotary of q and k ((T, H, D), last dim contiguous) with (T, 1, D/2)
     tables; returns contiguous (T, H, D) tensors in q's dtype."""
-    out_q, out_k, _ = qk_norm_rotary_fwd(q, k, cos[:q.shape[0]], sin[:q.shape[0]], torch.finfo(q.dtype).eps)
+    # F.rms_norm's default eps is the machine epsilon of its compute type, fp32 for bf16 inputs (not bf16's
+    # 2⁻⁷, which would visibly change the norm of small q/k rows)
+    eps = torch.finfo(torch.promote_types(q.dtype, torch.float32)).eps
+    out_q, out_k, _ = qk_norm_rotary_fwd(q, k, cos[:q.shape[0]], sin[:q.shape[0]], eps)
     return out_q, out_k
 
 
