@@ -35,13 +35,16 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def same_bits(a, b, what):
-    """Bit-equal but for rare 1-ulp flips (another accumulation order before the same rounding; near
-    zero that order may flip the sign of a value far below the data's scale)."""
+def same_bits(a, b, what, ulps=1):
+    """Bit-equal but for rare flips of `ulps` bf16 ulps (another accumulation order before the same
+    rounding; near zero that order may flip the sign of a value far below the data's scale). gh is
+    rounded twice (ga, then 2·relu(pre)·ga): a flip of ga's rounding can carry into gh's, 2 ulps; at
+    the speedrun's 151M elements an H200 showed such an element (the 1-ulp bound failed there, while
+    gh was bit-equal to the unfused cuBLAS + Inductor path: benchmarks/bench_mlp.py)."""
     a, b = a.float(), b.float()
     differ = float((a != b).float().mean())
     assert differ < 0.01, (what, differ)
-    slack = 2 ** -7 * torch.maximum(a.abs(), b.abs()) + 2 ** -20 * float(b.abs().max())
+    slack = ulps * 2 ** -7 * torch.maximum(a.abs(), b.abs()) + 2 ** -20 * float(b.abs().max())
     assert bool(((a - b).abs() <= slack).all()), what
 
 
@@ -74,7 +77,7 @@ for tall in (False, True):
         assert torch.equal(act, F.relu(pre).square()), "a = bf16(relu(pre)²) exactly"
         gh = mr.relu2_grad(g, w2t, pre)
         ga = (g.double() @ w2t.double()).bfloat16()
-        same_bits(gh, (2 * F.relu(pre).float() * ga.float()).bfloat16(), "gh")
+        same_bits(gh, (2 * F.relu(pre).float() * ga.float()).bfloat16(), "gh", ulps=2)
         assert not gh[pre <= 0].any()
         # the op with its autograd
         leaves = [t.clone().requires_grad_() for t in (x0, fc0, pj0)]
