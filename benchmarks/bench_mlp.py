@@ -7,8 +7,11 @@ weight layout (`wide`, c_fc/c_proj (d, 4d): speedrun-1027; `tall`, (4d, d): spee
 record), times:
   (i)   the MLP forward: the model's unfused code under torch.compile (cuBLAS matmuls and
         Inductor's relu² pass) against trainer.mlp_relu2.mlp_relu2 with the current launches;
-  (ii)  forward + backward of both (torch.autograd.grad of x, c_fc, c_proj for a fixed output gradient);
-  (iii) the two fused kernels alone for every launch in mlp_relu2.SWEEP: kernel A (x @ W1 with
+  (ii)  forward + backward of both (torch.autograd.grad of x, c_fc, c_proj for a fixed output gradient),
+        with the current constants, then the persistent kernel keeping pre, then the persistent kernel
+        keeping only a (the backward's relu(pre) = √a; mlp_relu2.KEEP_PRE=False);
+  (iii) the two fused kernels alone for every launch in mlp_relu2.SWEEP ("pers": the persistent kernel,
+        also timed without writing pre / with the gradient from a): kernel A (x @ W1 with
         pre and relu² written) against cuBLAS's x @ W1 plus Inductor's relu² pass, and kernel B
         (g @ W2ᵀ with the relu² derivative) against cuBLAS's g @ W2ᵀ plus Inductor's 2·relu(pre)·ga;
         the bare cuBLAS matmul is printed as the floor.
@@ -101,17 +104,36 @@ def bench_layout(tall: bool, M: int, d: int, reps: int, sweep: bool, dev: str = 
         return torch.autograd.grad(fwd(*leaves), leaves, g)
 
     ref = step(base_fwd)
-    res = step(fused_fwd)
-    print("  check fwd+bwd  " + "; ".join(compare(n, a, b) for n, a, b in zip(("out", "dx", "dc_fc", "dc_proj"),
-                                                                              res, ref)))
     t_base2 = timed(lambda: step_timed(base_fwd), reps)
-    t_fused2 = timed(lambda: step_timed(fused_fwd), reps)
-    print(f"  (ii) forward+backward  unfused {t_base2:7.3f} ms {6 * gemm_tf / t_base2 * 1e3:6.0f} TFLOP/s | "
-          f"fused {t_fused2:7.3f} ms {6 * gemm_tf / t_fused2 * 1e3:6.0f} TFLOP/s | ratio {t_base2 / t_fused2:.3f}")
-    saved, saved2 = t_base - t_fused, t_base2 - t_fused2
-    print(f"       saved per MLP call: forward {saved:+.3f} ms, forward+backward {saved2:+.3f} ms (× 88 calls per "
-          f"393k step at world size 1, 11 MLP layers × 8 micro-batches: {88 * saved2:+.1f} ms)")
-    del leaves, ref, res
+    # the op as the model runs it (KEEP_PRE, FWD/BWD_LAUNCH), then the persistent kernels with and without pre
+    persistent = next(launch for launch in mr.SWEEP if launch.get("persistent"))
+    now = (mr.KEEP_PRE, mr.FWD_LAUNCH, mr.BWD_LAUNCH)
+    modes = [("current constants", now),
+             ("persistent, pre kept", (True, persistent, persistent)),
+             ("persistent, a only (relu(pre) = √a)", (False, persistent, persistent))]
+    for label, (keep_pre, fwd_launch, bwd_launch) in modes:
+        mr.KEEP_PRE, mr.FWD_LAUNCH, mr.BWD_LAUNCH = keep_pre, fwd_launch, bwd_launch
+        try:
+            fused_mode = torch.compile(lambda x, fc, pj: mr.mlp_relu2(x, fc, pj, tall), fullgraph=True)
+            res = step(fused_mode)
+            print(f"  check fwd+bwd [{label}]  " + "; ".join(
+                compare(n, a, b) for n, a, b in zip(("out", "dx", "dc_fc", "dc_proj"), res, ref)))
+            t_fused2 = timed(lambda: step_timed(fused_mode), reps)
+        except CheckFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - a mode that does not compile is a row, not a stop
+            print(f"  (ii) [{label}] failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        finally:
+            mr.KEEP_PRE, mr.FWD_LAUNCH, mr.BWD_LAUNCH = now
+        print(f"  (ii) forward+backward  unfused {t_base2:7.3f} ms {6 * gemm_tf / t_base2 * 1e3:6.0f} TFLOP/s | "
+              f"fused {t_fused2:7.3f} ms {6 * gemm_tf / t_fused2 * 1e3:6.0f} TFLOP/s | ratio "
+              f"{t_base2 / t_fused2:.3f}  [{label}]")
+        print(f"       saved per MLP call: forward+backward {t_base2 - t_fused2:+.3f} ms (× 88 calls per 393k step "
+              f"at world size 1, 11 MLP layers × 8 micro-batches: {88 * (t_base2 - t_fused2):+.1f} ms)")
+        del res
+    print(f"       forward alone (current constants): saved {t_base - t_fused:+.3f} ms per call")
+    del leaves, ref
 
     # (iii) the kernels alone
     w1 = fc.t() if tall else fc  # (d, hid)
@@ -133,9 +155,10 @@ def bench_layout(tall: bool, M: int, d: int, reps: int, sweep: bool, dev: str = 
     launches = mr.SWEEP if sweep else [mr.FWD_LAUNCH, mr.BWD_LAUNCH]
     print(f"  {'kernel':>6} {'BMxBNxBK':>12} {'grp':>3} {'w':>2} {'st':>2} {'tma':>5} {'ms':>8} {'TFLOP/s':>8} "
           f"{'vs unfused':>10} {'vs mm':>6}  check")
+    kind = lambda launch: "pers" if launch.get("persistent") else str(launch["tma"])  # noqa: E731
     for launch in launches:
         tag = (f"{launch['block_m']}x{launch['block_n']}x{launch['block_k']:<3} {launch['group_m']:>3} "
-               f"{launch['warps']:>2} {launch['stages']:>2} {str(launch['tma']):>5}")
+               f"{launch['warps']:>2} {launch['stages']:>2} {kind(launch):>5}")
         for kernel in ("A", "B"):
             try:
                 if kernel == "A":
@@ -147,11 +170,19 @@ def bench_layout(tall: bool, M: int, d: int, reps: int, sweep: bool, dev: str = 
                     check += "; a exact"
                     ms = timed(lambda: mr.up_relu2(x, w1, launch), reps)
                     base, floor = t_up, t_mm
+                    if launch.get("persistent"):  # and without writing pre
+                        ms_a = timed(lambda: mr.up_relu2(x, w1, launch, keep_pre=False), reps)
+                        check += f"; without pre {ms_a:.3f} ms ({base / ms_a:.3f} vs unfused)"
                 else:
                     gh = mr.relu2_grad(g, w2t, pre_ref, launch)
                     check = compare("gh", gh, gh_ref, 2e-3)
                     ms = timed(lambda: mr.relu2_grad(g, w2t, pre_ref, launch), reps)
                     base, floor = t_gr, t_mm2
+                    if launch.get("persistent"):  # relu(pre) as √a, from the forward's a
+                        gh_a = mr.relu2_grad(g, w2t, act_ref, launch, from_post=True)
+                        check += "; from a: " + compare("gh", gh_a, gh_ref, 1e-2)
+                        ms_b = timed(lambda: mr.relu2_grad(g, w2t, act_ref, launch, from_post=True), reps)
+                        check += f" {ms_b:.3f} ms ({base / ms_b:.3f} vs unfused)"
             except CheckFailed:
                 raise
             except Exception as e:  # noqa: BLE001 - a launch that does not fit is a row, not a stop

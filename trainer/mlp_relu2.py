@@ -82,17 +82,22 @@ if triton is not None:
         return h.to(tl.bfloat16), _bf16(r * r, NATIVE).to(tl.bfloat16)  # both exact bf16 values already
 
     @triton.jit
-    def _relu2_bwd(acc, pre, NATIVE: tl.constexpr):
-        """gh as a bf16 tile: ga = acc rounded to bf16, then 2·relu(pre)·ga in fp32 (exact), rounded once;
-        +0 where pre ≤ 0 (as Inductor's threshold_backward)."""
+    def _relu2_bwd(acc, aux, NATIVE: tl.constexpr, FROM_POST: tl.constexpr):
+        """gh as a bf16 tile: ga = acc rounded to bf16, then 2·r·ga in fp32 (exact), rounded once, with
+        r = relu(pre) from aux = pre, or with FROM_POST r = √a from aux = a = bf16(relu(pre)²) (the record's
+        way since 2026-01-10: pre need not be kept; r then carries a's rounding). +0 where r = 0 (as
+        Inductor's threshold_backward)."""
         ga = _bf16(acc, NATIVE)
-        p = pre.to(tl.float32)
+        p = aux.to(tl.float32)
+        if FROM_POST:
+            p = tl.sqrt_rn(p)
         return _bf16(tl.where(p > 0, ga * (2.0 * p), 0.0), NATIVE).to(tl.bfloat16)
 
     @triton.jit
     def _mm_relu2(a, b, pre, out, M, s_am, s_ak, s_bk, s_bn, N: tl.constexpr, K: tl.constexpr,
                   BACKWARD: tl.constexpr, NATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr):
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr, KEEP_PRE: tl.constexpr,
+                  FROM_POST: tl.constexpr):
         """acc = A (M, K) @ B (K, N) over any strides, then the epilogue: forward writes pre and
         out = a; BACKWARD reads pre and writes out = gh. pre and out are contiguous (M, N).
         EVEN: the tiles divide K and N (no masks in the loop). N and K are constexprs (the model's
@@ -119,17 +124,19 @@ if triton is not None:
         offs = rm[:, None].to(tl.int64) * N + rn[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         if BACKWARD:
-            gh = _relu2_bwd(acc, tl.load(pre + offs, mask=mask, other=0.0), NATIVE)
+            gh = _relu2_bwd(acc, tl.load(pre + offs, mask=mask, other=0.0), NATIVE, FROM_POST)
             tl.store(out + offs, gh, mask=mask)
         else:
             h, act = _relu2_fwd(acc, NATIVE)
-            tl.store(pre + offs, h, mask=mask)
+            if KEEP_PRE:
+                tl.store(pre + offs, h, mask=mask)
             tl.store(out + offs, act, mask=mask)
 
     @triton.jit
     def _mm_relu2_tma(a_desc, b_desc, pre_desc, out_desc, M, N: tl.constexpr, K: tl.constexpr,
                       B_NK: tl.constexpr, BACKWARD: tl.constexpr, NATIVE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, KEEP_PRE: tl.constexpr,
+                      FROM_POST: tl.constexpr):
         """_mm_relu2 through TMA descriptors: A (M, K); B (K, N), or (N, K) with B_NK (the tall
         layout's weights, both ways); pre, out (M, N). The descriptors zero-fill loads past the
         edges and clip the stores."""
@@ -145,11 +152,53 @@ if triton is not None:
                 w = b_desc.load([kt * BLOCK_K, off_n])
             acc = _dot(x, w, acc, NATIVE)
         if BACKWARD:
-            out_desc.store([off_m, off_n], _relu2_bwd(acc, pre_desc.load([off_m, off_n]), NATIVE))
+            out_desc.store([off_m, off_n], _relu2_bwd(acc, pre_desc.load([off_m, off_n]), NATIVE, FROM_POST))
         else:
             h, act = _relu2_fwd(acc, NATIVE)
-            pre_desc.store([off_m, off_n], h)
+            if KEEP_PRE:
+                pre_desc.store([off_m, off_n], h)
             out_desc.store([off_m, off_n], act)
+
+    @triton.jit
+    def _epilogue_half(acc, off_m, off_n, pre_desc, out_desc, BACKWARD: tl.constexpr, NATIVE: tl.constexpr,
+                       KEEP_PRE: tl.constexpr, FROM_POST: tl.constexpr):
+        if BACKWARD:
+            out_desc.store([off_m, off_n], _relu2_bwd(acc, pre_desc.load([off_m, off_n]), NATIVE, FROM_POST))
+        else:
+            h, act = _relu2_fwd(acc, NATIVE)
+            if KEEP_PRE:
+                pre_desc.store([off_m, off_n], h)
+            out_desc.store([off_m, off_n], act)
+
+    @triton.jit
+    def _mm_relu2_persistent(a_desc, b_desc, pre_desc, out_desc, M: tl.constexpr, N: tl.constexpr,
+                             K: tl.constexpr, PROGRAMS: tl.constexpr, B_NK: tl.constexpr, BACKWARD: tl.constexpr,
+                             NATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, KEEP_PRE: tl.constexpr, FROM_POST: tl.constexpr):
+        """_mm_relu2_tma as a persistent kernel: PROGRAMS programs (one per SM) walk the output tiles in
+        row-major order, and the epilogue runs on two (BLOCK_M, BLOCK_N/2) halves of the accumulator
+        (pre_desc / out_desc have that block). The shape the record's fused relu² kernel has (2026-01-10).
+        M is a constexpr too (a few micro-batch sizes per run; the interpreter needs its loop bounds)."""
+        HALF: tl.constexpr = BLOCK_N // 2
+        tiles_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        tiles: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M * tiles_n
+        # Every program walks the same count of tiles (a program's last may lie past M: its loads read zeros,
+        # its stores are clipped); flatten lets Triton overlap a tile's epilogue with the next one's loads.
+        for i in tl.range(0, (tiles + PROGRAMS - 1) // PROGRAMS, flatten=True):
+            tile = tl.program_id(0) + i * PROGRAMS
+            off_m = (tile // tiles_n) * BLOCK_M
+            off_n = (tile % tiles_n) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+                x = a_desc.load([off_m, kt * BLOCK_K])
+                if B_NK:
+                    w = b_desc.load([off_n, kt * BLOCK_K]).T
+                else:
+                    w = b_desc.load([kt * BLOCK_K, off_n])
+                acc = _dot(x, w, acc, NATIVE)
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            _epilogue_half(acc0, off_m, off_n, pre_desc, out_desc, BACKWARD, NATIVE, KEEP_PRE, FROM_POST)
+            _epilogue_half(acc1, off_m, off_n + HALF, pre_desc, out_desc, BACKWARD, NATIVE, KEEP_PRE, FROM_POST)
 
 
 # Launch parameters of kernel A (forward) and kernel B (backward): tile, group of row tiles, warps,
@@ -163,7 +212,15 @@ SWEEP = [
     for tma in (False, True)
     for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
                              (256, 128, 64, 8, 3), (64, 256, 64, 4, 4), (128, 256, 32, 8, 4), (128, 128, 32, 4, 5))
+] + [  # the persistent kernel (one program per SM, epilogue in two halves; TMA): not yet timed on a GPU
+    {"block_m": bm, "block_n": bn, "block_k": bk, "group_m": 1, "warps": w, "stages": s, "tma": True,
+     "persistent": True}
+    for bm, bn, bk, w, s in ((128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 32, 8, 4))
 ]
+# Whether the forward writes pre for the backward (True, the timed path) or only a, the backward then taking
+# relu(pre) as √a as the record's kernel does (302 MB less written per call at the speedrun's shape; gh
+# rounds differently by up to ~1 bf16 ulp). Not yet timed on a GPU: bench_mlp.py's (ii) times both.
+KEEP_PRE = True
 
 
 def available() -> bool:
@@ -190,25 +247,39 @@ def _tma_ok(*ts: Tensor) -> bool:
     return ok_dev and all(t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in ts)
 
 
-def _launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, backward: bool, launch: dict) -> None:
-    """out (and pre, forward) from A (M, K) @ B (K, N), B any strides; pre and out contiguous (M, N)."""
+def _programs(a: Tensor, tiles: int) -> int:
+    """Programs of the persistent kernel: one per SM (4 in the interpreter, so each walks several tiles)."""
+    sms = 4 if _interpreting() else torch.cuda.get_device_properties(a.device).multi_processor_count
+    return max(1, min(sms, tiles))
+
+
+def _launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, backward: bool, launch: dict, keep_pre: bool = True,
+            from_post: bool = False) -> None:
+    """out (and pre, forward with keep_pre) from A (M, K) @ B (K, N), B any strides; pre and out contiguous
+    (M, N). Backward: pre holds pre, or with from_post the forward's a. Without keep_pre pre is not written
+    (pass out)."""
     M, K = a.shape
     N = b.shape[1]
     bm, bn, bk = launch["block_m"], launch["block_n"], launch["block_k"]
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     native = a.is_cuda and not _interpreting()
     common = dict(N=N, K=K, BACKWARD=backward, NATIVE=native, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                  GROUP_M=launch["group_m"], num_warps=launch["warps"], num_stages=launch["stages"])
+                  KEEP_PRE=keep_pre, FROM_POST=from_post, num_warps=launch["warps"], num_stages=launch["stages"])
     b_nk = b.stride(0) == 1 and b.stride(1) != 1  # B is the transpose of an (N, K) row-major weight
     b_rows = b.t() if b_nk else b
-    if launch["tma"] and _tma_ok(a, b_rows, pre, out):
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if (launch["tma"] or launch.get("persistent")) and _tma_ok(a, b_rows, pre, out):
         a_d = TensorDescriptor.from_tensor(a, [bm, bk])
         b_d = TensorDescriptor.from_tensor(b_rows, [bn, bk] if b_nk else [bk, bn])
-        pre_d, out_d = TensorDescriptor.from_tensor(pre, [bm, bn]), TensorDescriptor.from_tensor(out, [bm, bn])
-        _mm_relu2_tma[grid](a_d, b_d, pre_d, out_d, M, B_NK=b_nk, **common)
+        if launch.get("persistent"):
+            pre_d, out_d = (TensorDescriptor.from_tensor(t, [bm, bn // 2]) for t in (pre, out))
+            programs = _programs(a, tiles)
+            _mm_relu2_persistent[(programs,)](a_d, b_d, pre_d, out_d, M=M, PROGRAMS=programs, B_NK=b_nk, **common)
+        else:
+            pre_d, out_d = TensorDescriptor.from_tensor(pre, [bm, bn]), TensorDescriptor.from_tensor(out, [bm, bn])
+            _mm_relu2_tma[(tiles,)](a_d, b_d, pre_d, out_d, M, B_NK=b_nk, GROUP_M=launch["group_m"], **common)
     else:
-        _mm_relu2[grid](a, b, pre, out, M, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                        EVEN=K % bk == 0 and N % bn == 0, **common)
+        _mm_relu2[(tiles,)](a, b, pre, out, M, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                            EVEN=K % bk == 0 and N % bn == 0, GROUP_M=launch["group_m"], **common)
 
 
 def _check(x: Tensor, w_fc: Tensor, w_proj: Tensor, tall: bool) -> tuple[int, int, int]:
@@ -223,19 +294,21 @@ def _check(x: Tensor, w_fc: Tensor, w_proj: Tensor, tall: bool) -> tuple[int, in
     return M, d, hid
 
 
-def up_relu2(x: Tensor, w1: Tensor, launch: dict | None = None) -> tuple[Tensor, Tensor]:
-    """Kernel A alone: (pre, a) = (bf16(x @ w1), bf16(relu(pre)²)) for x (M, K) and w1 (K, N), any strides."""
+def up_relu2(x: Tensor, w1: Tensor, launch: dict | None = None, keep_pre: bool = True) -> tuple[Tensor, Tensor]:
+    """Kernel A alone: (pre, a) = (bf16(x @ w1), bf16(relu(pre)²)) for x (M, K) and w1 (K, N), any strides;
+    without keep_pre pre is not written (an empty (0,) tensor is returned in its place)."""
     M, N = x.shape[0], w1.shape[1]
-    pre = torch.empty((M, N), device=x.device, dtype=torch.bfloat16)
     act = torch.empty((M, N), device=x.device, dtype=torch.bfloat16)
-    _launch(x, w1, pre, act, False, FWD_LAUNCH if launch is None else launch)
-    return pre, act
+    pre = torch.empty((M, N), device=x.device, dtype=torch.bfloat16) if keep_pre else act
+    _launch(x, w1, pre, act, False, FWD_LAUNCH if launch is None else launch, keep_pre=keep_pre)
+    return (pre if keep_pre else act.new_empty((0,))), act
 
 
-def relu2_grad(g: Tensor, w2t: Tensor, pre: Tensor, launch: dict | None = None) -> Tensor:
-    """Kernel B alone: gh = bf16(2·relu(pre)·bf16(g @ w2t)) for g (M, K), w2t (K, N) any strides, pre (M, N)."""
-    gh = torch.empty(pre.shape, device=g.device, dtype=torch.bfloat16)
-    _launch(g, w2t, pre.contiguous(), gh, True, BWD_LAUNCH if launch is None else launch)
+def relu2_grad(g: Tensor, w2t: Tensor, aux: Tensor, launch: dict | None = None, from_post: bool = False) -> Tensor:
+    """Kernel B alone: gh = bf16(2·r·bf16(g @ w2t)) for g (M, K), w2t (K, N) any strides, with r = relu(aux)
+    (aux = pre), or with from_post r = √aux (aux = the forward's a)."""
+    gh = torch.empty(aux.shape, device=g.device, dtype=torch.bfloat16)
+    _launch(g, w2t, aux.contiguous(), gh, True, BWD_LAUNCH if launch is None else launch, from_post=from_post)
     return gh
 
 
@@ -250,35 +323,38 @@ def _w2(w_proj: Tensor, tall: bool) -> Tensor:
 
 
 @torch.library.custom_op("trainer::mlp_relu2", mutates_args=())
-def mlp_relu2_fwd(x: Tensor, w_fc: Tensor, w_proj: Tensor, tall: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, pre, a) for x (M, d): out (M, d) the MLP's output; pre, a (M, hidden) kept for the backward."""
+def mlp_relu2_fwd(x: Tensor, w_fc: Tensor, w_proj: Tensor, tall: bool,
+                  keep_pre: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, pre, a) for x (M, d): out (M, d) the MLP's output; pre, a (M, hidden) kept for the backward
+    (without keep_pre pre is an empty (0,) tensor and the backward takes relu(pre) as √a)."""
     _check(x, w_fc, w_proj, tall)
-    pre, act = up_relu2(x, _w1(w_fc, tall))
+    pre, act = up_relu2(x, _w1(w_fc, tall), keep_pre=keep_pre)
     return torch.mm(act, _w2(w_proj, tall)), pre, act
 
 
 @mlp_relu2_fwd.register_fake
-def _(x, w_fc, w_proj, tall):
+def _(x, w_fc, w_proj, tall, keep_pre=True):
     M, d, hid = _check(x, w_fc, w_proj, tall)
-    return x.new_empty((M, d)), x.new_empty((M, hid)), x.new_empty((M, hid))
+    return x.new_empty((M, d)), x.new_empty((M, hid) if keep_pre else (0,)), x.new_empty((M, hid))
 
 
 @torch.library.custom_op("trainer::mlp_relu2_grad_h", mutates_args=())
-def mlp_relu2_grad_h(g: Tensor, w_proj: Tensor, pre: Tensor, tall: bool) -> Tensor:
-    """gh (M, hidden): the gradient at the up-projection's output, from the MLP output's gradient g (M, d)."""
-    return relu2_grad(g, _w2(w_proj, tall).t(), pre)
+def mlp_relu2_grad_h(g: Tensor, w_proj: Tensor, aux: Tensor, tall: bool, from_post: bool = False) -> Tensor:
+    """gh (M, hidden): the gradient at the up-projection's output, from the MLP output's gradient g (M, d);
+    aux is pre, or with from_post the forward's a."""
+    return relu2_grad(g, _w2(w_proj, tall).t(), aux, from_post=from_post)
 
 
 @mlp_relu2_grad_h.register_fake
-def _(g, w_proj, pre, tall):
-    return pre.new_empty(pre.shape)
+def _(g, w_proj, aux, tall, from_post=False):
+    return aux.new_empty(aux.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w_fc, w_proj, tall = inputs
+    x, w_fc, w_proj, tall, keep_pre = inputs
     _, pre, act = output
     ctx.save_for_backward(x, w_fc, w_proj, pre, act)
-    ctx.tall = tall
+    ctx.tall, ctx.keep_pre = tall, keep_pre
     ctx.mark_non_differentiable(pre, act)  # internal: no gradient flows into them
     ctx.set_materialize_grads(False)
 
@@ -288,16 +364,16 @@ def _backward(ctx, g_out, _g_pre, _g_act):
     need_x, need_fc, need_proj = ctx.needs_input_grad[:3]
     gx = g_fc = g_proj = None
     if g_out is None:
-        return gx, g_fc, g_proj, None
+        return gx, g_fc, g_proj, None, None
     if need_proj:  # out = a @ W2: dW2 = aᵀ g, stored transposed in the wide layout
         g_proj = act.t() @ g_out if ctx.tall else g_out.t() @ act
     if need_x or need_fc:
-        gh = mlp_relu2_grad_h(g_out, w_proj, pre, ctx.tall)
+        gh = mlp_relu2_grad_h(g_out, w_proj, pre if ctx.keep_pre else act, ctx.tall, not ctx.keep_pre)
         if need_x:  # pre = x @ W1: dx = gh W1ᵀ
             gx = gh @ _w1(w_fc, ctx.tall).t()
         if need_fc:  # dW1 = xᵀ gh, stored transposed in the tall layout
             g_fc = gh.t() @ x if ctx.tall else x.t() @ gh
-    return gx, g_fc, g_proj, None
+    return gx, g_fc, g_proj, None, None
 
 
 mlp_relu2_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -306,9 +382,9 @@ mlp_relu2_fwd.register_autograd(_backward, setup_context=_setup_context)
 def mlp_relu2(x: Tensor, w_fc: Tensor, w_proj: Tensor, tall: bool) -> Tensor:
     """The MLP's output linear(relu(linear(x, W1))², W2) for bf16 x (..., d) and bf16 weights stored
     (4d, d) with tall, else (d, 4d); one autograd node (see the module docstring)."""
-    out, _, _ = mlp_relu2_fwd(x.reshape(-1, x.shape[-1]), w_fc, w_proj, tall)
+    out, _, _ = mlp_relu2_fwd(x.reshape(-1, x.shape[-1]), w_fc, w_proj, tall, KEEP_PRE)
     return out.view(x.shape)
 
 
 __all__ = ["mlp_relu2", "available", "usable", "up_relu2", "relu2_grad", "mlp_relu2_fwd", "mlp_relu2_grad_h",
-           "FWD_LAUNCH", "BWD_LAUNCH", "SWEEP"]
+           "FWD_LAUNCH", "BWD_LAUNCH", "SWEEP", "KEEP_PRE"]

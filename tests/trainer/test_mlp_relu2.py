@@ -25,10 +25,12 @@ small = M < 1000
 tile = lambda bm, bn, bk, tma: dict(block_m=bm, block_n=bn, block_k=bk, group_m=2, warps=4, stages=2,  # noqa: E731
                                     tma=tma)
 if small:  # several tiles each way (grouped order), edges in M, N and K, and one tile larger than all
-    launches = [tile(32, 32, 16, False), tile(32, 64, 32, False), tile(16, 32, 32, True), dict(mr.FWD_LAUNCH)]
+    launches = [tile(32, 32, 16, False), tile(32, 64, 32, False), tile(16, 32, 32, True), dict(mr.FWD_LAUNCH),
+                dict(tile(16, 32, 16, True), persistent=True)]  # persistent: 5 × 3 tiles over 4 programs
 else:  # the current launches and a TMA tile whose buffers fit any sm90 part's shared memory
     launches = [dict(mr.FWD_LAUNCH), dict(mr.BWD_LAUNCH),
-                dict(block_m=128, block_n=128, block_k=64, group_m=8, warps=8, stages=3, tma=True)]
+                dict(block_m=128, block_n=128, block_k=64, group_m=8, warps=8, stages=3, tma=True),
+                next(launch for launch in mr.SWEEP if launch.get("persistent"))]
 
 
 def rel(a, b):
@@ -79,6 +81,12 @@ for tall in (False, True):
         ga = (g.double() @ w2t.double()).bfloat16()
         same_bits(gh, (2 * F.relu(pre).float() * ga.float()).bfloat16(), "gh", ulps=2)
         assert not gh[pre <= 0].any()
+        # the forward without pre, the backward from a (relu(pre) = √a, the record's way)
+        none, act2 = mr.up_relu2(x0, w1, keep_pre=False)
+        assert none.numel() == 0 and torch.equal(act2, act)
+        gh2 = mr.relu2_grad(g, w2t, act, from_post=True)
+        r = act.float().sqrt()
+        same_bits(gh2, torch.where(r > 0, 2 * r * ga.float(), 0.0).bfloat16(), "gh from a", ulps=2)
         # the op with its autograd
         leaves = [t.clone().requires_grad_() for t in (x0, fc0, pj0)]
         out = mr.mlp_relu2(*leaves, tall)
@@ -88,6 +96,13 @@ for tall in (False, True):
         assert max(errs) < 1.5e-2, ("vs fp64", tall, launch, errs)  # bf16 roundings of h, a, ga, gh, outputs
         errs = [rel(out, base)] + [rel(t.grad, b.grad) for t, b in zip(leaves, bf)]
         assert max(errs) < 3e-3, ("vs unfused bf16", tall, launch, errs)  # the matmuls' order only
+        mr.KEEP_PRE = False  # the op saving a only
+        leaves = [t.clone().requires_grad_() for t in (x0, fc0, pj0)]
+        out = mr.mlp_relu2(*leaves, tall)
+        out.backward(g)
+        errs = [rel(out, base)] + [rel(t.grad, b.grad) for t, b in zip(leaves, bf)]
+        assert max(errs) < 4e-3, ("KEEP_PRE=False vs unfused bf16", tall, launch, errs)
+        mr.KEEP_PRE = True
 print("ok")
 '''
 
