@@ -28,9 +28,12 @@ read of h (its write of a moves into the matmul's epilogue; the matmul's write o
 and, in the backward, the write and the read of ga (302 MB each). Both kernels are the same
 (M × d) @ (d × hidden) GEMM with another epilogue (`_mm_relu2` / `_mm_relu2_tma`).
 
-Two kernel variants, chosen by the launch's "tma": plain pointer loads (the default; masked at the
-edges, so any M, d, hidden), and host-side TMA tensor descriptors (sm90+, and every row stride a
-multiple of 8 elements; otherwise the pointer kernel runs). Both run on the GPU and in Triton's
+Three kernel variants, chosen by the launch's "tma" and "persistent": plain pointer loads (the
+default; masked at the edges, so any M, d, hidden), host-side TMA tensor descriptors (sm90+, and every
+row stride a multiple of 8 elements; otherwise the pointer kernel runs), and a persistent TMA kernel
+(one program per SM walking the tiles, the epilogue on two halves of each; not yet timed). KEEP_PRE =
+False (not yet timed) writes only a in the forward and has the backward take relu(pre) as √a, as the
+record's own fused kernel does (2026-01-10). All run on the GPU and in Triton's
 interpreter (TRITON_INTERPRET=1, the CPU tests). Where the interpreter differs from the GPU the
 kernels take NATIVE=False: the interpreter's tl.dot mishandles bf16 operands (it multiplies their
 uint16 storage) and truncates fp32 → bf16, so there the operands are widened to fp32 before the
