@@ -136,16 +136,10 @@ if triton is not None:
             tl.store(out + offs, act, mask=mask)
 
     @triton.jit
-    def _mm_relu2_tma(a_desc, b_desc, pre_desc, out_desc, M, N: tl.constexpr, K: tl.constexpr,
-                      B_NK: tl.constexpr, BACKWARD: tl.constexpr, NATIVE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, KEEP_PRE: tl.constexpr,
-                      FROM_POST: tl.constexpr):
-        """_mm_relu2 through TMA descriptors: A (M, K); B (K, N), or (N, K) with B_NK (the tall
-        layout's weights, both ways); pre, out (M, N). The descriptors zero-fill loads past the
-        edges and clip the stores."""
-        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+    def _tma_acc(a_desc, b_desc, off_m, off_n, K: tl.constexpr, B_NK: tl.constexpr, NATIVE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The fp32 (BLOCK_M, BLOCK_N) tile of A @ B at (off_m, off_n) from TMA loads: A (M, K); B (K, N),
+        or (N, K) with B_NK (the tall layout's weights, both ways). Loads past the edges read zeros."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
             x = a_desc.load([off_m, kt * BLOCK_K])
@@ -154,6 +148,13 @@ if triton is not None:
             else:
                 w = b_desc.load([kt * BLOCK_K, off_n])
             acc = _dot(x, w, acc, NATIVE)
+        return acc
+
+    @triton.jit
+    def _tma_epilogue(acc, off_m, off_n, pre_desc, out_desc, BACKWARD: tl.constexpr, NATIVE: tl.constexpr,
+                      KEEP_PRE: tl.constexpr, FROM_POST: tl.constexpr):
+        """Forward: out = a and, with KEEP_PRE, pre at (off_m, off_n); BACKWARD: reads pre (or a, FROM_POST)
+        there and writes out = gh. The descriptors' block is acc's shape; stores past the edges are clipped."""
         if BACKWARD:
             out_desc.store([off_m, off_n], _relu2_bwd(acc, pre_desc.load([off_m, off_n]), NATIVE, FROM_POST))
         else:
@@ -163,15 +164,16 @@ if triton is not None:
             out_desc.store([off_m, off_n], act)
 
     @triton.jit
-    def _epilogue_half(acc, off_m, off_n, pre_desc, out_desc, BACKWARD: tl.constexpr, NATIVE: tl.constexpr,
-                       KEEP_PRE: tl.constexpr, FROM_POST: tl.constexpr):
-        if BACKWARD:
-            out_desc.store([off_m, off_n], _relu2_bwd(acc, pre_desc.load([off_m, off_n]), NATIVE, FROM_POST))
-        else:
-            h, act = _relu2_fwd(acc, NATIVE)
-            if KEEP_PRE:
-                pre_desc.store([off_m, off_n], h)
-            out_desc.store([off_m, off_n], act)
+    def _mm_relu2_tma(a_desc, b_desc, pre_desc, out_desc, M, N: tl.constexpr, K: tl.constexpr,
+                      B_NK: tl.constexpr, BACKWARD: tl.constexpr, NATIVE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, KEEP_PRE: tl.constexpr,
+                      FROM_POST: tl.constexpr):
+        """_mm_relu2 through TMA descriptors: A (M, K); B (K, N), or (N, K) with B_NK (the tall
+        layout's weights, both ways); pre, out (M, N). The descriptors zero-fill loads past the
+        edges and clip the stores."""
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _tma_acc(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, B_NK, NATIVE, BLOCK_M, BLOCK_N, BLOCK_K)
+        _tma_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, pre_desc, out_desc, BACKWARD, NATIVE, KEEP_PRE, FROM_POST)
 
     @triton.jit
     def _mm_relu2_persistent(a_desc, b_desc, pre_desc, out_desc, M: tl.constexpr, N: tl.constexpr,
@@ -191,17 +193,10 @@ if triton is not None:
             tile = tl.program_id(0) + i * PROGRAMS
             off_m = (tile // tiles_n) * BLOCK_M
             off_n = (tile % tiles_n) * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-                x = a_desc.load([off_m, kt * BLOCK_K])
-                if B_NK:
-                    w = b_desc.load([off_n, kt * BLOCK_K]).T
-                else:
-                    w = b_desc.load([kt * BLOCK_K, off_n])
-                acc = _dot(x, w, acc, NATIVE)
+            acc = _tma_acc(a_desc, b_desc, off_m, off_n, K, B_NK, NATIVE, BLOCK_M, BLOCK_N, BLOCK_K)
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-            _epilogue_half(acc0, off_m, off_n, pre_desc, out_desc, BACKWARD, NATIVE, KEEP_PRE, FROM_POST)
-            _epilogue_half(acc1, off_m, off_n + HALF, pre_desc, out_desc, BACKWARD, NATIVE, KEEP_PRE, FROM_POST)
+            _tma_epilogue(acc0, off_m, off_n, pre_desc, out_desc, BACKWARD, NATIVE, KEEP_PRE, FROM_POST)
+            _tma_epilogue(acc1, off_m, off_n + HALF, pre_desc, out_desc, BACKWARD, NATIVE, KEEP_PRE, FROM_POST)
 
 
 # Launch parameters of kernel A (forward) and kernel B (backward): tile, group of row tiles, warps,
