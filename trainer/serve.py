@@ -7,8 +7,8 @@
 Every rank waits for `<jobs>/job-<n>.json` (n = 0, 1, 2, ...; write it whole, e.g. to a temporary
 name and rename), loads the config exactly as `python -m trainer.train --preset P --config C
 --seed S` would, and runs it with `trainer.train.main(cfg, reuse=True)`: the process group, the
-imported modules and, while the model config stays the same, the model and its compiled graphs
-carry over, so a run after the first skips process start, rendezvous and recompiling (its weights
+imported modules and, while the model config stays the same, the model, its compiled graphs and
+the micro-batches' CUDA graphs carry over, so a run after the first skips process start, rendezvous and recompiling (its weights
 are re-initialised exactly as in a fresh process). Rank 0 prints the usual JSON-lines events and,
 after each job, `{"event": "served", "job": n, "ok": true|false}`.
 

@@ -257,9 +257,19 @@ class _Run:
             self.model.train()
 
 
-# The model (and its compiled wrapper) kept by a long-lived worker (trainer.serve) for the next
-# run with the same model config: one entry, replaced when the key changes.
-_KEPT: dict[tuple, tuple[torch.nn.Module, Any]] = {}
+@dataclass
+class _Kept:
+    """What a long-lived worker (trainer.serve) keeps for the next run with the same model config:
+    the model, its compiled wrapper, and the CUDA graphs of the micro-batches with the window
+    tensors they read (trainer/graphs.py: a later run replays them instead of capturing its own)."""
+    model: torch.nn.Module
+    fwd: Any
+    steps: MicroSteps | None = None
+    win_cache: dict = dataclasses.field(default_factory=dict)
+
+
+# One entry, replaced when the model key changes.
+_KEPT: dict[tuple, _Kept] = {}
 
 
 def _model_key(cfg: TrainConfig, device: torch.device, world_size: int) -> tuple:
@@ -268,15 +278,19 @@ def _model_key(cfg: TrainConfig, device: torch.device, world_size: int) -> tuple
 
 
 @torch.no_grad()
-def _adopt(kept: torch.nn.Module, fresh: torch.nn.Module) -> None:
+def _adopt(kept: torch.nn.Module, fresh: torch.nn.Module, keep_grads: bool = False) -> None:
     """Give `kept` the exact initial state of `fresh` (same class and config), in place: every
     parameter and buffer (persistent or not) is copied, so the tensors a compiled graph was traced
     with stay the same objects and no recompile happens. The rotary tables are sized by the run's
     batch and eval shapes, which the model key leaves out: they are recomputed at the fresh run's
-    length (new tensors, and one recompile, only where that length changed)."""
+    length (new tensors, and one recompile, only where that length changed). Gradients are dropped,
+    or with keep_grads zeroed in place (kept CUDA graphs accumulate into those very tensors)."""
     for (_, dst), (_, src) in zip(kept.named_parameters(), fresh.named_parameters(), strict=True):
         dst.copy_(src)
-        dst.grad = None
+        if keep_grads and dst.grad is not None:
+            dst.grad.zero_()
+        else:
+            dst.grad = None
     tables = {"rotary.cos_table", "rotary.sin_table"}
     for (name, dst), (_, src) in zip(kept.named_buffers(), fresh.named_buffers(), strict=True):
         if name not in tables:
@@ -306,9 +320,9 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     key = _model_key(cfg, device, world_size)
     kept = _KEPT.get(key) if reuse else None
     if kept is not None:  # a warm worker: same weights as a fresh build, the compiled graphs kept
-        _adopt(kept[0], model)  # fp8 is a function of the key (model config, device)
-        del model
-        model, fwd = kept
+        _adopt(kept.model, model, keep_grads=kept.steps is not None and bool(kept.steps.graphs))
+        del model  # fp8 is a function of the key (model config, device)
+        model, fwd = kept.model, kept.fwd
     else:
         _KEPT.clear()
         fwd = model
@@ -321,7 +335,7 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
                 dynamo.config.cache_size_limit = 64
             fwd = torch.compile(model, dynamic=False, fullgraph=True)
         if reuse:
-            _KEPT[key] = (model, fwd)
+            kept = _KEPT[key] = _Kept(model, fwd)
     fams = model.param_families()
     on_muon = cfg.optim.normuon_families()  # optim.optimizer: the rest go to Adam
     muon_params = [(f, p) for f, p in fams if f in on_muon]
@@ -336,10 +350,19 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     rt = cfg.runtime
     graphs = (rt.cuda_graphs and rt.compile and device.type == "cuda" and cfg.model.attn_backend in ("fa4", "flex"))
     all_params = [p for _, p in fams]
+    steps = kept.steps if kept is not None and kept.steps is not None and kept.steps.enabled == graphs else None
+    if steps is None:
+        steps = MicroSteps(device, all_params, enabled=graphs)
+        if kept is not None:
+            kept.steps = steps
+    # What the graphs bake in besides their keys: the loss scale and the rotary tables' memory.
+    div = grad_accum if cfg.optim.grad_reduction == "mean" else 1
+    rot = model.rotary
+    steps.rebind(all_params, (div, rot.cos_table.data_ptr(), rot.sin_table.data_ptr()))
     return _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, grad_accum=grad_accum, model=model,
                 fwd=fwd, muon=muon, adam=adam, muon_params=[p for _, p in muon_params],
-                all_params=all_params, feed=feed, val=feed.eval_batches(val),
-                steps=MicroSteps(device, all_params, enabled=graphs), long=window_blocks(cfg.schedule, 0)[0])
+                all_params=all_params, feed=feed, val=feed.eval_batches(val), steps=steps,
+                long=window_blocks(cfg.schedule, 0)[0], _win_cache=kept.win_cache if kept is not None else {})
 
 
 def _loader(cfg: TrainConfig, files: list, rank: int, world_size: int) -> TrainLoader:

@@ -54,3 +54,30 @@ def test_the_default_leaves_stored_hashes_unchanged():
     assert "runtime.cuda_graphs" in HASH_NEUTRAL
     before = hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
     assert config_hash(cfg) == before
+
+
+def test_rebind_keeps_graphs_only_for_the_same_grads_and_context():
+    """A kept MicroSteps (trainer.serve's next run) replays its graphs only where they would read
+    and write the same memory: the same .grad tensors (zeroed for the new run) and the same context;
+    anything else drops every graph. The graphs here are stand-ins: rebind only looks at the dict."""
+    w = torch.nn.Parameter(torch.ones(3))
+    steps = MicroSteps(torch.device("cpu"), [w], enabled=False)
+    w.grad = torch.full((3,), 5.0)
+    grad = w.grad
+
+    def armed(context=(2, 100)):
+        steps.graphs, steps._grads, steps.context = {("k",): object()}, [grad], context
+
+    armed()
+    steps.rebind([w], (2, 100))
+    assert steps.graphs and w.grad is grad and torch.equal(grad, torch.zeros(3))  # kept, grads zeroed
+    armed()
+    steps.rebind([w], (4, 100))  # another loss scale (grad_accum) or table address
+    assert not steps.graphs and steps._grads is None
+    armed()
+    w.grad = torch.zeros(3)  # a new .grad tensor: the graphs would accumulate into the old one
+    steps.rebind([w], (2, 100))
+    assert not steps.graphs
+    armed()
+    steps.rebind([w, torch.nn.Parameter(torch.ones(1))], (2, 100))  # other parameters
+    assert not steps.graphs

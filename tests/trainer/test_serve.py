@@ -40,12 +40,14 @@ def test_reused_model_gives_the_fresh_runs_results(tiny_data, capsys):
         extra = {} if lr is None else {"optim.muon.lr": lr}
         end = train.main(_fast(tiny_data, seed=seed, **extra), reuse=True)
         assert end["final_val_loss"] == fresh[(seed, lr)], (seed, lr)
-        kept_ids.append(id(next(iter(train._KEPT.values()))[0]))
+        kept_ids.append(id(next(iter(train._KEPT.values())).model))
     assert len(set(kept_ids)) == 1  # the same model object served every run
+    kept = next(iter(train._KEPT.values()))
+    assert kept.steps is not None and not kept.steps.enabled  # CPU: no graphs, but the holder is kept
     train._KEPT.clear()
     # another model config replaces the kept model (one entry)
     train.main(_fast(tiny_data, seed=0, **{"model.skip_init": 0.5}), reuse=True)
-    assert len(train._KEPT) == 1 and id(next(iter(train._KEPT.values()))[0]) not in kept_ids
+    assert len(train._KEPT) == 1 and id(next(iter(train._KEPT.values())).model) not in kept_ids
     train._KEPT.clear()
     capsys.readouterr()
 
