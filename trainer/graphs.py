@@ -52,19 +52,22 @@ class MicroSteps:
         self.context: tuple = ()  # what every graph bakes in besides its key: set by rebind
         self._grads: list[Tensor] | None = None  # the .grad tensors the graphs accumulate into
 
-    def rebind(self, params: list[torch.nn.Parameter], context: tuple) -> None:
+    def rebind(self, params: list[torch.nn.Parameter], context: tuple) -> bool:
         """Start a run (the first, or a later one on a kept model): keep the captured graphs only if
         they accumulate into exactly these parameters' .grad tensors and `context` (tensors' addresses
         and constants the graphs read: the rotary tables, the loss scale) is unchanged; zero those
-        grads. Otherwise drop every graph; they are captured again as the run meets their keys."""
+        grads. Otherwise drop every graph; they are captured again as the run meets their keys.
+        Returns False where graphs were dropped."""
         same = (self._grads is not None and context == self.context and len(params) == len(self._grads)
                 and all(p.grad is g for p, g in zip(params, self._grads)))
+        dropped = bool(self.graphs) and not same
         if not same:
             self.graphs.clear()
             self._grads = None
         elif self._grads:
             torch._foreach_zero_(self._grads)
         self.params, self.context = params, context
+        return not dropped
 
     @staticmethod
     def _shapes(batch: tuple) -> tuple:

@@ -266,6 +266,7 @@ class _Kept:
     fwd: Any
     steps: MicroSteps | None = None
     win_cache: dict = dataclasses.field(default_factory=dict)
+    warmed: set = dataclasses.field(default_factory=set)  # _warm_signature of every config warmed up here
 
 
 # One entry, replaced when the model key changes.
@@ -275,6 +276,14 @@ _KEPT: dict[tuple, _Kept] = {}
 def _model_key(cfg: TrainConfig, device: torch.device, world_size: int) -> tuple:
     return (json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str), str(device), world_size,
             bool(device.type == "cuda" and cfg.runtime.compile))
+
+
+def _warm_signature(cfg: TrainConfig) -> str:
+    """The config a warmup is good for: all of it but the seed (which only sets the initial weights
+    and, with data.order shuffled, the batches: neither a shape nor a compiled constant)."""
+    d = to_dict(cfg)
+    d.pop("seed", None)
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 @torch.no_grad()
@@ -355,10 +364,12 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
         steps = MicroSteps(device, all_params, enabled=graphs)
         if kept is not None:
             kept.steps = steps
+            kept.warmed.clear()  # new graphs to capture: no config counts as warmed up any more
     # What the graphs bake in besides their keys: the loss scale and the rotary tables' memory.
     div = grad_accum if cfg.optim.grad_reduction == "mean" else 1
     rot = model.rotary
-    steps.rebind(all_params, (div, rot.cos_table.data_ptr(), rot.sin_table.data_ptr()))
+    if not steps.rebind(all_params, (div, rot.cos_table.data_ptr(), rot.sin_table.data_ptr())) and kept is not None:
+        kept.warmed.clear()
     return _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, grad_accum=grad_accum, model=model,
                 fwd=fwd, muon=muon, adam=adam, muon_params=[p for _, p in muon_params],
                 all_params=all_params, feed=feed, val=feed.eval_batches(val), steps=steps,
@@ -417,9 +428,14 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
            grad_accum: int, train_files: list, val_files: list, reuse: bool = False) -> dict:
     run = _build(cfg, device, rank, world_size, grad_accum, val_files, reuse=reuse)
     warmup_s = compile_s = 0.0
-    if cfg.runtime.warmup and cfg.runtime.warmup_steps_per_stage > 0:
+    kept = _KEPT.get(_model_key(cfg, device, world_size)) if reuse else None
+    sig = _warm_signature(cfg)
+    warmed = kept is not None and sig in kept.warmed  # this worker ran this very config's warmup before
+    if cfg.runtime.warmup and cfg.runtime.warmup_steps_per_stage > 0 and not warmed:
         warmup_s, compile_s = _warmup(run, train_files)
-    ev.emit("warmup", warmup_s=warmup_s, compile_s=compile_s)
+        if kept is not None:
+            kept.warmed.add(sig)
+    ev.emit("warmup", warmup_s=warmup_s, compile_s=compile_s, skipped=warmed)
 
     s = cfg.schedule
     N = s.num_iterations

@@ -84,7 +84,7 @@ def main() -> int:
         time.sleep(600)
     warmup_s = 0.1 * int(cfg.get("runtime.warmup_steps_per_stage", 0))
     time.sleep(warmup_s)
-    emit("warmup", warmup_s=warmup_s, compile_s=0.0)
+    emit("warmup", warmup_s=warmup_s, compile_s=0.0, skipped=False)
     base = 5.0 + 0.01 * a.seed - 10.0 * (lr - 0.023)
     t = 0.0
     for step in range(a.steps + 1):

@@ -52,6 +52,26 @@ def test_reused_model_gives_the_fresh_runs_results(tiny_data, capsys):
     capsys.readouterr()
 
 
+def test_a_worker_warms_up_once_per_config(tiny_data, capsys):
+    """With the warmup on, a served run whose config (all but the seed) this worker has already
+    warmed up skips it (nothing left to compile or capture) and still gives the fresh run's result;
+    a config it has not seen warms up, and the first one stays known after it."""
+    on = {"runtime.warmup": True, "runtime.warmup_steps_per_stage": 2}
+    train._KEPT.clear()
+    fresh = train.main(_fast(tiny_data, seed=1, **on))["final_val_loss"]
+    train._KEPT.clear()
+    skipped = []
+    for seed, extra in ((0, {}), (1, {}), (0, {"optim.muon.lr": 0.05}), (2, {})):
+        end = train.main(_fast(tiny_data, seed=seed, **on, **extra), reuse=True)
+        warm = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if '"warmup"' in ln][-1]
+        skipped.append(warm["skipped"])
+        assert (warm["warmup_s"] == 0) == warm["skipped"]
+        if seed == 1:
+            assert end["final_val_loss"] == fresh  # no warmup here, the same result as after one
+    assert skipped == [False, True, False, True]
+    train._KEPT.clear()
+
+
 def test_serve_runs_jobs_in_order_and_stops(tiny_data, tmp_path, capsys):
     jobs = tmp_path / "jobs"
     jobs.mkdir()

@@ -23,7 +23,7 @@ from trainer.train import cli, main
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {
     "start": {"config", "config_hash", "seed", "world_size", "grad_accum", "env", "data"},
-    "warmup": {"warmup_s", "compile_s"},
+    "warmup": {"warmup_s", "compile_s", "skipped"},
     "val": {"step", "val_loss", "train_time_ms"},
     "step": {"step", "train_time_ms", "step_ms"},
     "end": {"final_val_loss", "train_time_ms", "steps", "tokens", "peak_mem_mib", "warmup_s", "compile_s", "eval_s"},
