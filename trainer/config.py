@@ -118,10 +118,16 @@ class ModelConfig:
     # model.qk_norm and head_dim/2 a power of two, else the unfused ops); false: PyTorch ops that
     # Inductor fuses. Same math, other rounding; 1.5 % faster at the speedrun's 393k stage on an H200.
     fused_qk_rotary: bool = True
+    # With fused_qk_rotary and premul_o: the q/k op takes the QKV product whole and passes v (+ ve)
+    # through, so its backward writes the product's gradient in one pass instead of Inductor gathering
+    # dq, dk, dv with a copy (12.7 ms of the 393k step on an H200). The same bits as off (CPU test in
+    # Triton's interpreter); off until timed on a GPU.
+    fused_qkv: bool = False
     # The relu² MLP with relu² in the up-projection's matmul epilogue and its derivative in the
     # down-projection's input-gradient matmul (trainer/mlp_relu2.py; GPU, bf16; MLPs with another
     # mlp_activation run unfused); false: cuBLAS matmuls and Inductor's elementwise passes. Same math,
-    # other rounding. Off: 6 % slower than the unfused MLP's forward + backward on an H200 (bench_mlp).
+    # other rounding. Off: its forward + backward was 6 % slower than the unfused MLP's on one H200 (session
+    # 7) and 3 % faster on another (session 8, bench_mlp); the trainer bench has not compared them yet.
     fused_relu2: bool = False
     init_scale: float = 0.5  # QKV / c_fc uniform bound = √3·init_scale·dim^-½
 
@@ -470,8 +476,9 @@ HASH_EXCLUDED = ("runtime.inductor_cache_dir", "runtime.log_every")
 # (trainer/graphs.py), like any other speed-up of the trainer's code (git_commit in the row says which);
 # model.fused_qk_rotary: the same arithmetic in one kernel, rounded at other points (bf16 noise,
 # bounded by tests/trainer/test_qk_rotary.py), like cuda_graphs a speed-up of the trainer's code.
-# model.fused_relu2: off is the path every stored run took.
-HASH_NEUTRAL = {"runtime.cuda_graphs": True, "model.fused_qk_rotary": True, "model.fused_relu2": False}
+# model.fused_relu2: off is the path every stored run took. model.fused_qkv: the same bits either way.
+HASH_NEUTRAL = {"runtime.cuda_graphs": True, "model.fused_qk_rotary": True, "model.fused_relu2": False,
+                "model.fused_qkv": False}
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -84,6 +84,7 @@ class Attention(nn.Module):
         self.premul_o = m.premul_o
         self.qk_norm = m.qk_norm
         self.fused_qk_rotary = m.fused_qk_rotary
+        self.fused_qkv = m.fused_qkv and m.fused_qk_rotary and m.premul_o
         self.long = layer in m.long_window_layers
         # Stored (4d, d) "tall" or (d, 4d) "wide"; its memory viewed as (4, d, d) is Q, K, V, O (out×in).
         qkvo = torch.empty((4 * d, d) if m.weight_layout == "tall" else (d, 4 * d))
@@ -105,15 +106,21 @@ class Attention(nn.Module):
         w_qkv, w_o = w[:3].reshape(3 * d, d), w[3]
         if self.premul_o:  # 12-11: λ0 scales the QKV weight, λ1 scales W_O, ve added unscaled
             w_qkv, w_o = lam[0] * w_qkv, lam[1] * w_o
-        q, k, v = F.linear(x, w_qkv.type_as(x)).view(T, 3, h, hd).unbind(1)
-        if self.qk_norm and self.fused_qk_rotary and qk_rotary.fits(hd) and qk_rotary.usable(q):
-            q, k = qk_rotary.norm_rotary(q, k, cos, sin)  # one Triton kernel each way (trainer/qk_rotary.py)
-        else:
-            if self.qk_norm:
-                q, k = rms_norm(q), rms_norm(k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = F.linear(x, w_qkv.type_as(x)).view(T, 3, h, hd)
         if ve is not None:  # in v's dtype (the value tables may be stored in another: model.param_dtype)
-            ve = ve.view(T, h, hd).type_as(v)
+            ve = ve.view(T, h, hd).type_as(qkv)
+        fused = self.qk_norm and self.fused_qk_rotary and qk_rotary.fits(hd) and qk_rotary.usable(qkv)
+        if fused and self.fused_qkv:  # q/k norm + rotary and v (+ ve) in one op; its backward writes d(qkv)
+            q, k, v = qk_rotary.qkv_norm_rotary(qkv, ve, cos, sin)
+            ve = None  # added
+        else:
+            q, k, v = qkv.unbind(1)
+            if fused:
+                q, k = qk_rotary.norm_rotary(q, k, cos, sin)  # one Triton kernel each way (trainer/qk_rotary.py)
+            else:
+                if self.qk_norm:
+                    q, k = rms_norm(q), rms_norm(k)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.premul_o:
             if ve is not None:
                 v = v + ve.view(T, h, hd)
