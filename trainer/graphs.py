@@ -26,7 +26,7 @@ only while everything a graph reads or writes outside its static batch is the sa
 parameters (the kept model's, refreshed in place), their .grad tensors (checked by identity; zeroed,
 not dropped, between runs), the rotary tables and window tensors (the run's `context`: a change drops
 every graph) and the loss scale (part of `context` too). One side stream serves every capture: each
-new stream would get a cuBLAS workspace of its own that is never freed (measured: +264 MB of peak
+new stream would get a cuBLAS workspace of its own that is never freed (measured: +254 MiB of peak
 memory per served run on an H200 before this).
 """
 from __future__ import annotations
