@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from trainer.config import parse_set
-    from trainer.data import ensure_data
-    from trainer.presets import load_config
-    from trainer.schedule import batch_tokens, short_window, stages, window_blocks
-    from trainer.train import _build, _loader, check_run, resolve_backend, synth_kwargs
+    from profile_step import build_stage  # benchmarks/ (this script's directory is on sys.path)
 
     if not torch.cuda.is_available():
         print("error: ab_step.py times CUDA events: it needs a GPU", file=sys.stderr)
@@ -76,22 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for text in variants:
         name = text or "(preset)"
-        cfg = resolve_backend(load_config(args.preset, parse_set(args.sets + parse_variant(text))), dev)
-        ga = check_run(cfg, 1, dev)
-        d = cfg.data
-        train_files, val_files = ensure_data(d.data_dir, train_pattern=d.train_pattern, val_pattern=d.val_pattern,
-                                             synthetic=d.synthetic, synth=synth_kwargs(cfg))
-        run = _build(cfg, dev, 0, 1, ga, val_files)
-        s = cfg.schedule
-        long, bs = stages(s)[args.stage]
-        step = next(i for i in range(s.num_iterations) if window_blocks(s, i)[0] == long and batch_tokens(s, i) == bs)
-        win = (long, short_window(s, long))
-        loader = _loader(cfg, train_files, 0, 1)
+        cfg, run, loader, step, win, bs, ga = build_stage(args.preset, args.sets + parse_variant(text),
+                                                          args.stage, dev)
         for i in range(4):  # compile, capture, warm
             run.train_step(loader, step, i, window=win, bs=bs)
         torch.cuda.synchronize()
         runs[name] = (run, loader, step, win, bs)
-        print(f"built {name}: backend={cfg.model.attn_backend} window={long} batch={bs} grad_accum={ga}", flush=True)
+        print(f"built {name}: backend={cfg.model.attn_backend} window={win[0]} batch={bs} grad_accum={ga}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in runs}
     order = list(runs)
     try:

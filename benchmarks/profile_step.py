@@ -40,13 +40,29 @@ def classify(name: str) -> str:
     return "other"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_stage(preset: str, sets: list[str], stage: int, dev):
+    """One run of `preset` + `sets` built as the trainer builds it (world size 1) and a loader, at batch
+    stage `stage`: (cfg, run, loader, first step of the stage, (long, short) window, batch tokens,
+    grad_accum). Shared with benchmarks/ab_step.py."""
     from trainer.config import parse_set
-    from trainer.presets import load_config
     from trainer.data import ensure_data
-    from trainer.schedule import batch_tokens, stages, window_blocks
+    from trainer.presets import load_config
+    from trainer.schedule import batch_tokens, short_window, stages, window_blocks
     from trainer.train import _build, _loader, check_run, resolve_backend, synth_kwargs
 
+    cfg = resolve_backend(load_config(preset, parse_set(sets)), dev)
+    grad_accum = check_run(cfg, 1, dev)
+    d = cfg.data
+    train_files, val_files = ensure_data(d.data_dir, train_pattern=d.train_pattern, val_pattern=d.val_pattern,
+                                         synthetic=d.synthetic, synth=synth_kwargs(cfg))
+    run = _build(cfg, dev, 0, 1, grad_accum, val_files)
+    s = cfg.schedule
+    long, bs = stages(s)[stage]
+    step = next(i for i in range(s.num_iterations) if window_blocks(s, i)[0] == long and batch_tokens(s, i) == bs)
+    return cfg, run, _loader(cfg, train_files, 0, 1), step, (long, short_window(s, long)), bs, grad_accum
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="speedrun")
     ap.add_argument("--stage", type=int, default=-1, help="index into the preset's (window, batch) stages")
@@ -58,20 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
-    cfg = resolve_backend(load_config(args.preset, parse_set(args.sets)), dev)
-    grad_accum = check_run(cfg, 1, dev)
-    d = cfg.data
-    train_files, val_files = ensure_data(d.data_dir, train_pattern=d.train_pattern, val_pattern=d.val_pattern,
-                                         synthetic=d.synthetic, synth=synth_kwargs(cfg))
-    run = _build(cfg, dev, 0, 1, grad_accum, val_files)
-    s = cfg.schedule
-    long, bs = stages(s)[args.stage]
-    step = next(i for i in range(s.num_iterations) if window_blocks(s, i)[0] == long and batch_tokens(s, i) == bs)
-    loader = _loader(cfg, train_files, 0, 1)
-    print(f"preset={args.preset} backend={cfg.model.attn_backend} stage={args.stage} window={long} batch={bs} "
+    cfg, run, loader, step, win, bs, grad_accum = build_stage(args.preset, args.sets, args.stage, dev)
+    print(f"preset={args.preset} backend={cfg.model.attn_backend} stage={args.stage} window={win[0]} batch={bs} "
           f"grad_accum={grad_accum}", flush=True)
     for i in range(4):  # compile + warm
-        run.train_step(loader, step, i, window=(long, long // 2), bs=bs)
+        run.train_step(loader, step, i, window=win, bs=bs)
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for i in range(args.steps):
-            run.train_step(loader, step, i, window=(long, long // 2), bs=bs)
+            run.train_step(loader, step, i, window=win, bs=bs)
         end.record()
         torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / args.steps

@@ -57,15 +57,16 @@ class MicroSteps:
         they accumulate into exactly these parameters' .grad tensors and `context` (tensors' addresses
         and constants the graphs read: the rotary tables, the loss scale) is unchanged; zero those
         grads. Otherwise drop every graph; they are captured again as the run meets their keys.
-        Returns False where graphs were dropped."""
+        Any .grad left from an earlier run is zeroed either way. Returns False where graphs were dropped."""
         same = (self._grads is not None and context == self.context and len(params) == len(self._grads)
                 and all(p.grad is g for p, g in zip(params, self._grads)))
         dropped = bool(self.graphs) and not same
         if not same:
             self.graphs.clear()
             self._grads = None
-        elif self._grads:
-            torch._foreach_zero_(self._grads)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
         self.params, self.context = params, context
         return not dropped
 

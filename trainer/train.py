@@ -293,12 +293,11 @@ def _adopt(kept: torch.nn.Module, fresh: torch.nn.Module, keep_grads: bool = Fal
     with stay the same objects and no recompile happens. The rotary tables are sized by the run's
     batch and eval shapes, which the model key leaves out: they are recomputed at the fresh run's
     length (new tensors, and one recompile, only where that length changed). Gradients are dropped,
-    or with keep_grads zeroed in place (kept CUDA graphs accumulate into those very tensors)."""
+    or with keep_grads kept as tensors (kept CUDA graphs accumulate into those very tensors; the run's
+    MicroSteps.rebind zeroes them)."""
     for (_, dst), (_, src) in zip(kept.named_parameters(), fresh.named_parameters(), strict=True):
         dst.copy_(src)
-        if keep_grads and dst.grad is not None:
-            dst.grad.zero_()
-        else:
+        if not keep_grads:
             dst.grad = None
     tables = {"rotary.cos_table", "rotary.sin_table"}
     for (name, dst), (_, src) in zip(kept.named_buffers(), fresh.named_buffers(), strict=True):

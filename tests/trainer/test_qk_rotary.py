@@ -55,10 +55,11 @@ print("ok")
 '''
 
 
-def _run(env_extra: dict, *args: str) -> subprocess.CompletedProcess:
+def _run(env_extra: dict, *args: str, script: str = CHECK) -> subprocess.CompletedProcess:
+    """`script` (CHECK by default) in a fresh interpreter with this checkout first on PYTHONPATH."""
     env = {**os.environ, **env_extra,
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.run([sys.executable, "-c", CHECK, *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_fused_qk_rotary_matches_fp64_reference_in_the_interpreter():
@@ -172,9 +173,7 @@ def test_the_model_takes_the_fused_path_and_trains_alike_in_the_interpreter():
     """The tiny model (head_dim 128, sdpa on CPU) with model.fused_qk_rotary: the op inside the
     model (autograd through the Triton kernels) gives the unfused loss and gradients within rounding."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    r = subprocess.run([sys.executable, "-c", MODEL_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    r = _run({"TRITON_INTERPRET": "1"}, script=MODEL_CHECK)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
 
 
@@ -182,10 +181,7 @@ def test_the_model_with_fused_qkv_gives_the_same_bits_in_the_interpreter():
     """model.fused_qkv inside the tiny model (value embeddings on, premul_o): loss and every
     parameter's gradient equal the fused q/k path's bit for bit."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    r = subprocess.run([sys.executable, "-c", MODEL_CHECK, "packed"], capture_output=True, text=True, env=env,
-                       timeout=600)
+    r = _run({"TRITON_INTERPRET": "1"}, "packed", script=MODEL_CHECK)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
 
 
@@ -237,18 +233,11 @@ print("ok")
 '''
 
 
-def _run_packed(env_extra: dict, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.run([sys.executable, "-c", PACKED_CHECK, *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-
-
 def test_packed_qkv_op_gives_the_separate_ops_bits_in_the_interpreter():
     """model.fused_qkv's op (the QKV product in, q, k, v + ve out, d(qkv) written whole) against the
     separate q/k op with v + ve and the gradient gathered by autograd: the same bits both ways."""
     pytest.importorskip("triton")
-    r = _run_packed({"TRITON_INTERPRET": "1"}, "37", "6", "cpu")
+    r = _run({"TRITON_INTERPRET": "1"}, "37", "6", "cpu", script=PACKED_CHECK)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
 
 
@@ -258,5 +247,5 @@ def test_packed_qkv_op_gives_the_separate_ops_bits_on_gpu():
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    r = _run_packed({}, "49152", "6", "cuda")
+    r = _run({}, "49152", "6", "cuda", script=PACKED_CHECK)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
