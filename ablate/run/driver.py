@@ -373,8 +373,11 @@ class TuneRuns(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # e.g. the run was lost with its node: a failed attempt like any other (retried)
-        error = f"Ray trial failed: {trial_error(trial)}"[-4000:]
-        self.record(self.trials[trial.trial_id], {"ok": False, "error": error})
+        a = self.trials[trial.trial_id]
+        text = trial_error(trial)
+        death = node_death(a.node, text)
+        error = f"Ray trial failed: {death}. Ray: {text}" if death else f"Ray trial failed: {text}"
+        self.record(a, {"ok": False, "error": error[:4000]})
 
     def record(self, a: Attempt, payload: dict) -> None:
         """Write the attempt's row; queue the run's next attempt if it failed and may be retried."""
@@ -449,6 +452,37 @@ class _StopAll(tune.Stopper):
 
     def stop_all(self) -> bool:
         return getattr(self, "runs", None) is not None and self.runs.stop_reason() is not None
+
+
+# Ray's words for an actor it lost; which one a driver sees when a node dies depends on whether
+# the broken connection or the GCS's missed health checks reach it first
+_LOST_ACTOR = ("node has died", "node was terminated", "temporarily unavailable", "Socket closed",
+               "ActorDiedError", "ActorUnavailableError", "actor died")
+NODE_DEATH_WAIT_S = 20.0  # Ray's default health checks declare a silent node dead within ~15-25 s
+
+
+def node_death(node: Mapping[str, Any], error: str, wait_s: float = NODE_DEATH_WAIT_S,
+               nodes: Any = None) -> str | None:
+    """ "the run's node <id> (<host>, <ip>) died" when a trial's error is a lost actor and the node the
+    trial reported (`Attempt.node`) is dead in Ray's node table, else None. The driver can hear of
+    the broken connection before the GCS declares the node dead, so this polls for up to `wait_s`
+    (only for a lost-actor error on a node still listed alive)."""
+    node_id = node.get("node_id")
+    if not node_id or not any(w in error for w in _LOST_ACTOR):
+        return None
+    nodes = nodes or ray.nodes
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            entry = next((n for n in nodes() if n.get("NodeID") == node_id), None)
+        except Exception:  # noqa: BLE001 (no GCS: say nothing rather than guess)
+            return None
+        if entry is not None and not entry.get("Alive", True):
+            where = ", ".join(str(v) for v in (node.get("hostname"), node.get("node_ip")) if v)
+            return f"the run's node {node_id}{f' ({where})' if where else ''} died"
+        if entry is None or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.5)
 
 
 def trial_error(trial: Any) -> str:

@@ -230,3 +230,32 @@ def test_lost_node_error_text_puts_the_cause_first(tmp_path: Path) -> None:
     assert "Failure #" not in text and "ip: 10.0.0.9" in text
     Trial.error_file = str(tmp_path / "missing.txt")  # not written yet: Tune's storage copy, or a default
     assert trial_error(Trial()) == "Ray trial error"
+
+
+def test_lost_actor_on_a_dead_node_is_named_as_the_cause() -> None:
+    """Ray may report a node's loss as an unreachable actor before its GCS declares the node dead:
+    the row names the node once Ray's node table says it is dead (polled), and only then."""
+    from ablate.run.driver import node_death
+
+    node = {"node_id": "abc", "node_ip": "10.0.0.9", "hostname": "gpu-3"}
+    unavailable = "The actor is temporarily unavailable: RpcError: RPC error: Socket closed rpc_code: 14."
+    polls = []
+
+    def table(alive_for: int):
+        def nodes():
+            polls.append(1)
+            return [{"NodeID": "head", "Alive": True}, {"NodeID": "abc", "Alive": len(polls) <= alive_for}]
+        return nodes
+
+    assert node_death(node, unavailable, wait_s=5, nodes=table(2)) == "the run's node abc (gpu-3, 10.0.0.9) died"
+    assert len(polls) == 3  # alive, alive, dead
+    polls.clear()
+    assert node_death(node, unavailable, wait_s=0, nodes=table(99)) is None  # still alive: no claim
+    assert node_death(node, "RuntimeError: trainer exited 1", wait_s=5, nodes=table(0)) is None  # not a lost actor
+    assert node_death({}, unavailable, wait_s=5, nodes=table(0)) is None  # the trial never said where it ran
+    assert node_death(node, unavailable, wait_s=5, nodes=lambda: []) is None  # unknown node: no claim
+
+    def no_gcs():
+        raise RuntimeError("Ray has not been started yet")
+
+    assert node_death(node, unavailable, wait_s=5, nodes=no_gcs) is None
