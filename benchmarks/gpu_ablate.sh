@@ -6,10 +6,12 @@
 #   PART=1 bash benchmarks/gpu_ablate.sh   # 1-GPU experiment      PART=2 / PART=4 ...   # 2- / 4-GPU runs
 #   REUSE=1 PART=1 bash ...                 # the same spec with resources.reuse_workers: true
 #                                           # (experiment name gets "-reuse"; same-node A/B)
+#   FA4_SITE=/tmp/fa4site ...               # flash-attn-4 installed there (--target): the runs' auto backend
+#                                           # resolves to fa4 as on a user's H200 with it; without it, flex
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devwheels/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=200
+export PYTHONPATH=/tmp/site:$PWD${FA4_SITE:+:$FA4_SITE:$FA4_SITE/nvidia_cutlass_dsl/dsl_packages} PYTHONUNBUFFERED=1 COLUMNS=200
 STORE=${STORE:-/tmp/store}; NGPU=$(nvidia-smi -L | wc -l)
 case "${PART:-1}" in 1) SPEC=experiments/gpu_proxy.yaml; EXP=gpu-proxy; SLOTS=$NGPU ;;
                      2) SPEC=experiments/gpu_proxy_2gpu.yaml; EXP=gpu-proxy-2gpu; SLOTS=$((NGPU / 2)) ;;
@@ -32,7 +34,7 @@ python3 benchmarks/overhead.py $EXP --store $STORE --wall-s $WALL --slots $SLOTS
 python3 - <<PY
 from ablate.store.parquet import Store
 r = Store("$STORE").runs("$EXP")
-cols = ["arm", "seed", "status", "final_val_loss", "train_time_ms", "compile_s", "warmup_s", "eval_s", "launch_s", "wall_s", "worker_runs_before", "gpu_model", "gpu_uuids", "world_size", "peak_mem_mib"]
+cols = ["arm", "seed", "status", "attn_backend", "final_val_loss", "train_time_ms", "compile_s", "warmup_s", "eval_s", "launch_s", "wall_s", "worker_runs_before", "gpu_model", "gpu_uuids", "world_size", "peak_mem_mib"]
 print(r.sort_values("started_at")[cols].to_string())
 PY
 tar czf "$OUT/$EXP.store.tgz" -C $STORE $EXP
