@@ -9,7 +9,9 @@ Times, on random bf16 logits of (rows, vocab):
   - both passes with z stored by the first and read by the second (head_ce.SAVE_Z) against the
     current pair, checked for the same lse and gradient bits;
   - the transposed copy of the e5m2 gradient that the FP8 weight-gradient product needs:
-    PyTorch eager, Inductor, and trainer.head_ce.transpose_fp8 at several tiles.
+    PyTorch eager, Inductor, and trainer.head_ce.transpose_fp8 at several tiles;
+  - G and Gᵀ from the gradient pass + that copy against one tiled pass writing both
+    (head_ce.GRAD_WRITES_T, grad_both_pass) at several tiles, checked for the same bits.
 Prints ms per call, GB/s of the bytes each must move, and the ratio to the current choice. GPU only.
 """
 from __future__ import annotations
@@ -126,7 +128,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"transpose {bm}x{bn} w{warps}: {ms:.3f} ms ({gb_t / ms * 1e3:.0f} GB/s, {eager / ms:.2f}× eager)"
                   f"  equal {eq}")
             del out
+    if hasattr(head_ce, "grad_both_pass"):
+        both_passes(head_ce, logits, targets, grad_out, cap, div, g_s, ref_g8, args.reps)
     return 0
+
+
+def both_passes(head_ce, logits, targets, grad_out, cap, div, g_s, ref_g8, reps: int) -> None:
+    """G and Gᵀ: the gradient pass then the tiled transpose (GRAD_WRITES_T=False) against one tiled pass that
+    stores both (grad_both_pass), each from z as the trainer runs them with SAVE_Z."""
+    L, G, T = head_ce.LSE_LAUNCH, head_ce.GRAD_LAUNCH, head_ce.TRANSPOSE_LAUNCH
+    _, lse, z = head_ce.lse_pass(logits, targets, cap, div, **L, store_z=True)
+    ref_t = ref_g8.t().contiguous()
+
+    def pair():
+        return head_ce.transpose_pass(head_ce.grad_pass(z, targets, lse, grad_out, cap, div, g_s, **G, from_z=True),
+                                      **T)
+
+    base = timed(pair, reps)
+    print(f"G + Gᵀ, gradient pass then transpose (GRAD_WRITES_T=False): {base:.3f} ms")
+    for bm, bn, warps in ((64, 128, 4), (64, 128, 8), (128, 64, 8), (128, 128, 4), (128, 128, 8), (64, 256, 8),
+                          (128, 256, 8), (256, 128, 8)):
+        try:
+            g, gt = head_ce.grad_both_pass(z, targets, lse, grad_out, cap, div, g_s, bm, bn, warps, from_z=True)
+            ms = timed(lambda: head_ce.grad_both_pass(z, targets, lse, grad_out, cap, div, g_s, bm, bn, warps,
+                                                      from_z=True), reps)
+        except Exception as e:  # noqa: BLE001 - a launch that does not fit is a row, not a stop
+            print(f"G + Gᵀ one pass {bm}x{bn} w{warps}: failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        eq = bool(torch.equal(g.view(torch.uint8), ref_g8) and torch.equal(gt.view(torch.uint8), ref_t))
+        print(f"G + Gᵀ one pass {bm}x{bn} w{warps}: {ms:.3f} ms ({base / ms:.2f}× the pair)  same bits {eq}"
+              f"{'  ← GRAD_BOTH_LAUNCH' if (bm, bn, warps) == tuple(head_ce.GRAD_BOTH_LAUNCH.values()) else ''}")
+        del g, gt
+    print(f"currently GRAD_WRITES_T={head_ce.GRAD_WRITES_T}")
 
 
 if __name__ == "__main__":

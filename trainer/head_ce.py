@@ -16,8 +16,10 @@ FP8 head (e4m3 x and W, e5m2 gradient, the same scales). What changes is how the
 
 Inductor fused the same graph into a cross-entropy backward that re-reduced each 50,304-wide row
 (10.7 ms per micro-batch on an H200, plus 4.75 ms for the forward: 124 ms of a 710 ms step;
-benchmarks/profile_step.py, docs/performance.md). Writing Gᵀ from the same kernel (a tl.trans
-store of 1-byte elements) was slower still, 16.5 ms per micro-batch, and was dropped.
+benchmarks/profile_step.py, docs/performance.md). Writing Gᵀ from the same row kernel (a tl.trans
+store of 1-byte elements) was slower still, 16.5 ms per micro-batch, and was dropped. GRAD_WRITES_T
+(off until timed) tries it again in tiles: _grad_both_kernel stores each BM × BN tile of G and its
+transpose the way the tiled transpose does, sparing that copy's read of G.
 
 Numerics follow the record's graph: z = cap·σ(raw/div) is rounded to bf16 as the record's bf16
 logits are, everything after it is fp32, and the gradient is rounded once, to e5m2 (the record
@@ -89,6 +91,32 @@ if triton is not None:
             tl.store(out + cols, gr.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=cols < V)
 
     @triton.jit
+    def _grad_both_kernel(logits, targets, lse, grad_out, g, gt, stride, N, cap, inv_div, inv_gs, V: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, NATIVE: tl.constexpr, FROM_Z: tl.constexpr):
+        """_grad_kernel's G, per BM × BN tile instead of per row, stored twice: G (N, V) and Gᵀ (V, N), both
+        as bytes (g, gt: uint8 views). The same arithmetic per element, so the same bits as _grad_kernel
+        followed by _transpose_kernel, without reading G back."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        r64 = rows.to(tl.int64)
+        rmask = rows < N
+        mask = rmask[:, None] & (cols[None, :] < V)
+        row_lse = tl.load(lse + r64, mask=rmask, other=0.0)
+        t = tl.load(targets + r64, mask=rmask, other=-1)
+        scale = tl.load(grad_out).to(tl.float32) * inv_gs
+        if FROM_Z:
+            z = tl.load(logits + r64[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            raw = tl.load(logits + r64[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = _bf16(cap * tl.sigmoid(raw * inv_div), NATIVE)
+        gz = tl.exp(z - row_lse[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
+        gr = gz * (z * inv_div) * (1.0 - z * (1.0 / cap)) * scale
+        b = gr.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        tl.store(g + r64[:, None] * V + cols[None, :], b, mask=mask)
+        tl.store(gt + cols[:, None].to(tl.int64) * N + r64[None, :], tl.trans(b),
+                 mask=(cols[:, None] < V) & rmask[None, :])
+
+    @triton.jit
     def _transpose_kernel(src, dst, N, V, BM: tl.constexpr, BN: tl.constexpr):
         """dst (V, N) = srcᵀ for 1-byte elements, one BM × BN tile per program."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -117,6 +145,12 @@ TRANSPOSE_LAUNCH = {"bm": 128, "bn": 128, "warps": 8}
 # trading a 4.9 GB write per micro-batch for two special-function ops per logit. benchmarks/bench_head.py
 # on an H200: lse 2.543 + grad 2.951 = 5.495 ms without, 2.748 + 1.859 = 4.607 ms with (1.19×, same bits).
 SAVE_Z = True
+# Whether the gradient pass writes Gᵀ itself (_grad_both_kernel: BM × BN tiles, G and Gᵀ stored from the same
+# registers) instead of _grad_kernel then transpose_fp8, which reads G back (2.5 GB per micro-batch at 393k).
+# The same bits either way (tests/trainer/test_head_ce.py). Off until benchmarks/bench_head.py has timed it on
+# a GPU: the row kernel writing Gᵀ was much slower (module docstring); this one stores tiles as the transpose does.
+GRAD_WRITES_T = False
+GRAD_BOTH_LAUNCH = {"bm": 128, "bn": 128, "warps": 8}
 
 
 def lse_pass(logits: Tensor, targets: Tensor, cap: float, div: float, block: int, warps: int,
@@ -149,6 +183,19 @@ def grad_pass(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, ca
     _grad_kernel[(N,)](logits, targets, lse, grad_out, g, logits.stride(0), cap, 1.0 / div, 1.0 / g_s, V=V,
                        BLOCK=block, NATIVE=native and logits.is_cuda, FROM_Z=from_z, num_warps=warps)
     return g
+
+
+def grad_both_pass(logits: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float,
+                   g_s: float, bm: int, bn: int, warps: int, native: bool = True,
+                   from_z: bool = False) -> tuple[Tensor, Tensor]:
+    """(G, Gᵀ contiguous) in e5m2 from one pass: grad_pass then transpose_pass, without reading G back."""
+    N, V = logits.shape
+    g = torch.empty((N, V), device=logits.device, dtype=torch.float8_e5m2)
+    gt = torch.empty((V, N), device=logits.device, dtype=torch.float8_e5m2)
+    _grad_both_kernel[(triton.cdiv(N, bm), triton.cdiv(V, bn))](
+        logits, targets, lse, grad_out, g.view(torch.uint8), gt.view(torch.uint8), logits.stride(0), N, cap,
+        1.0 / div, 1.0 / g_s, V=V, BM=bm, BN=bn, NATIVE=native and logits.is_cuda, FROM_Z=from_z, num_warps=warps)
+    return g, gt
 
 
 @torch.library.custom_op("trainer::softcap_ce_lse", mutates_args=())
@@ -211,6 +258,20 @@ def _(g):
     return g.new_empty((g.shape[1], g.shape[0]))
 
 
+@torch.library.custom_op("trainer::softcap_ce_grad_fp8_both", mutates_args=())
+def softcap_ce_grad_fp8_both(kept: Tensor, targets: Tensor, lse: Tensor, grad_out: Tensor, cap: float, div: float,
+                             g_s: float, from_z: bool) -> tuple[Tensor, Tensor]:
+    """(G, Gᵀ) in e5m2 from the raw logits or (from_z) the stored z: softcap_ce_grad_fp8(_from_z) and
+    transpose_fp8 in one pass (GRAD_WRITES_T)."""
+    return grad_both_pass(kept, targets, lse, grad_out, cap, div, g_s, **GRAD_BOTH_LAUNCH, from_z=from_z)
+
+
+@softcap_ce_grad_fp8_both.register_fake
+def _(kept, targets, lse, grad_out, cap, div, g_s, from_z):
+    N, V = kept.shape
+    return kept.new_empty((N, V), dtype=torch.float8_e5m2), kept.new_empty((V, N), dtype=torch.float8_e5m2)
+
+
 class _FP8HeadCE(torch.autograd.Function):
     """Σ CE(cap·σ((x·Wᵀ)/div), y) with the FP8 head; see the module docstring."""
 
@@ -234,13 +295,17 @@ class _FP8HeadCE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x_f8, w_f8, kept, targets, lse = ctx.saved_tensors
         x_s, w_s, g_s, cap, div = ctx.consts
-        grad_op = softcap_ce_grad_fp8_from_z if ctx.from_z else softcap_ce_grad_fp8
-        g = grad_op(kept, targets, lse, grad.float().reshape(1), cap, div, g_s)
+        if GRAD_WRITES_T:
+            g, gt = softcap_ce_grad_fp8_both(kept, targets, lse, grad.float().reshape(1), cap, div, g_s, ctx.from_z)
+        else:
+            grad_op = softcap_ce_grad_fp8_from_z if ctx.from_z else softcap_ce_grad_fp8
+            g, gt = grad_op(kept, targets, lse, grad.float().reshape(1), cap, div, g_s), None
         one = torch.ones((), device=g.device, dtype=torch.float32)
         # the records' two FP8 products; fp8 GEMMs take K-major operands, hence Gᵀ's copy (a Triton kernel)
         grad_x = torch._scaled_mm(g, w_f8.t().contiguous().t(), out_dtype=torch.bfloat16, scale_a=one * g_s,
                                   scale_b=one * w_s, use_fast_accum=False)
-        grad_w = torch._scaled_mm(x_f8.t().contiguous(), transpose_fp8(g).t(), out_dtype=torch.float32,
+        gt = transpose_fp8(g) if gt is None else gt  # after grad_x, as before GRAD_WRITES_T (peak memory)
+        grad_w = torch._scaled_mm(x_f8.t().contiguous(), gt.t(), out_dtype=torch.float32,
                                   scale_a=one * x_s, scale_b=one * g_s, use_fast_accum=False).t()
         return grad_x, grad_w.to(ctx.w_dtype), None, None, None, None, None, None
 
@@ -252,4 +317,4 @@ def fp8_head_ce(x: Tensor, w: Tensor, targets: Tensor, scales: tuple[float, floa
 
 
 __all__ = ["fp8_head_ce", "softcap_ce_lse", "softcap_ce_grad_fp8", "softcap_ce_lse_z", "softcap_ce_grad_fp8_from_z",
-           "available"]
+           "softcap_ce_grad_fp8_both", "available"]

@@ -203,8 +203,14 @@ def check_config(cfg, name: str, rec: Recorder, sweep: bool = False) -> None:
                 _, lse, *z = head_ce.lse_pass(logits, targets, 30.0, 7.5, **head_ce.LSE_LAUNCH, store_z=save_z)
                 head_ce.grad_pass(z[0] if save_z else logits, targets, lse, _empty(1, dtype=torch.float32), 30.0,
                                   7.5, 1 / 448, **head_ce.GRAD_LAUNCH, from_z=save_z)
-        with rec.label(name, "head_ce Gᵀ copy", use):
+        with rec.label(name, "head_ce Gᵀ copy", use if not head_ce.GRAD_WRITES_T else "option"):
             head_ce.transpose_pass(_empty(N, V, dtype=torch.float8_e5m2), **head_ce.TRANSPOSE_LAUNCH)
+        for save_z in (head_ce.SAVE_Z, not head_ce.SAVE_Z):
+            both = use if head_ce.GRAD_WRITES_T and save_z == head_ce.SAVE_Z else "option"
+            with rec.label(name, f"head_ce G + Gᵀ in one pass{' (from z)' if save_z else ''}", both):
+                head_ce.grad_both_pass(logits, targets, _empty(N, dtype=torch.float32),
+                                       _empty(1, dtype=torch.float32), 30.0, 7.5, 1 / 448, **head_ce.GRAD_BOTH_LAUNCH,
+                                       from_z=save_z)
     if m.mlp_activation == "relu2":
         tall = m.weight_layout == "tall"
         w_fc = _empty(hid, d) if tall else _empty(d, hid)

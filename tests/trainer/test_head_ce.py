@@ -39,6 +39,16 @@ assert (zz.double() - z).abs().max() <= 2 ** -8 * cap                     # z it
 g2 = softcap_ce_grad_fp8_from_z(zz, t, lse2, torch.tensor([0.125]), cap, div, gs)
 assert torch.equal(g2.view(torch.uint8), g.view(torch.uint8))
 assert torch.equal(transpose_fp8(g).view(torch.uint8), g.view(torch.uint8).t().contiguous())
+# G and Gᵀ from one tiled pass (head_ce.GRAD_WRITES_T): the same bits as the gradient pass + the transpose,
+# from the raw logits and from z, with tiles that do not divide N or V and with the trainer's launch
+from trainer.head_ce import GRAD_BOTH_LAUNCH, grad_both_pass, softcap_ce_grad_fp8_both
+for kept, fz in ((raw, False), (zz, True)):
+    for bm, bn in ((16, 64), (GRAD_BOTH_LAUNCH["bm"], GRAD_BOTH_LAUNCH["bn"])):
+        gb, gbt = grad_both_pass(kept, t, lse, torch.tensor([0.125]), cap, div, gs, bm, bn, 4, from_z=fz)
+        assert torch.equal(gb.view(torch.uint8), g.view(torch.uint8)), (fz, bm, bn)
+        assert torch.equal(gbt.view(torch.uint8), g.view(torch.uint8).t().contiguous()), (fz, bm, bn)
+gb, gbt = softcap_ce_grad_fp8_both(zz, t, lse, torch.tensor([0.125]), cap, div, gs, True)
+assert torch.equal(gbt.view(torch.uint8), g.view(torch.uint8).t().contiguous())
 print("ok", rel)
 '''
 
@@ -91,3 +101,30 @@ def test_fused_head_matches_the_pytorch_graph_on_gpu(N, save_z, monkeypatch):
     assert torch.isfinite(lf) and abs(float(lf - lt)) < 2 ** -7 * abs(float(lt)), (float(lf), float(lt))
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(xf, xt) < 0.08 and rel(wf, wt) < 0.08, (rel(xf, xt), rel(wf, wt))
+
+
+@pytest.mark.gpu
+def test_gradient_writing_its_transpose_gives_the_same_gradients_on_gpu(monkeypatch):
+    """head_ce.GRAD_WRITES_T (G and Gᵀ from one tiled pass) changes no bit of the head's x and W gradients."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from trainer import head_ce
+    from trainer.model import fp8_supported
+
+    dev = torch.device("cuda")
+    if not fp8_supported(dev):
+        pytest.skip("GPU lacks FP8 _scaled_mm")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N, d, V = 8000, 768, 50304
+    x0 = torch.nn.functional.rms_norm(torch.randn(N, d, device=dev, generator=g), (d,)).bfloat16()
+    w0 = (torch.randn(V, d, device=dev, generator=g) * 0.05).bfloat16()
+    t = torch.randint(0, 50257, (N,), device=dev, generator=g)
+    grads = []
+    for writes_t in (False, True):
+        monkeypatch.setattr(head_ce, "GRAD_WRITES_T", writes_t)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        head_ce.fp8_head_ce(x, w, t, (d ** 0.5 / 448, 2.0 ** -9, 1.0 / 448), 30.0, 7.5).backward()
+        grads.append((x.grad, w.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
