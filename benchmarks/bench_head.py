@@ -1,6 +1,6 @@
 """The fused head's memory-bound passes alone, at one micro-batch of the speedrun's last stage.
 
-    python benchmarks/bench_head.py [--rows 49152] [--vocab 50304] [--reps 10]
+    python benchmarks/bench_head.py [--rows 49152] [--vocab 50304] [--reps 10] [--only-both]
 
 Times, on random bf16 logits of (rows, vocab):
   - the log-sum-exp pass and the gradient pass of trainer/head_ce.py for several launch
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=49152)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--only-both", action="store_true",
+                    help="only the last section: G + Gᵀ, the pair against one pass (GRAD_WRITES_T)")
     args = ap.parse_args(argv)
     N, V, cap, div, g_s = args.rows, args.vocab, 30.0, 7.5, 2.0 ** -8
     torch.manual_seed(0)
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ref_g = head_ce.grad_pass(logits, targets, ref_lse, grad_out, cap, div, g_s, cur_g["block"], cur_g["warps"],
                               native=False)
     ref_g8 = ref_g.view(torch.uint8)
+    if args.only_both:
+        both_passes(head_ce, logits, targets, grad_out, cap, div, g_s, ref_g8, args.reps)
+        return 0
 
     def bits_lse():
         head_ce.lse_pass(logits, targets, cap, div, cur["block"], cur["warps"], native=False)
