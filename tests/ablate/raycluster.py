@@ -35,14 +35,27 @@ FAST_HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_ch
                      "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
+_HANDED_OUT: set[int] = set()  # every port free_ports has returned in this process
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (bound together, so never the same twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n ports that were free a moment ago and that no earlier call in this process returned: the ports of
+    one `ray start` come from several calls, and the kernel readily hands a just-closed port out again
+    (a head once got the same port for its GCS and its dashboard agent, and did not start)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            socks.append(s)  # held until all n are chosen: the kernel gives each a different port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    _HANDED_OUT.update(ports)
     return ports
 
 
