@@ -227,9 +227,8 @@ def check_config(cfg, name: str, rec: Recorder, sweep: bool = False) -> None:
                 with rec.label(name, f"mlp_relu2 B {tag} ({desc}, M={M})", use):
                     mlp_relu2.relu2_grad(_empty(M, d), w2.t(), _empty(M, hid), bwd)
     if cfg.optim.muon.polar_backend != "torch":
-        use = "default"
         for mm, nn in polar_shapes(cfg):
-            with rec.label(name, f"polar {mm}×{nn}", use):
+            with rec.label(name, f"polar {mm}×{nn}", "default"):
                 a = triton_polar.xxt(_empty(1, mm, nn))
                 triton_polar.ba_plus_caa(a, -4.0, 2.0)
 

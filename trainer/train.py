@@ -189,6 +189,7 @@ class _Run:
     steps: MicroSteps  # each micro-batch's forward + backward, from CUDA graphs where enabled
     long: int = 0  # long window (blocks) the rotary is currently extended to
     _win_cache: dict = dataclasses.field(default_factory=dict)
+    kept: Any = None  # the worker's _Kept entry this run uses (trainer.serve), else None
 
     def win(self, blocks: int):
         """Window in tokens as the model wants it: a cached 0-d tensor for flex (on the device) and
@@ -372,7 +373,8 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, world_size: int, g
     return _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, grad_accum=grad_accum, model=model,
                 fwd=fwd, muon=muon, adam=adam, muon_params=[p for _, p in muon_params],
                 all_params=all_params, feed=feed, val=feed.eval_batches(val), steps=steps,
-                long=window_blocks(cfg.schedule, 0)[0], _win_cache=kept.win_cache if kept is not None else {})
+                long=window_blocks(cfg.schedule, 0)[0], _win_cache=kept.win_cache if kept is not None else {},
+                kept=kept)
 
 
 def _loader(cfg: TrainConfig, files: list, rank: int, world_size: int) -> TrainLoader:
@@ -427,7 +429,7 @@ def _train(cfg: TrainConfig, ev: Emitter, rank: int, world_size: int, device: to
            grad_accum: int, train_files: list, val_files: list, reuse: bool = False) -> dict:
     run = _build(cfg, device, rank, world_size, grad_accum, val_files, reuse=reuse)
     warmup_s = compile_s = 0.0
-    kept = _KEPT.get(_model_key(cfg, device, world_size)) if reuse else None
+    kept = run.kept
     sig = _warm_signature(cfg)
     warmed = kept is not None and sig in kept.warmed  # this worker ran this very config's warmup before
     if cfg.runtime.warmup and cfg.runtime.warmup_steps_per_stage > 0 and not warmed:
